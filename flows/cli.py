@@ -1,0 +1,149 @@
+"""The ``transfusion`` command line.
+
+    transfusion run demo                  # a preset grid
+    transfusion run my-grid.yaml --set train.steps=500
+    transfusion ui                        # MLflow UI on the local store
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+# Quiet third-party chatter before Prefect and Ray are imported; users can override.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``train.steps=10`` style overrides onto a grid mapping (values parsed as YAML)."""
+    data = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        target = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target[part] = dict(target.get(part) or {})
+            target = target[part]
+        target[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_grid_with_overrides(ref: str, overrides: list[str]):
+    from transfusion.config import GridSpec, load_grid
+
+    grid = load_grid(ref)
+    if overrides:
+        grid = load_grid(apply_overrides(grid.model_dump(mode="json"), overrides))
+    return GridSpec.model_validate(grid.model_dump(mode="json"))
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from tasks.training import prepare_dataset_task
+
+    grid = load_grid_with_overrides(args.grid, args.set)
+    # Check the data sizes against the prepared data before any service starts.
+    prepare_dataset_task.fn(grid)
+    from flows.grid import transfusion
+
+    started = time.perf_counter()
+    summary = transfusion(grid)
+    elapsed = time.perf_counter() - started
+    print()
+    print(f"Grid {summary.grid}: {summary.finished} trained, {summary.skipped} already done, "
+          f"{len(summary.failed)} failed, in {elapsed:.0f} s")  # fmt: skip
+    print()
+    print(summary.table_markdown)
+    if summary.similarity_markdown.strip():
+        print("Top-layer SVCCA similarity between seeds:")
+        print(summary.similarity_markdown)
+    for line in summary.failed:
+        print(f"FAILED: {line}")
+    home = os.environ.get("TRANSFUSION_HOME", ".transfusion")
+    print(f"Runs: MLflow experiment {summary.grid!r} (parent run {summary.parent_run_id}); "
+          f"tables and plots are artifacts of the parent run under tables/.")  # fmt: skip
+    print(f"Browse them with: transfusion ui   (store: {Path(home).resolve()})")
+    return 1 if summary.failed else 0
+
+
+def command_ui(args: argparse.Namespace) -> int:
+    from transfusion.data import transfusion_home
+    from transfusion.services import start_mlflow_server
+
+    server = start_mlflow_server(transfusion_home(), host=args.host, port=args.port)
+    print(f"MLflow UI at {server.url}  (Ctrl-C to stop)", flush=True)
+    try:
+        while server.process.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def command_list(args: argparse.Namespace) -> int:
+    from transfusion.data import list_datasets
+    from transfusion.inits import list_inits
+    from transfusion.models import list_models
+    from transfusion.presets import PRESETS
+
+    print("grid presets:", ", ".join(PRESETS.names()))
+    print("models:      ", ", ".join(list_models()))
+    print("inits:       ", ", ".join(list_inits()))
+    print("datasets:    ", ", ".join(list_datasets()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transfusion", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a grid (preset name or YAML/JSON file)")
+    run.add_argument("grid", help="preset name (demo, smoke, ...) or path to a grid file")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a grid field, e.g. train.steps=50")
+    run.set_defaults(func=command_run)
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI on the local store")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=command_ui)
+
+    lst = sub.add_parser("list", help="list presets, models, inits and datasets")
+    lst.set_defaults(func=command_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"transfusion: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("transfusion: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that turn library calls into observable, retryable steps."""

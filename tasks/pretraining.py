@@ -1,0 +1,76 @@
+"""Pretrained weights for transfer inits: resolve a source, or pretrain and register one."""
+
+from __future__ import annotations
+
+import logging
+
+from prefect import task
+
+from transfusion import tracking
+from transfusion.config import GridSpec, TrainSettings
+
+log = logging.getLogger(__name__)
+
+# Models that have torchvision IMAGENET1K_V1 weights (pinned: DEFAULT may change).
+TORCHVISION_IMAGENET = {"resnet50": "resnet50", "inception_v3": "inception_v3", "slim-resnet50": "resnet50"}
+SYNTHETIC_SOURCE = "synthetic"
+
+
+def registered_name(model: str, source: str) -> str:
+    return f"transfusion-{model}-{source}"
+
+
+def pretrain_grid(model: str, *, source: str = SYNTHETIC_SOURCE, resolution: int = 40, steps: int = 150, seed: int = 0) -> GridSpec:
+    """The one-job grid that pretrains ``model`` on the procedural shapes source."""
+    if source != SYNTHETIC_SOURCE:
+        raise ValueError(
+            f"pretraining source {source!r} is not built in; valid: {SYNTHETIC_SOURCE} "
+            "(or pretrain on an ImageNet-style folder with --source PATH_OR_S3_URI)"
+        )
+    return GridSpec(
+        name=f"pretrain-{source}",
+        dataset="synthetic-shapes",
+        models=[model],
+        inits=["random"],
+        seeds=[seed],
+        train=TrainSettings(
+            steps=steps, batch_size=32, lr=2e-3, eval_every=max(1, steps // 3), resolution=resolution,
+            probe_size=0, val_limit=400,
+        ),
+    )
+
+
+def pretrain_and_register(grid: GridSpec, *, register_as: str) -> str:
+    """Runs the pretraining grid's job and registers its weights; returns ``models:/...``."""
+    from tasks.training import open_grid_run_task, prepare_dataset_task, train_job_task
+
+    (spec,) = grid.jobs()
+    grid_run = open_grid_run_task.fn(grid)
+    dataset_root = prepare_dataset_task.fn(grid)
+    outcome = train_job_task.fn(spec, grid_run, dataset_root)
+    if not outcome.ok:
+        raise RuntimeError(f"pretraining {spec.model} on {grid.dataset} failed: {outcome.reason}")
+    uri = tracking.register_model_weights(register_as, outcome.run_id, "checkpoint")
+    tracking.set_tags(outcome.run_id, {"registered_as": uri, "transfer_label": "synthetic-source transfer"})
+    tracking.end_run(grid_run.run_id, "FINISHED")
+    log.info("registered %s", uri)
+    return uri
+
+
+@task(name="resolve-pretrained", cache_policy=None, task_run_name="pretrained-{model}")
+def resolve_pretrained_task(model: str, pretrained: str, resolution: int) -> str:
+    """A loadable URI for ``model``'s pretrained weights named by a grid's ``pretrained``."""
+    if pretrained == SYNTHETIC_SOURCE:
+        name = registered_name(model, SYNTHETIC_SOURCE)
+        existing = tracking.latest_model_version(name)
+        if existing is not None:
+            return existing
+        return pretrain_and_register(pretrain_grid(model, resolution=resolution), register_as=name)
+    if pretrained == "imagenet":
+        if model not in TORCHVISION_IMAGENET:
+            raise ValueError(
+                f"no ImageNet weights exist for {model!r} (torchvision has: {', '.join(sorted(TORCHVISION_IMAGENET))}); "
+                "use pretrained: synthetic, or a path, s3:// or models:/ URI of your own"
+            )
+        return f"torchvision:{TORCHVISION_IMAGENET[model]}/IMAGENET1K_V1"
+    return pretrained

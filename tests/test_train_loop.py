@@ -1,0 +1,66 @@
+"""The plain PyTorch loop, without Ray or MLflow."""
+
+import numpy as np
+import pytest
+import torch
+
+from transfusion.config import JobSpec, TrainSettings
+from transfusion.probes import load_probe
+from transfusion.train import NonFiniteLossError, RecordingHooks, batch_indices, run_training
+
+SETTINGS = TrainSettings(steps=8, batch_size=16, eval_every=4, resolution=32, probe_size=16, eval_batch_size=64)
+
+
+def _spec(**overrides) -> JobSpec:
+    base = dict(model="cbr-tiny", init="random", dataset="synthetic-retina", data_size=160, seed=0, train=SETTINGS,
+                dataset_options={"train": 240, "val": 64, "test": 64})  # fmt: skip
+    return JobSpec(**{**base, **overrides})
+
+
+def test_loop_logs_metrics_probes_and_checkpoints(tiny_retina, tmp_path):
+    torch.set_num_threads(1)
+    hooks = RecordingHooks(artifact_dir=tmp_path)
+    result = run_training(_spec(), tiny_retina, hooks=hooks)
+    assert result.steps == 8
+    val = hooks.history("val/auc")
+    assert [s for s, _ in val] == [0, 4, 8]
+    assert all(0.0 <= v <= 1.0 for _, v in val)
+    assert [s for s, _ in hooks.history("train/loss")] == [1, 2, 3, 4, 5, 6, 7, 8][::1][: len(hooks.history("train/loss"))]
+    for key in ("test/auc", "test/auprc", "time/train_s"):
+        assert key in result.final_metrics
+    assert [step for step, _ in hooks.checkpoints] == [4, 8]
+    assert {"probes/step-0.npz", "probes/step-8.npz", "checkpoint/model.pt"} <= set(hooks.artifacts)
+    start = load_probe(hooks.artifacts["probes/step-0.npz"])
+    end = load_probe(hooks.artifacts["probes/step-8.npz"])
+    assert list(start) == ["conv1", "stage1", "stage2", "stage3", "pool", "logits"]
+    assert start["conv1"].dtype == np.float16
+    # Conv maps are pooled to at most 4 x 4 positions; the probe set is 16 images.
+    assert start["conv1"].shape == (16, 32, 4, 4)
+    assert start["pool"].shape == (16, 256) and start["logits"].shape == (16, 1)
+    assert not np.allclose(start["stage3"], end["stage3"])
+
+
+def test_same_seed_same_result_and_resume_matches_uninterrupted(tiny_retina):
+    torch.set_num_threads(1)
+    full = RecordingHooks()
+    reference = run_training(_spec(), tiny_retina, hooks=full)
+    again = run_training(_spec(), tiny_retina, hooks=RecordingHooks())
+    assert again.final_metrics["test/auc"] == pytest.approx(reference.final_metrics["test/auc"], abs=1e-6)
+
+    step4_state = dict(full.checkpoints)[4]
+    resumed = run_training(_spec(), tiny_retina, hooks=RecordingHooks(), resume=step4_state)
+    assert resumed.steps == 8
+    assert resumed.final_metrics["test/auc"] == pytest.approx(reference.final_metrics["test/auc"], abs=1e-4)
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    pool = np.arange(100, 200)
+    a = batch_indices(pool, seed=1, step=5, batch_size=8)
+    np.testing.assert_array_equal(a, batch_indices(pool, seed=1, step=5, batch_size=8))
+    assert not np.array_equal(a, batch_indices(pool, seed=1, step=6, batch_size=8))
+    assert set(a) <= set(pool)
+
+
+def test_nan_loss_stops_the_job(tiny_retina):
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        run_training(_spec(), tiny_retina, hooks=RecordingHooks(), fault_at_step=2)

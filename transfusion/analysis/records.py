@@ -1,0 +1,26 @@
+"""The plain record of one finished job that every analysis reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job's identity, final metrics, and where its stored artifacts are."""
+
+    job_key: str
+    run_id: str
+    model: str
+    init: str
+    data_size: str
+    seed: int
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    val_curve: tuple[tuple[int, float], ...] = ()
+    probe_dir: Path | None = None
+
+    @property
+    def cell(self) -> tuple[str, str, str]:
+        return (self.model, self.init, self.data_size)

@@ -1,0 +1,295 @@
+"""Typed, validated specs of a training job and of a grid of jobs.
+
+A :class:`GridSpec` is the cartesian product of models x inits x data sizes x seeds on
+one dataset with shared training settings; each element is a :class:`JobSpec` with a
+deterministic ``job_key``. Names are checked against the registries at the boundary,
+so a typo fails before anything starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DataSize = int | Literal["full"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TrainSettings(_Frozen):
+    """Optimisation settings shared by every job of a grid."""
+
+    steps: Annotated[int, Field(gt=0, description="optimiser steps")] = 200
+    batch_size: Annotated[int, Field(gt=0)] = 32
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    eval_every: Annotated[int, Field(gt=0, description="steps between validations")] = 50
+    checkpoint_every: Annotated[int, Field(ge=0, description="0: at each evaluation only")] = 0
+    resolution: Annotated[int, Field(ge=8)] = 224
+    eval_batch_size: Annotated[int, Field(gt=0)] = 128
+    val_limit: Annotated[int, Field(ge=0, description="0: whole validation split")] = 0
+    probe_size: Annotated[int, Field(ge=0, description="validation images in the probe set")] = 128
+    probe_spatial: Annotated[int, Field(ge=1, description="conv maps pooled to at most s x s")] = 4
+    augment: bool = True
+    threads: Annotated[int, Field(ge=0, description="torch threads per job, 0: auto")] = 0
+    cpus_per_job: Annotated[float, Field(gt=0)] = 1.0
+    gpus_per_job: Annotated[float, Field(ge=0)] = 0.0
+    num_workers: Annotated[int, Field(ge=1, description="Ray Train workers (DDP) per job")] = 1
+    max_failures: Annotated[int, Field(ge=0, description="Ray Train restarts per job")] = 1
+
+
+class JobSpec(_Frozen):
+    """One training run: a model, an init, a data regime and a seed."""
+
+    grid: str = "adhoc"
+    model: str
+    init: str
+    init_options: dict[str, Any] = Field(default_factory=dict)
+    pretrained: str | None = Field(
+        default=None, description="weights for transfer inits: a source name or URI"
+    )
+    dataset: str
+    dataset_source: str | None = None
+    dataset_options: dict[str, Any] = Field(default_factory=dict)
+    data_size: DataSize = "full"
+    seed: Annotated[int, Field(ge=0)] = 0
+    train: TrainSettings = TrainSettings()
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from transfusion.models import MODELS
+
+        MODELS.get(name)
+        return name
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, name: str) -> str:
+        _check_init(name)
+        return name
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from transfusion.data import DATASETS
+
+        DATASETS.get(name)
+        return name
+
+    @field_validator("data_size")
+    @classmethod
+    def _positive_size(cls, size: DataSize) -> DataSize:
+        if size != "full" and size <= 0:
+            raise ValueError(f"data_size must be 'full' or a positive integer, got {size}")
+        return size
+
+    @property
+    def job_key(self) -> str:
+        """Deterministic 16-hex-digit key of everything that defines the job but the grid name."""
+        payload = self.model_dump(mode="json", exclude={"grid"})
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def init_label(self) -> str:
+        """Init name with options, e.g. ``transfusion(k=1)``."""
+        if not self.init_options:
+            return self.init
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.init_options.items()))
+        return f"{self.init}({opts})"
+
+    @property
+    def data_size_or_none(self) -> int | None:
+        return None if self.data_size == "full" else int(self.data_size)
+
+
+class InitChoice(_Frozen):
+    """An init of a grid with its options, written ``name`` or ``{name: .., options: ..}``."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _known_init(cls, name: str) -> str:
+        _check_init(name)
+        return name
+
+
+class GridSpec(_Frozen):
+    """A grid: the cartesian product of models x inits x data sizes x seeds."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    dataset: str
+    dataset_source: str | None = None
+    dataset_options: dict[str, Any] = Field(default_factory=dict)
+    models: Annotated[list[str], Field(min_length=1)]
+    inits: Annotated[list[InitChoice], Field(min_length=1)]
+    pretrained: str | None = Field(
+        default=None,
+        description="weights for transfer inits: 'synthetic' (pretrain on procedural "
+        "natural-like images), 'imagenet' (torchvision IMAGENET1K_V1), a path, s3:// or models:/ URI",
+    )
+    data_sizes: Annotated[list[DataSize], Field(min_length=1)] = ["full"]
+    seeds: list[Annotated[int, Field(ge=0)]] = [0]
+    train: TrainSettings = TrainSettings()
+    max_concurrent: Annotated[int, Field(ge=0, description="jobs at once, 0: from CPUs/GPUs")] = 0
+    max_retries: Annotated[int, Field(ge=0, description="re-runs of a FAILED job")] = 1
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seed_count(cls, value: Any) -> Any:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError(f"seed count must be >= 1, got {value}")
+            return list(range(value))
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _some_seeds(cls, seeds: list[int]) -> list[int]:
+        if not seeds:
+            raise ValueError("seeds must not be empty")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, names: list[str]) -> list[str]:
+        from transfusion.models import MODELS
+
+        for name in names:
+            MODELS.get(name)
+        return names
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from transfusion.data import DATASETS
+
+        DATASETS.get(name)
+        return name
+
+    @field_validator("data_sizes")
+    @classmethod
+    def _positive_sizes(cls, sizes: list[DataSize]) -> list[DataSize]:
+        for size in sizes:
+            if size != "full" and size <= 0:
+                raise ValueError(f"data_size must be 'full' or a positive integer, got {size}")
+        return sizes
+
+    @model_validator(mode="after")
+    def _sources_for_transfer(self) -> GridSpec:
+        needing = [i.name for i in self.inits if init_needs_source(i.name)]
+        if needing and not self.pretrained:
+            raise ValueError(
+                f"inits {needing} copy pretrained weights: set pretrained to 'synthetic', "
+                "'imagenet', a path, an s3:// URI or a models:/ URI"
+            )
+        return self
+
+    def jobs(self) -> list[JobSpec]:
+        """The grid's jobs, in a stable order (model, init, data size, seed)."""
+        return [
+            JobSpec(
+                grid=self.name,
+                model=model,
+                init=init.name,
+                init_options=init.options,
+                pretrained=self.pretrained if init_needs_source(init.name) else None,
+                dataset=self.dataset,
+                dataset_source=self.dataset_source,
+                dataset_options=self.dataset_options,
+                data_size=size,
+                seed=seed,
+                train=self.train,
+            )
+            for model, init, size, seed in itertools.product(
+                self.models, self.inits, self.data_sizes, self.seeds
+            )
+        ]
+
+    @property
+    def grid_key(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _check_init(name: str) -> None:
+    from transfusion.inits import INITS
+
+    INITS.get(name)
+
+
+# Inits that build weights without a pretrained source; every other init reads one.
+SOURCE_FREE_INITS = frozenset({"random", "gabor"})
+
+
+def init_needs_source(name: str) -> bool:
+    return name not in SOURCE_FREE_INITS
+
+
+def format_validation_error(error: ValidationError, *, where: str) -> str:
+    """One line per problem, naming the field: ``where: field: message``."""
+    parts = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"]) or "spec"
+        msg = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return f"{where}: " + "; ".join(parts)
+
+
+def load_grid(ref: str | Path | dict | GridSpec) -> GridSpec:
+    """A grid from a preset name, a YAML/JSON file path, a dict, or a GridSpec."""
+    from transfusion.presets import PRESETS
+
+    if isinstance(ref, GridSpec):
+        return ref
+    if isinstance(ref, dict):
+        where, data = "grid", ref
+    else:
+        text_ref = str(ref)
+        path = Path(text_ref)
+        if text_ref in PRESETS:
+            where, data = f"preset {text_ref!r}", PRESETS.get(text_ref)()
+        elif path.suffix.lower() in (".yaml", ".yml", ".json") or path.is_file():
+            if not path.is_file():
+                raise ValueError(f"grid file {text_ref} does not exist")
+            try:
+                data = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                line = f" line {mark.line + 1}" if mark is not None else ""
+                raise ValueError(f"grid file {text_ref}{line}: not valid YAML/JSON") from None
+            if not isinstance(data, dict):
+                raise ValueError(f"grid file {text_ref}: expected a mapping of grid fields")
+            where = f"grid file {text_ref}"
+        else:
+            raise ValueError(
+                f"{text_ref!r} is neither a grid preset ({', '.join(PRESETS.names())}) "
+                "nor a .yaml/.json grid file"
+            )
+    try:
+        return GridSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc, where=where)) from None

@@ -1,0 +1,75 @@
+"""Dataset registry: each dataset is prepared once into a :class:`PreparedDataset`.
+
+A preparer is registered under a dataset name and turns a source (a path, an
+``s3://`` URI, or nothing for procedural data) into the prepared on-disk form under
+``$TRANSFUSION_HOME/data/<name>/<version key>``. Preparing again finds the cache and
+decodes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transfusion.data.prepared import PreparedDataset, PreparedDatasetWriter, stratified_order
+from transfusion.registry import Registry
+
+
+@dataclass(frozen=True)
+class PrepareRequest:
+    """What a preparer is asked for: dataset, source, resolution and options."""
+
+    name: str
+    source: str | None
+    resolution: int
+    options: tuple[tuple[str, object], ...] = ()
+
+    def option(self, key: str, default: object = None) -> object:
+        return dict(self.options).get(key, default)
+
+
+Preparer = Callable[[PrepareRequest, Path], PreparedDataset]
+DATASETS: Registry[Preparer] = Registry("dataset")
+
+
+def transfusion_home() -> Path:
+    """The state directory: ``$TRANSFUSION_HOME``, default ``./.transfusion``."""
+    return Path(os.environ.get("TRANSFUSION_HOME", ".transfusion")).resolve()
+
+
+def list_datasets() -> list[str]:
+    return DATASETS.names()
+
+
+def prepare_dataset(
+    name: str,
+    *,
+    source: str | None = None,
+    resolution: int,
+    options: dict | None = None,
+    home: Path | None = None,
+) -> PreparedDataset:
+    """Prepares (or finds prepared) dataset ``name`` at ``resolution`` pixels."""
+    preparer = DATASETS.get(name)
+    if resolution < 8:
+        raise ValueError(f"resolution must be >= 8 pixels, got {resolution}")
+    request = PrepareRequest(name, source, resolution, tuple(sorted((options or {}).items())))
+    data_root = (home or transfusion_home()) / "data" / name
+    return preparer(request, data_root)
+
+
+# Importing the preparer modules registers them.
+from transfusion.data import synthetic  # noqa: E402,F401
+
+__all__ = [
+    "DATASETS",
+    "PrepareRequest",
+    "PreparedDataset",
+    "PreparedDatasetWriter",
+    "list_datasets",
+    "prepare_dataset",
+    "stratified_order",
+    "transfusion_home",
+]

@@ -1,0 +1,52 @@
+"""Per-label and macro AUC / AUPRC for binary and multi-label targets.
+
+Targets are ``(N, L)`` in {0, 1} with NaN for ignored entries (CheXpert U-Ignore); a
+label whose non-ignored targets hold a single class has no AUC and is left out of
+the macro average rather than reported as 0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+
+@dataclass(frozen=True)
+class ClassificationScores:
+    auc: float
+    auprc: float
+    per_label_auc: dict[str, float]
+    per_label_auprc: dict[str, float]
+
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        metrics = {f"{prefix}/auc": self.auc, f"{prefix}/auprc": self.auprc}
+        if len(self.per_label_auc) > 1:
+            for label, value in self.per_label_auc.items():
+                metrics[f"{prefix}/auc/{label}"] = value
+            for label, value in self.per_label_auprc.items():
+                metrics[f"{prefix}/auprc/{label}"] = value
+        return metrics
+
+
+def classification_scores(
+    scores: np.ndarray, targets: np.ndarray, label_names: list[str]
+) -> ClassificationScores:
+    """AUC and AUPRC per label (columns) and their macro means."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)
+    targets = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
+    if scores.shape != targets.shape:
+        raise ValueError(f"scores {scores.shape} and targets {targets.shape} differ in shape")
+    aucs: dict[str, float] = {}
+    auprcs: dict[str, float] = {}
+    for j, label in enumerate(label_names):
+        keep = ~np.isnan(targets[:, j])
+        y, s = targets[keep, j], scores[keep, j]
+        if len(np.unique(y)) < 2 or not np.all(np.isfinite(s)):
+            continue
+        aucs[label] = float(roc_auc_score(y, s))
+        auprcs[label] = float(average_precision_score(y, s))
+    macro_auc = float(np.mean(list(aucs.values()))) if aucs else float("nan")
+    macro_auprc = float(np.mean(list(auprcs.values()))) if auprcs else float("nan")
+    return ClassificationScores(macro_auc, macro_auprc, aucs, auprcs)

@@ -77,6 +77,8 @@ def command_run(args: argparse.Namespace) -> int:
     home = os.environ.get("TRANSFUSION_HOME", ".transfusion")
     print(f"Runs: MLflow experiment {summary.grid!r} (parent run {summary.parent_run_id}); "
           f"tables and plots are artifacts of the parent run under tables/.")  # fmt: skip
+    if summary.report_dir:
+        print(f"Report: {Path(summary.report_dir) / 'report.html'}")
     print(f"Browse them with: transfusion ui   (store: {Path(home).resolve()})")
     return 1 if summary.failed else 0
 
@@ -94,6 +96,25 @@ def command_ui(args: argparse.Namespace) -> int:
         pass
     finally:
         server.stop()
+    return 0
+
+
+def command_analyze(args: argparse.Namespace) -> int:
+    grid = load_grid_with_overrides(args.grid, args.set)
+    from flows.grid import transfusion
+
+    out = str(Path(args.out).resolve()) if getattr(args, "out", None) else None
+    summary = transfusion(grid, stage="analysis", report_dir=out)
+    print(summary.table_markdown)
+    print(f"Report: {Path(summary.report_dir) / 'report.html'} (also under report/ of parent run {summary.parent_run_id})")
+    return 0
+
+
+def command_pretrain(args: argparse.Namespace) -> int:
+    from flows.pretrain import pretrain
+
+    uri = pretrain(model=args.model, source=args.source, steps=args.steps, resolution=args.resolution, seed=args.seed)
+    print(f"registered {uri}")
     return 0
 
 
@@ -124,6 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=command_ui)
+
+    ana = sub.add_parser("analyze", help="re-run the analyses of a trained grid from its stored artifacts")
+    ana.add_argument("grid")
+    ana.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ana.set_defaults(func=command_analyze)
+
+    rep = sub.add_parser("report", help="write a trained grid's report (Markdown + self-contained HTML)")
+    rep.add_argument("grid")
+    rep.add_argument("--out", required=True, help="directory for report.md, report.html, tables and figures")
+    rep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    rep.set_defaults(func=command_analyze)
+
+    pre = sub.add_parser("pretrain", help="pretrain a model on a source set and register it in MLflow")
+    pre.add_argument("--model", required=True)
+    pre.add_argument("--source", default="synthetic", help="'synthetic' or an ImageNet-style folder path / s3:// URI")
+    pre.add_argument("--steps", type=int, default=150)
+    pre.add_argument("--resolution", type=int, default=40)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.set_defaults(func=command_pretrain)
 
     lst = sub.add_parser("list", help="list presets, models, inits and datasets")
     lst.set_defaults(func=command_list)

@@ -12,30 +12,33 @@ from transfusion import tracking
 from transfusion.analysis.records import JobRecord
 from transfusion.analysis.representations import seed_similarity, seed_similarity_markdown
 from transfusion.analysis.tables import ResultRow, plot_results, results_table, to_markdown, write_csv
+from transfusion.analysis.report import analyze_records, write_report
 from transfusion.config import GridSpec
 from transfusion.data import transfusion_home
 
 log = logging.getLogger(__name__)
 
 
-def probe_cache_dir(run_id: str) -> Path:
-    return transfusion_home() / "cache" / "probes" / run_id
+def run_cache_dir(run_id: str) -> Path:
+    return transfusion_home() / "cache" / "runs" / run_id
 
 
 def fetch_probes(run_id: str) -> Path | None:
-    """Downloads a run's probe activations once into the local cache."""
-    target = probe_cache_dir(run_id)
-    if target.is_dir() and any(target.glob("step-*.npz")):
-        return target
-    names = tracking.list_artifacts(run_id, "probes")
-    if not names:
-        return None
-    with tempfile.TemporaryDirectory(dir=transfusion_home()) as tmp:
-        local = tracking.download_artifact(run_id, "probes", Path(tmp))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            local.rename(target)
-    return target
+    """Downloads a run's probe activations and conv1 filters once into the local cache."""
+    target = run_cache_dir(run_id)
+    for folder in ("probes", "filters"):
+        local = target / folder
+        if local.is_dir() and any(local.iterdir()):
+            continue
+        if not tracking.list_artifacts(run_id, folder):
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target) as tmp:
+            downloaded = tracking.download_artifact(run_id, folder, Path(tmp))
+            if not local.exists():
+                downloaded.rename(local)
+    probes = target / "probes"
+    return probes if probes.is_dir() else None
 
 
 @task(name="collect-records", cache_policy=None)
@@ -88,3 +91,23 @@ def seed_similarity_task(grid: GridSpec, grid_run: tracking.GridRun, records: li
         path.write_text("### Top-layer SVCCA between seeds\n\n" + text)
         tracking.log_artifact(grid_run.run_id, path, "tables")
     return text
+
+
+@task(name="analyze-grid", cache_policy=None)
+def analyze_grid_task(
+    grid: GridSpec, grid_run: tracking.GridRun, records: list[JobRecord], out: str | None = None
+) -> str:
+    """Figures 2, 4, 5, Tables 1-3, filters and the report; logged under ``report/`` of the parent run."""
+    directory = Path(out) if out else Path(tempfile.mkdtemp(prefix="transfusion-report-"))
+    outputs = analyze_records(records, directory, grid_name=grid.name, dataset=grid.dataset)
+    notes = [f"{len(records)} finished runs of {len(grid.jobs())} jobs; dataset {grid.dataset}."]
+    if grid.pretrained == "synthetic":
+        notes.append(
+            "Transfer here is synthetic-source transfer (weights pretrained on procedural shapes), not ImageNet."
+        )
+    write_report(outputs, title=f"transfusion report: grid {grid.name}", notes=notes)
+    for path in sorted(directory.iterdir()):
+        if path.is_file():
+            tracking.log_artifact(grid_run.run_id, path, "report")
+    log.info("analysis: %d decompositions for %d runs", outputs.decompositions, len(records))
+    return str(directory)

@@ -20,16 +20,27 @@ def registered_name(model: str, source: str) -> str:
     return f"transfusion-{model}-{source}"
 
 
-def pretrain_grid(model: str, *, source: str = SYNTHETIC_SOURCE, resolution: int = 40, steps: int = 150, seed: int = 0) -> GridSpec:
-    """The one-job grid that pretrains ``model`` on the procedural shapes source."""
-    if source != SYNTHETIC_SOURCE:
-        raise ValueError(
-            f"pretraining source {source!r} is not built in; valid: {SYNTHETIC_SOURCE} "
-            "(or pretrain on an ImageNet-style folder with --source PATH_OR_S3_URI)"
-        )
+def source_label(source: str) -> str:
+    """``synthetic`` stays; a folder of ImageNet-style images registers as ``imagenet``."""
+    return SYNTHETIC_SOURCE if source == SYNTHETIC_SOURCE else "imagenet"
+
+
+def pretrain_grid(
+    model: str, *, source: str = SYNTHETIC_SOURCE, resolution: int = 40, steps: int = 150, seed: int = 0
+) -> GridSpec:
+    """The one-job grid that pretrains ``model`` on ``source``.
+
+    ``synthetic`` is the procedural shapes set (the offline default); anything else is
+    the path or ``s3://`` URI of an ImageNet-style folder.
+    """
+    if source == SYNTHETIC_SOURCE:
+        dataset, dataset_source = "synthetic-shapes", None
+    else:
+        dataset, dataset_source = "imagenet-folder", source
     return GridSpec(
-        name=f"pretrain-{source}",
-        dataset="synthetic-shapes",
+        name=f"pretrain-{source_label(source)}",
+        dataset=dataset,
+        dataset_source=dataset_source,
         models=[model],
         inits=["random"],
         seeds=[seed],
@@ -51,7 +62,8 @@ def pretrain_and_register(grid: GridSpec, *, register_as: str) -> str:
     if not outcome.ok:
         raise RuntimeError(f"pretraining {spec.model} on {grid.dataset} failed: {outcome.reason}")
     uri = tracking.register_model_weights(register_as, outcome.run_id, "checkpoint")
-    tracking.set_tags(outcome.run_id, {"registered_as": uri, "transfer_label": "synthetic-source transfer"})
+    label = "synthetic-source transfer" if grid.dataset == "synthetic-shapes" else "ImageNet-folder transfer"
+    tracking.set_tags(outcome.run_id, {"registered_as": uri, "transfer_label": label})
     tracking.end_run(grid_run.run_id, "FINISHED")
     log.info("registered %s", uri)
     return uri
@@ -67,10 +79,20 @@ def resolve_pretrained_task(model: str, pretrained: str, resolution: int) -> str
             return existing
         return pretrain_and_register(pretrain_grid(model, resolution=resolution), register_as=name)
     if pretrained == "imagenet":
-        if model not in TORCHVISION_IMAGENET:
+        if model in TORCHVISION_IMAGENET:
+            return f"torchvision:{TORCHVISION_IMAGENET[model]}/IMAGENET1K_V1"
+        # No published ImageNet weights (the CBR nets): our own, pretrained once.
+        registered = tracking.latest_model_version(registered_name(model, "imagenet"))
+        if registered is None:
             raise ValueError(
-                f"no ImageNet weights exist for {model!r} (torchvision has: {', '.join(sorted(TORCHVISION_IMAGENET))}); "
-                "use pretrained: synthetic, or a path, s3:// or models:/ URI of your own"
+                f"no ImageNet weights for {model!r}: pretrain them once with "
+                f"'transfusion pretrain --model {model} --source PATH_OR_S3_URI_OF_IMAGENET' "
+                f"(registers {registered_name(model, 'imagenet')}), or use pretrained: synthetic"
             )
-        return f"torchvision:{TORCHVISION_IMAGENET[model]}/IMAGENET1K_V1"
+        return registered
     return pretrained
+
+
+@task(name="pretrain-and-register", cache_policy=None, task_run_name="pretrain-{model}-{source}")
+def pretrain_register_task(grid: GridSpec, *, model: str, source: str) -> str:
+    return pretrain_and_register(grid, register_as=registered_name(model, source_label(source)))

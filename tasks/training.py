@@ -93,6 +93,15 @@ def prepare_dataset_task(grid: GridSpec) -> str:
     return str(dataset.root)
 
 
+@task(name="preflight", cache_policy=None)
+def preflight_task(grid: GridSpec) -> None:
+    """Fails fast, before any run exists, when a service the grid needs is unreachable."""
+    from transfusion.preflight import check_storage_path, check_tracking_server
+
+    check_tracking_server(tracking.tracking_uri())
+    check_storage_path(storage_path())
+
+
 @task(name="open-grid-run", cache_policy=None)
 def open_grid_run_task(grid: GridSpec) -> tracking.GridRun:
     return tracking.open_grid_run(grid)

@@ -15,9 +15,32 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from transfusion.data import DATASETS
+from transfusion.inits import INITS
+from transfusion.models import MODELS
 
 DataSize = int | Literal["full"]
+
+
+def _enum_schema(names: list[str]) -> WithJsonSchema:
+    # The JSON schema lists valid names, so a Prefect server rejects a bad grid
+    # before any run; the Python validators below give the friendlier message.
+    return WithJsonSchema({"type": "string", "enum": names})
+
+
+ModelName = Annotated[str, _enum_schema(MODELS.names())]
+InitName = Annotated[str, _enum_schema(INITS.names())]
+DatasetName = Annotated[str, _enum_schema(DATASETS.names())]
 
 
 class _Frozen(BaseModel):
@@ -104,11 +127,18 @@ class JobSpec(_Frozen):
 
     @property
     def init_label(self) -> str:
-        """Init name with options, e.g. ``transfusion(k=1)``."""
+        """Init name as reports show it, e.g. ``transfusion(k=1)``.
+
+        Transfer from anything but ImageNet is labelled by its source, so a run
+        pretrained on procedural images never reads as "imagenet".
+        """
+        name = self.init
+        if name == "imagenet" and self.pretrained not in (None, "imagenet"):
+            name = "synthetic-transfer" if self.pretrained == "synthetic" else "transfer"
         if not self.init_options:
-            return self.init
+            return name
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.init_options.items()))
-        return f"{self.init}({opts})"
+        return f"{name}({opts})"
 
     @property
     def data_size_or_none(self) -> int | None:
@@ -118,7 +148,7 @@ class JobSpec(_Frozen):
 class InitChoice(_Frozen):
     """An init of a grid with its options, written ``name`` or ``{name: .., options: ..}``."""
 
-    name: str
+    name: InitName
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -139,10 +169,10 @@ class GridSpec(_Frozen):
     """A grid: the cartesian product of models x inits x data sizes x seeds."""
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
-    dataset: str
+    dataset: DatasetName
     dataset_source: str | None = None
     dataset_options: dict[str, Any] = Field(default_factory=dict)
-    models: Annotated[list[str], Field(min_length=1)]
+    models: Annotated[list[ModelName], Field(min_length=1)]
     inits: Annotated[list[InitChoice], Field(min_length=1)]
     pretrained: str | None = Field(
         default=None,
@@ -150,7 +180,7 @@ class GridSpec(_Frozen):
         "natural-like images), 'imagenet' (torchvision IMAGENET1K_V1), a path, s3:// or models:/ URI",
     )
     data_sizes: Annotated[list[DataSize], Field(min_length=1)] = ["full"]
-    seeds: list[Annotated[int, Field(ge=0)]] = [0]
+    seeds: Annotated[int, Field(ge=1, description="a seed count")] | list[Annotated[int, Field(ge=0)]] = [0]
     train: TrainSettings = TrainSettings()
     max_concurrent: Annotated[int, Field(ge=0, description="jobs at once, 0: from CPUs/GPUs")] = 0
     max_retries: Annotated[int, Field(ge=0, description="re-runs of a FAILED job")] = 1
@@ -233,6 +263,15 @@ class GridSpec(_Frozen):
     def grid_key(self) -> str:
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _preset_names() -> list[str]:
+    from transfusion.presets import PRESETS
+
+    return PRESETS.names()
+
+
+PresetName = Annotated[str, _enum_schema(_preset_names())]
 
 
 def _check_init(name: str) -> None:

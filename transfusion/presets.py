@@ -60,3 +60,113 @@ def demo_grid() -> dict:
             "val_limit": 400,
         },
     }
+
+
+def _paper_train(resolution: int, *, steps: int, gpus: float) -> dict:
+    return {
+        "steps": steps,
+        "batch_size": 32,
+        "optimizer": "sgd",
+        "lr": 0.02,
+        "warmup_steps": 500,
+        "eval_every": 1000,
+        "checkpoint_every": 1000,
+        "resolution": resolution,
+        "val_limit": 5000,
+        "probe_size": 256,
+        "cpus_per_job": 4,
+        "gpus_per_job": gpus,
+    }
+
+
+@PRESETS.register("full-grid")
+def full_grid() -> dict:
+    """Table 1: six models x random / ImageNet / Mean-Var x full and 5 000 images x 3 seeds, retina.
+
+    CBR nets have no published ImageNet weights: ``pretrained: imagenet`` resolves them to
+    ``models:/transfusion-<model>-imagenet/latest``, made once by ``transfusion pretrain
+    --model <model> --source s3://.../imagenet`` (ResNet-50 and Inception-v3 use
+    torchvision's IMAGENET1K_V1).
+    """
+    return {
+        "name": "full-grid",
+        "dataset": "retina-eyepacs",
+        "dataset_source": "s3://transfusion-data/eyepacs",
+        "models": PAPER_MODELS,
+        "inits": PAPER_INITS,
+        "pretrained": "imagenet",
+        "data_sizes": ["full", 5000],
+        "seeds": 3,
+        "train": _paper_train(587, steps=30000, gpus=1.0),
+    }
+
+
+@PRESETS.register("full-grid-chexpert")
+def full_grid_chexpert() -> dict:
+    """Table 2: the CheXpert grid, five pathologies, 224 px."""
+    return {
+        "name": "full-grid-chexpert",
+        "dataset": "chexpert",
+        "dataset_source": "s3://transfusion-data/chexpert",
+        "dataset_options": {"uncertainty": "u-ones", "frontal_only": True},
+        "models": PAPER_MODELS,
+        "inits": PAPER_INITS,
+        "pretrained": "imagenet",
+        "data_sizes": ["full"],
+        "seeds": 3,
+        "train": _paper_train(224, steps=30000, gpus=1.0),
+    }
+
+
+@PRESETS.register("low-data")
+def low_data_grid() -> dict:
+    """Table 3: 5 000 retina images, where transfer helps ResNet-50 but hardly the CBRs."""
+    return {
+        "name": "low-data",
+        "dataset": "retina-eyepacs",
+        "dataset_source": "s3://transfusion-data/eyepacs",
+        "models": ["resnet50", "cbr-large-tall", "cbr-large-wide"],
+        "inits": ["random", "imagenet"],
+        "pretrained": "imagenet",
+        "data_sizes": [5000],
+        "seeds": 3,
+        "train": _paper_train(587, steps=10000, gpus=1.0),
+    }
+
+
+@PRESETS.register("convergence")
+def convergence_grid() -> dict:
+    """Figure 5: convergence of ResNet-50 by init, weight transfusion(k) and Gabor conv1."""
+    return {
+        "name": "convergence",
+        "dataset": "retina-eyepacs",
+        "dataset_source": "s3://transfusion-data/eyepacs",
+        "models": ["resnet50"],
+        "inits": [
+            "random", "imagenet", "mean-var", "gabor",
+            {"name": "transfusion", "options": {"k": 0}},
+            {"name": "transfusion", "options": {"k": 1}},
+            {"name": "transfusion", "options": {"k": 2}},
+            {"name": "transfusion", "options": {"k": 3}},
+        ],  # fmt: skip
+        "pretrained": "imagenet",
+        "data_sizes": ["full"],
+        "seeds": 3,
+        "train": {**_paper_train(587, steps=20000, gpus=1.0), "eval_every": 500},
+    }
+
+
+@PRESETS.register("convergence-slim")
+def convergence_slim_grid() -> dict:
+    """Figure 5's slim model: ResNet-50 pretrained up to stage 2, a thin random top."""
+    return {
+        "name": "convergence-slim",
+        "dataset": "retina-eyepacs",
+        "dataset_source": "s3://transfusion-data/eyepacs",
+        "models": ["slim-resnet50"],
+        "inits": ["random", {"name": "transfusion", "options": {"k": 2}}],
+        "pretrained": "imagenet",
+        "data_sizes": ["full"],
+        "seeds": 3,
+        "train": {**_paper_train(587, steps=20000, gpus=0.5), "eval_every": 500},
+    }

@@ -292,3 +292,13 @@ def download_registered_weights(uri_text: str, *, dst: Path | None = None) -> Pa
             raise ValueError(f"{uri_text} holds no .pt state dict")
         path = candidates[0]
     return path
+
+
+def _register_models_scheme() -> None:
+    # Weight URIs like models:/transfusion-cbr-tiny-synthetic/3 resolve through MLflow.
+    from transfusion.pretrained import SCHEME_LOADERS
+
+    SCHEME_LOADERS.setdefault("models", lambda uri: download_registered_weights(uri))
+
+
+_register_models_scheme()

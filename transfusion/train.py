@@ -30,9 +30,8 @@ from transfusion.probes import capture_activations, save_probe
 
 log = logging.getLogger(__name__)
 
-# ImageNet statistics: the preprocessing of every pretrained source we load.
-_MEAN = torch.tensor([0.485, 0.456, 0.406])
-_STD = torch.tensor([0.229, 0.224, 0.225])
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,13 +85,17 @@ class TrainingResult:
     val_history: list[tuple[int, float]] = field(default_factory=list)
 
 
-def normalize(batch_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW, scaled and normalised with ImageNet statistics."""
+def normalize(
+    batch_uint8: torch.Tensor,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [0, 1], then normalised by the model's statistics."""
     x = batch_uint8.permute(0, 3, 1, 2).float().div_(255.0)
-    channels = x.shape[1]
-    mean = _MEAN if channels == 3 else _MEAN.mean().reshape(1)
-    std = _STD if channels == 3 else _STD.mean().reshape(1)
-    return (x - mean.view(1, -1, 1, 1).to(x.device)) / std.view(1, -1, 1, 1).to(x.device)
+    m, s = torch.tensor(mean), torch.tensor(std)
+    if x.shape[1] == 1:  # grey input: the channel mean of the RGB statistics
+        m, s = m.mean().reshape(1), s.mean().reshape(1)
+    return (x - m.view(1, -1, 1, 1).to(x.device)) / s.view(1, -1, 1, 1).to(x.device)
 
 
 def augment(x: torch.Tensor, *, policy: str, generator: torch.Generator) -> torch.Tensor:
@@ -122,8 +125,15 @@ def batch_indices(pool: np.ndarray, *, seed: int, step: int, batch_size: int) ->
     return np.sort(rng.choice(pool, size=min(batch_size, len(pool)), replace=False))
 
 
-def load_images(dataset: PreparedDataset, index: np.ndarray, device: torch.device) -> torch.Tensor:
-    return normalize(torch.from_numpy(np.ascontiguousarray(dataset.images[index]))).to(device)
+def load_images(
+    dataset: PreparedDataset, index: np.ndarray, device: torch.device, model: nn.Module | None = None
+) -> torch.Tensor:
+    """A normalised batch of ``dataset`` images (for ``model``'s input statistics)."""
+    stats = {}
+    if model is not None:
+        inner = _unwrap(model)
+        stats = {"mean": getattr(inner, "input_mean", IMAGENET_MEAN), "std": getattr(inner, "input_std", IMAGENET_STD)}
+    return normalize(torch.from_numpy(np.ascontiguousarray(dataset.images[index])), **stats).to(device)
 
 
 def build_model(
@@ -160,7 +170,7 @@ def evaluate(
     scores = []
     for start in range(0, len(index), batch_size * 4):
         chunk = index[start : start + batch_size * 4]
-        scores.append(predict(model, load_images(dataset, chunk, device), batch_size=batch_size))
+        scores.append(predict(model, load_images(dataset, chunk, device, model), batch_size=batch_size))
     scores_all, targets = np.concatenate(scores), dataset.targets[index]
     result = classification_scores(scores_all, targets, dataset.label_names)
     if dataset.meta.get("task") == "multiclass":
@@ -255,9 +265,16 @@ def run_training(
         if not (is_chief and len(probe_index)):
             return
         activations = capture_activations(
-            _unwrap(model), load_images(dataset, probe_index, device), spatial=t.probe_spatial
+            _unwrap(model), load_images(dataset, probe_index, device, model), spatial=t.probe_spatial
         )
         hooks.log_artifact(save_probe(artifacts / f"{tag}.npz", activations), "probes")
+        first_conv = next((m for m in _unwrap(model).modules() if isinstance(m, nn.Conv2d)), None)
+        if first_conv is not None:
+            filters = first_conv.weight.detach().to("cpu", torch.float32).numpy()
+            path = artifacts / "filters" / f"{tag}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, filters)
+            hooks.log_artifact(path, "filters")
 
     def validate() -> dict[str, float]:
         metrics = evaluate(_unwrap(model), dataset, val_index, prefix="val", batch_size=t.eval_batch_size, device=device)
@@ -273,6 +290,19 @@ def run_training(
             "spec": spec.model_dump(mode="json"),
         }
 
+    if is_chief and resume is None:
+        from transfusion.cost import forward_flops, training_flops
+
+        inner = _unwrap(model)
+        flops = forward_flops(inner, in_channels=dataset.in_channels, resolution=dataset.resolution)
+        hooks.log_metrics(
+            {
+                "cost/params": float(sum(p.numel() for p in inner.parameters())),
+                "cost/forward_flops": float(flops),
+                "cost/train_flops": training_flops(flops, steps=t.steps, batch_size=t.batch_size),
+            },
+            step=0,
+        )
     if resume is None:
         probe("step-0")
         if is_chief:
@@ -284,7 +314,7 @@ def run_training(
     while step < t.steps:
         index = batch_indices(pool, seed=spec.seed, step=step, batch_size=t.batch_size)[rank::world_size]
         generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + step)
-        x = augment(load_images(dataset, index, device), policy=policy, generator=generator)
+        x = augment(load_images(dataset, index, device, model), policy=policy, generator=generator)
         x = x.contiguous(memory_format=torch.channels_last)
         y = torch.from_numpy(dataset.targets[index]).to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_gpu):
@@ -332,6 +362,7 @@ def run_training(
             _unwrap(model), dataset, dataset.indices("test"), prefix="test", batch_size=t.eval_batch_size, device=device
         )
         final["time/train_s"] = train_seconds
+        final["time/gpu_s"] = train_seconds * (spec.train.gpus_per_job * world_size if on_gpu else 0.0)
         final["time/job_s"] = time.perf_counter() - started
         hooks.log_metrics(final, step=step)
         weights = artifacts / "model.pt"

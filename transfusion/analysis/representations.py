@@ -26,11 +26,15 @@ def top_layers(names: list[str], count: int = 2) -> list[str]:
     return ordered_layers(names)[-count:]
 
 
+def is_step_file(path: Path) -> bool:
+    return path.stem.startswith("step-") and path.stem[5:].isdigit()
+
+
 def final_probe_path(record: JobRecord) -> Path | None:
     """The probe taken at the end of training (the highest step)."""
     if record.probe_dir is None:
         return None
-    steps = [(int(p.stem.split("-")[1]), p) for p in record.probe_dir.glob("step-*.npz")]
+    steps = [(int(p.stem[5:]), p) for p in record.probe_dir.glob("step-*.npz") if is_step_file(p)]
     return max(steps)[1] if steps else None
 
 

@@ -24,6 +24,9 @@ class ResultRow:
     auprc_mean: float
     auprc_std: float
     train_seconds: float
+    params: float = float("nan")
+    train_flops: float = float("nan")
+    gpu_seconds: float = float("nan")
 
     def auc_text(self) -> str:
         return _pm(self.auc_mean, self.auc_std)
@@ -56,9 +59,65 @@ def results_table(records: list[JobRecord]) -> list[ResultRow]:
     for (model, init, size), members in cells.items():
         auc = _mean_std([r.metrics.get("test/auc", float("nan")) for r in members])
         auprc = _mean_std([r.metrics.get("test/auprc", float("nan")) for r in members])
-        seconds = float(np.mean([r.metrics.get("time/train_s", float("nan")) for r in members]))
-        rows.append(ResultRow(model, init, size, len(members), *auc, *auprc, seconds))
+        def mean_of(key: str) -> float:
+            return float(np.mean([r.metrics.get(key, float("nan")) for r in members]))
+
+        rows.append(
+            ResultRow(
+                model, init, size, len(members), *auc, *auprc,
+                train_seconds=mean_of("time/train_s"),
+                params=mean_of("cost/params"),
+                train_flops=mean_of("cost/train_flops"),
+                gpu_seconds=mean_of("time/gpu_s"),
+            )
+        )  # fmt: skip
     return rows
+
+
+# Retina AUC % from PAPER.md (random -> ImageNet): Table 1 on full data, Table 3 on 5 000.
+PAPER_RETINA = {
+    "full": {
+        "resnet50": (96.4, 96.7), "inception_v3": (96.6, 96.7), "cbr-large-tall": (96.2, 96.2),
+        "cbr-large-wide": (95.8, 95.8), "cbr-small": (95.7, 95.8), "cbr-tiny": (95.8, 95.8),
+    },
+    "5000": {"resnet50": (92.2, 94.6), "cbr-large-tall": (93.6, 93.9), "cbr-large-wide": (93.6, 93.7)},
+}  # fmt: skip
+
+
+def paper_auc(model: str, init: str, data_size: str) -> float | None:
+    """The paper's retina AUC % for this cell, if it reports one."""
+    column = {"random": 0, "imagenet": 1}.get(init)
+    cell = PAPER_RETINA.get(str(data_size), {}).get(model)
+    if column is None or cell is None:
+        return None
+    return cell[column]
+
+
+def _si(value: float, unit: str = "") -> str:
+    if math.isnan(value):
+        return "–"
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}"
+    return f"{value:.0f} {unit}".strip()
+
+
+def paper_tables_markdown(rows: list[ResultRow], *, dataset: str) -> str:
+    """Tables 1-3 layout: AUC and AUPRC over seeds, cost, and the paper's AUC beside ours."""
+    retina = dataset.startswith("retina")
+    lines = [
+        "| model | init | data size | seeds | test AUC % | test AUPRC % | paper AUC % | params | train FLOPs | wall s | GPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        paper = paper_auc(r.model, r.init, r.data_size) if retina else None
+        lines.append(
+            f"| {r.model} | {r.init} | {r.data_size} | {r.seeds} | {r.auc_text()} | {r.auprc_text()} | "
+            f"{'–' if paper is None else f'{paper:.1f}'} | {_si(r.params)} | {_si(r.train_flops)} | "
+            f"{r.train_seconds:.0f} | {0 if math.isnan(r.gpu_seconds) else r.gpu_seconds:.0f} |"
+        )
+    note = "" if retina else "\nThe paper's numbers are for its private retina set and CheXpert; none apply to this dataset.\n"
+    return "\n".join(lines) + "\n" + note
 
 
 def write_csv(rows: list[ResultRow], path: Path) -> Path:

@@ -141,6 +141,25 @@ class PreparedDatasetWriter:
     def __enter__(self) -> PreparedDatasetWriter:
         return self
 
+    def keep(self, rows: np.ndarray) -> None:
+        """Keeps only image ``rows`` (in order), e.g. to drop files that failed to decode.
+
+        The images are copied into a smaller array in the temporary directory, chunk by
+        chunk, so memory stays bounded for large datasets.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == len(self.images) and np.array_equal(rows, np.arange(len(rows))):
+            return
+        kept = np.lib.format.open_memmap(
+            self._tmp / "images.kept.npy", mode="w+", dtype=np.uint8, shape=(len(rows), *self.images.shape[1:])
+        )
+        for start in range(0, len(rows), 256):
+            kept[start : start + 256] = self.images[rows[start : start + 256]]
+        kept.flush()
+        del self.images
+        os.replace(self._tmp / "images.kept.npy", self._tmp / "images.npy")
+        self.images = kept
+
     def finish(
         self,
         *,

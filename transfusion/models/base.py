@@ -15,6 +15,10 @@ class CaptureModel(nn.Module):
     """
 
     classifier_name: str = "fc"
+    # Input normalisation the architecture's pretrained weights expect (ImageNet
+    # statistics; TF-Slim Inception weights want [-1, 1]).
+    input_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    input_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     min_input_size: int = 32
     default_resolution: int = 224
 

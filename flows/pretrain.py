@@ -1,0 +1,34 @@
+"""The ``transfusion-pretrain`` flow: pretrain a model on a source set and register it."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.pretraining import pretrain_register_task
+from tasks.training import preflight_task, start_compute_task
+from transfusion.config import ModelName
+from transfusion.data import transfusion_home
+from transfusion.services import tracking_service
+
+
+@flow(name="transfusion-pretrain", log_prints=False)
+def pretrain(
+    model: ModelName,
+    source: str = "synthetic",
+    steps: int = 150,
+    resolution: int = 40,
+    seed: int = 0,
+) -> str:
+    """Pretrains ``model`` on ``source`` and registers ``transfusion-<model>-<source>``.
+
+    ``source`` is ``synthetic`` (procedural shapes, the offline default) or the path /
+    ``s3://`` URI of an ImageNet-style folder (``train/<class>/*.JPEG``, ``val/...``),
+    registered as ``transfusion-<model>-imagenet``. Returns the ``models:/`` URI.
+    """
+    from tasks.pretraining import pretrain_grid
+
+    grid = pretrain_grid(model, source=source, resolution=resolution, steps=steps, seed=seed)
+    with tracking_service(transfusion_home()):
+        preflight_task(grid)
+        start_compute_task(grid)
+        return pretrain_register_task(grid, model=model, source=source)

@@ -1,0 +1,65 @@
+"""Serves every deployment of ``prefect.yaml`` from this process (no work pool needed).
+
+    python -m flows.serve            # against $PREFECT_API_URL
+
+The deployments (names, parameters, schedules, concurrency limits) are read from the
+repository's ``prefect.yaml``, so serving and ``prefect deploy --all`` agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT_YAML = REPO / "prefect.yaml"
+
+
+def load_deployment_specs(path: Path = PREFECT_YAML) -> list[dict]:
+    data = yaml.safe_load(path.read_text())
+    return list(data.get("deployments") or [])
+
+
+def build_deployments(names: list[str] | None = None):
+    from prefect.schedules import Cron
+
+    from flows.grid import transfusion
+
+    deployments = []
+    for spec in load_deployment_specs():
+        if names and spec["name"] not in names:
+            continue
+        if spec["entrypoint"] != "flows/grid.py:transfusion":
+            raise ValueError(f"deployment {spec['name']!r}: unknown entrypoint {spec['entrypoint']!r}")
+        schedules = [
+            Cron(s["cron"], timezone=s.get("timezone"), active=bool(s.get("active", True)))
+            for s in spec.get("schedules") or []
+        ]
+        deployments.append(
+            transfusion.to_deployment(
+                name=spec["name"],
+                description=spec.get("description"),
+                parameters=spec.get("parameters"),
+                tags=spec.get("tags"),
+                concurrency_limit=spec.get("concurrency_limit"),
+                schedules=schedules or None,
+            )
+        )
+    return deployments
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="*", help="serve only these deployment names")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    from prefect import serve
+
+    serve(*build_deployments(args.only), print_starting_message=True)
+
+
+if __name__ == "__main__":
+    main()

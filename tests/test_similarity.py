@@ -1,0 +1,459 @@
+"""CCA / SVCCA / PWCCA / CKA: references, cross-checks, invariances, edge cases.
+
+All representations are (examples, features).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from transfusion.similarity import (
+    SIMILARITIES,
+    CCAResult,
+    CKAResult,
+    PreparedRepresentation,
+    cca,
+    flatten_conv,
+    get_similarity,
+    linear_cka,
+    list_similarities,
+    prepare,
+    pwcca,
+    rbf_cka,
+    svcca,
+)
+
+REFERENCE_TOL = 1e-6
+IDENTITY_TOL = 1e-10
+
+
+def _reference_inputs() -> tuple[np.ndarray, np.ndarray]:
+    """Inputs of the golden values below; y shares 10 of x's 20 dimensions."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 20))
+    y = x[:, :10] @ rng.standard_normal((10, 30)) + rng.standard_normal((500, 30))
+    return x, y
+
+
+def _whitened_inputs() -> tuple[np.ndarray, np.ndarray]:
+    """x centred with x^T x = I (Cholesky whitening), y = noisy mix of x."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((400, 8))
+    a = a - a.mean(axis=0)
+    chol = np.linalg.cholesky(a.T @ a)
+    xw = a @ np.linalg.inv(chol).T
+    yw = xw @ rng.standard_normal((8, 12)) + 2.0 * rng.standard_normal((400, 12))
+    return xw, yw
+
+
+# Golden values. Produced by a throwaway script outside this repository that ran
+# google/svcca (commit 1f3fbf1) on the transposed (neurons x datapoints) inputs:
+#   cca:   np.mean(cca_core.get_cca_similarity(x.T, y.T, epsilon=eps)["cca_coef1"])
+#   svcca: the tutorial pipeline (centre, np.linalg.svd, keep s[:k] * V[:k], then
+#          get_cca_similarity at epsilon 0); k fixed or from cca_core.sum_threshold
+#          applied to s ("mass") or s**2 ("squared")
+#   pwcca: pwcca.compute_pwcca(xw.T, yw.T, epsilon=0) on _whitened_inputs(), where
+#          its raw inner products equal our correlations
+# and a reimplementation of Kornblith et al.'s CKA demo (gram_linear, gram_rbf
+# with np.median over all n^2 squared distances, center_gram, cka,
+# feature_space_linear_cka).
+GOLDEN_CCA = 0.5812847692872511
+GOLDEN_CCA_TOP3 = (0.9934849556278139, 0.9912328918607318, 0.9889919159967513)
+GOLDEN_CCA_EPS_1E3 = 0.5794901463999579
+GOLDEN_SVCCA_DIMS10 = 0.5715799216950863
+GOLDEN_SVCCA_MASS_090 = 0.5688852351418365  # keeps (18, 22) directions
+GOLDEN_SVCCA_SQUARED_090 = 0.9268783910866725  # keeps (18, 9) directions
+GOLDEN_LINEAR_CKA = 0.6089004812479708
+GOLDEN_RBF_CKA_1 = 0.6151076489598086
+GOLDEN_RBF_CKA_05 = 0.6123426028361365
+GOLDEN_PWCCA = 0.15597027554891077
+GOLDEN_PWCCA_WEIGHTS = (
+    0.12599935405889945,
+    0.1229976707203751,
+    0.1229311645993435,
+    0.13756676671964427,
+    0.11874620458203221,
+    0.12286359742319733,
+    0.1253482789556532,
+    0.12354696294085488,
+)
+
+
+def _exact_cca(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Canonical correlations from full numpy SVDs of the centred data."""
+    bases = []
+    for a in (x, y):
+        u, s, _ = np.linalg.svd(a - a.mean(axis=0), full_matrices=False)
+        bases.append(u[:, s > s[0] * 1e-9])
+    return np.linalg.svd(bases[0].T @ bases[1], compute_uv=False)
+
+
+def _random_orthogonal(rng: np.random.Generator, size: int) -> np.ndarray:
+    return np.linalg.qr(rng.standard_normal((size, size)))[0]
+
+
+# ---------------------------------------------------------------- reference values
+
+
+def test_cca_matches_google_svcca() -> None:
+    x, y = _reference_inputs()
+    result = cca(x, y)
+    assert isinstance(result, CCAResult)
+    assert result.score == pytest.approx(GOLDEN_CCA, abs=REFERENCE_TOL)
+    assert result.coefficients.dtype == np.float64
+    assert len(result.coefficients) == 20
+    np.testing.assert_allclose(result.coefficients[:3], GOLDEN_CCA_TOP3, atol=REFERENCE_TOL)
+    assert np.all(np.diff(result.coefficients) <= 0)
+
+
+def test_cca_epsilon_matches_google_ridge() -> None:
+    x, y = _reference_inputs()
+    assert cca(x, y, epsilon=1e-3).score == pytest.approx(GOLDEN_CCA_EPS_1E3, abs=REFERENCE_TOL)
+
+
+@pytest.mark.parametrize(
+    ("options", "golden", "dims"),
+    [
+        ({"dims": 10}, GOLDEN_SVCCA_DIMS10, (10, 10)),
+        ({"keep": 0.9, "variance": "mass"}, GOLDEN_SVCCA_MASS_090, (18, 22)),
+        ({"keep": 0.9, "variance": "squared"}, GOLDEN_SVCCA_SQUARED_090, (18, 9)),
+    ],
+)
+def test_svcca_matches_google_tutorial(options: dict, golden: float, dims: tuple) -> None:
+    x, y = _reference_inputs()
+    result = svcca(x, y, **options)
+    assert result.dims == dims
+    assert result.score == pytest.approx(golden, abs=REFERENCE_TOL)
+
+
+def test_cka_matches_kornblith_demo() -> None:
+    x, y = _reference_inputs()
+    for method in ("auto", "gram", "features"):
+        score = linear_cka(x, y, method=method).score
+        assert score == pytest.approx(GOLDEN_LINEAR_CKA, abs=REFERENCE_TOL)
+    assert rbf_cka(x, y).score == pytest.approx(GOLDEN_RBF_CKA_1, abs=REFERENCE_TOL)
+    assert rbf_cka(x, y, threshold=0.5).score == pytest.approx(GOLDEN_RBF_CKA_05, abs=REFERENCE_TOL)
+
+
+def test_pwcca_matches_google_on_whitened_input() -> None:
+    xw, yw = _whitened_inputs()
+    result = pwcca(xw, yw)
+    assert result.score == pytest.approx(GOLDEN_PWCCA, abs=REFERENCE_TOL)
+    np.testing.assert_allclose(result.weights, GOLDEN_PWCCA_WEIGHTS, atol=REFERENCE_TOL)
+
+
+def test_pwcca_matches_its_definition() -> None:
+    """Weight_i = sum_j |corr(canonical variate i of x, neuron j of x)|, normalised."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 6)) @ rng.standard_normal((6, 6)) + 1.0
+    y = x @ rng.standard_normal((6, 9)) + 3.0 * rng.standard_normal((300, 9))
+    xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)
+    ux = np.linalg.svd(xc, full_matrices=False)[0]
+    uy = np.linalg.svd(yc, full_matrices=False)[0]
+    a, rho, _ = np.linalg.svd(ux.T @ uy, full_matrices=False)
+    variates = ux @ a
+    corr = np.array([[np.corrcoef(h, xj)[0, 1] for xj in x.T] for h in variates.T])
+    weights = np.abs(corr).sum(axis=1)
+    weights /= weights.sum()
+
+    result = pwcca(x, y)
+    np.testing.assert_allclose(result.weights, weights, atol=1e-10)
+    assert result.score == pytest.approx(float(weights @ rho), abs=1e-10)
+    assert result.weights.sum() == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------- cross-checks
+
+
+@pytest.mark.parametrize("shape", [(200, 15), (12, 40)], ids=["covariance", "gram"])
+def test_cca_of_x_with_itself_is_one(shape: tuple[int, int]) -> None:
+    x = np.random.default_rng(4).standard_normal(shape)
+    result = cca(x, x)
+    assert result.score == pytest.approx(1.0, abs=IDENTITY_TOL)
+    assert len(result.coefficients) == min(shape[0] - 1, shape[1])
+    assert svcca(x, x).score == pytest.approx(1.0, abs=IDENTITY_TOL)
+    assert linear_cka(x, x).score == pytest.approx(1.0, abs=IDENTITY_TOL)
+    assert rbf_cka(x, x).score == pytest.approx(1.0, abs=IDENTITY_TOL)
+    assert pwcca(x, x).score == pytest.approx(1.0, abs=IDENTITY_TOL)
+
+
+@pytest.mark.parametrize("measure", [cca, svcca, linear_cka], ids=lambda f: f.__name__)
+def test_invariant_to_orthogonal_transform_scaling_and_shift(measure) -> None:
+    x, y = _reference_inputs()
+    rng = np.random.default_rng(5)
+    transformed = 3.7 * (x @ _random_orthogonal(rng, x.shape[1])) + 11.0
+    assert measure(transformed, y).score == pytest.approx(measure(x, y).score, abs=1e-10)
+    assert measure(x, 0.01 * y).score == pytest.approx(measure(x, y).score, abs=1e-10)
+
+
+def test_cca_invariant_to_invertible_linear_maps() -> None:
+    x, y = _reference_inputs()
+    mixing = np.random.default_rng(6).standard_normal((20, 20))
+    assert cca(x @ mixing, y).score == pytest.approx(cca(x, y).score, abs=1e-9)
+
+
+def test_linear_cka_from_examples_equals_from_features() -> None:
+    rng = np.random.default_rng(7)
+    for shape_x, shape_y in [((60, 10), (60, 25)), ((30, 80), (30, 45))]:
+        x = rng.standard_normal(shape_x)
+        y = np.tanh(x[:, :5] @ rng.standard_normal((5, shape_y[1]))) + rng.standard_normal(shape_y)
+        by_gram = linear_cka(x, y, method="gram").score
+        by_features = linear_cka(x, y, method="features").score
+        assert by_gram == pytest.approx(by_features, abs=1e-12)
+        assert linear_cka(x, y).score == pytest.approx(by_gram, abs=1e-12)
+        assert linear_cka(prepare(x), prepare(y)).score == pytest.approx(by_gram, abs=1e-12)
+
+
+def test_svcca_keeping_all_variance_equals_cca() -> None:
+    x, y = _reference_inputs()
+    full = svcca(x, y, keep=1.0)
+    assert full.dims == (20, 30)
+    assert full.score == pytest.approx(cca(x, y).score, abs=1e-12)
+    np.testing.assert_allclose(full.coefficients, cca(x, y).coefficients, atol=1e-12)
+
+
+def test_svcca_dims_beyond_rank_keeps_the_rank() -> None:
+    x, y = _reference_inputs()
+    assert svcca(x, y, dims=500).dims == (20, 30)
+
+
+def _orthonormal_columns(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    # torch's QR: numpy's is slow enough on a loaded 2-core runner to dominate the file.
+    return torch.linalg.qr(torch.from_numpy(rng.standard_normal((rows, cols)))).Q.numpy()
+
+
+@pytest.mark.parametrize("shape", [(600, 60), (80, 200)], ids=["covariance", "gram"])
+def test_ill_conditioned_input_matches_exact_svd(shape: tuple[int, int]) -> None:
+    """Singular values spanning 10^5.5: without re-orthonormalising the basis built
+    from the covariance, coefficients are off by ~6e-8 here."""
+    n, p = shape
+    rng = np.random.default_rng(8)
+    r = min(n - 1, p)
+
+    def spread(decades: float) -> np.ndarray:
+        left = _orthonormal_columns(rng, n, r)
+        left -= left.mean(axis=0)  # keep the spectrum after centring
+        right = _orthonormal_columns(rng, p, r).T
+        return (left * np.logspace(0, -decades, r)) @ right
+
+    x = spread(5.5)
+    y = 0.5 * x @ rng.standard_normal((p, p)) + spread(2)
+    exact = _exact_cca(x, y)
+    ours = cca(x, y).coefficients
+    assert len(ours) == len(exact) == r
+    np.testing.assert_allclose(ours, exact, atol=1e-10)
+
+
+# ------------------------------------------------------------------- edge cases
+
+
+def test_rank_deficient_inputs_give_min_rank_coefficients() -> None:
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((100, 5)) @ rng.standard_normal((5, 12))  # rank 5
+    y = rng.standard_normal((100, 3)) @ rng.standard_normal((3, 7))  # rank 3
+    for result in (cca(x, y), svcca(x, y, keep=1.0), pwcca(x, y)):
+        assert len(result.coefficients) == 3
+        assert np.isfinite(result.score)
+    assert prepare(x).rank == 5
+    assert cca(x, x).score == pytest.approx(1.0, abs=IDENTITY_TOL)
+    # More features than examples: rank is capped by examples - 1 after centring.
+    wide = rng.standard_normal((10, 40))
+    assert len(cca(wide, rng.standard_normal((10, 50))).coefficients) == 9
+
+
+def test_constant_neurons_are_dropped_without_nan() -> None:
+    x, y = _reference_inputs()
+    x_const = np.concatenate([x, np.full((500, 3), 7.5), np.zeros((500, 1))], axis=1)
+    prepared = prepare(x_const)
+    assert prepared.constant_features == 4
+    assert prepared.num_features == 24
+    for measure in (cca, svcca, pwcca, linear_cka, rbf_cka):
+        score = measure(x_const, y).score
+        assert np.isfinite(score)
+        assert score == pytest.approx(measure(x, y).score, abs=1e-10)
+
+
+def test_constant_representation_raises() -> None:
+    x, _ = _reference_inputs()
+    constant = np.ones((500, 4))
+    for measure in (cca, svcca, pwcca, linear_cka):
+        with pytest.raises(ValueError, match="constant|variance"):
+            measure(constant, x)
+
+
+@pytest.mark.parametrize(
+    "measure", [cca, svcca, pwcca, linear_cka, rbf_cka], ids=lambda f: f.__name__
+)
+def test_bad_shapes_raise_value_error(measure) -> None:
+    x, y = _reference_inputs()
+    with pytest.raises(ValueError, match="500 examples .* but y has 499"):
+        measure(x, y[:499])
+    with pytest.raises(ValueError, match="empty"):
+        measure(x[:0], y[:0])
+    with pytest.raises(ValueError, match="2-D"):
+        measure(x[:, 0], y)
+    bad = x.copy()
+    bad[3, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        measure(bad, y)
+
+
+def test_options_are_keyword_only_and_validated() -> None:
+    x, y = _reference_inputs()
+    with pytest.raises(TypeError):
+        cca(x, y, 0.1)  # type: ignore[misc]
+    with pytest.raises(ValueError, match="keep"):
+        svcca(x, y, keep=1.5)
+    with pytest.raises(ValueError, match="variance"):
+        svcca(x, y, variance="energy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dims"):
+        svcca(x, y, dims=0)
+    with pytest.raises(ValueError, match="epsilon"):
+        cca(x, y, epsilon=-1.0)
+    with pytest.raises(ValueError, match="method"):
+        linear_cka(x, y, method="kernel")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="threshold"):
+        rbf_cka(x, y, threshold=0.0)
+
+
+# ------------------------------------------------------------- prepared / devices
+
+
+def test_prepared_and_raw_give_identical_results() -> None:
+    x, y = _reference_inputs()
+    px, py = prepare(x), prepare(y)
+    assert isinstance(px, PreparedRepresentation)
+    assert px.rank == 20 and not px.truncated
+    basis = px.basis.numpy()
+    np.testing.assert_allclose(basis.T @ basis, np.eye(20), atol=1e-12)
+    assert cca(px, py).score == cca(x, y).score
+    assert cca(px, y).score == cca(x, y).score
+    assert pwcca(px, py).score == pwcca(x, y).score
+    assert linear_cka(px, py).score == pytest.approx(linear_cka(x, y).score, abs=1e-12)
+    for options in ({}, {"keep": 0.9, "variance": "mass"}, {"dims": 7}):
+        raw = svcca(x, y, **options)
+        assert svcca(px, py, **options).score == pytest.approx(raw.score, abs=1e-12)
+        truncated = svcca(prepare(x, **options), prepare(y, **options), **options)
+        assert truncated.dims == raw.dims
+        assert truncated.score == pytest.approx(raw.score, abs=1e-12)
+
+
+def test_truncated_preparation_is_refused_where_it_would_mislead() -> None:
+    x, y = _reference_inputs()
+    small = prepare(x, dims=5)
+    assert small.truncated and small.directions == 5 and small.rank == 20
+    for measure in (cca, pwcca, linear_cka):
+        with pytest.raises(ValueError, match="truncat"):
+            measure(small, y)
+    with pytest.raises(ValueError, match="needs 10 directions"):
+        svcca(small, y, dims=10)
+    with pytest.raises(ValueError, match="raw activations"):
+        rbf_cka(small, y)  # type: ignore[arg-type]
+
+
+def test_torch_input_equals_numpy_input() -> None:
+    x, y = _reference_inputs()
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    for measure in (cca, svcca, pwcca, linear_cka, rbf_cka):
+        assert measure(tx, ty).score == pytest.approx(measure(x, y).score, abs=1e-12)
+        assert measure(tx, y).score == pytest.approx(measure(x, y).score, abs=1e-12)
+    # float32 tensors are promoted to float64 before any arithmetic
+    x32 = x.astype(np.float32)
+    assert cca(torch.from_numpy(x32), ty).score == pytest.approx(cca(x32, y).score, abs=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_are_computed_on_device() -> None:
+    x, y = _reference_inputs()
+    tx, ty = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
+    assert prepare(tx).basis.device.type == "cuda"
+    for measure in (cca, svcca, pwcca, linear_cka, rbf_cka):
+        assert measure(tx, ty).score == pytest.approx(measure(x, y).score, abs=1e-9)
+    with pytest.raises(ValueError, match="device"):
+        cca(tx, torch.from_numpy(y))
+
+
+# ------------------------------------------------------------------ flatten_conv
+
+
+def test_flatten_conv_examples_makes_positions_rows() -> None:
+    act = np.random.default_rng(10).standard_normal((2, 3, 4, 5))
+    rows = flatten_conv(act)
+    assert rows.shape == (2 * 4 * 5, 3)
+    n, h, w = 1, 2, 3
+    np.testing.assert_array_equal(rows[(n * 4 + h) * 5 + w], act[n, :, h, w])
+
+
+def test_flatten_conv_pool_averages_positions() -> None:
+    act = np.random.default_rng(11).standard_normal((2, 3, 4, 5))
+    pooled = flatten_conv(act, method="pool")
+    assert pooled.shape == (2, 3)
+    np.testing.assert_allclose(pooled[1, 2], act[1, 2].mean())
+
+
+def test_flatten_conv_subsample_is_a_seeded_subset() -> None:
+    act = np.random.default_rng(12).standard_normal((4, 3, 6, 6))
+    every = flatten_conv(act)
+    sub = flatten_conv(act, method="subsample", max_examples=50, seed=3)
+    assert sub.shape == (50, 3)
+    matches = [np.flatnonzero((every == row).all(axis=1)) for row in sub]
+    order = [int(m[0]) for m in matches]
+    assert all(len(m) == 1 for m in matches) and order == sorted(order)
+    np.testing.assert_array_equal(
+        sub, flatten_conv(act, method="subsample", max_examples=50, seed=3)
+    )
+    assert not np.array_equal(sub, flatten_conv(act, method="subsample", max_examples=50, seed=4))
+    # same positions for a second map of the same (N, H, W): rows still correspond
+    other = np.random.default_rng(13).standard_normal((4, 7, 6, 6))
+    sub_other = flatten_conv(other, method="subsample", max_examples=50, seed=3)
+    np.testing.assert_array_equal(sub_other, flatten_conv(other)[order])
+    # a budget above N*H*W keeps every row
+    assert flatten_conv(act, method="subsample", max_examples=10_000).shape == every.shape
+
+
+@pytest.mark.parametrize("method", ["examples", "pool", "subsample"])
+def test_flatten_conv_torch_matches_numpy(method: str) -> None:
+    act = np.random.default_rng(14).standard_normal((3, 2, 5, 4))
+    budget = 20 if method == "subsample" else None
+    out_np = flatten_conv(act, method=method, max_examples=budget)
+    out_t = flatten_conv(torch.from_numpy(act), method=method, max_examples=budget)
+    assert isinstance(out_t, torch.Tensor)
+    np.testing.assert_allclose(out_t.numpy(), out_np)
+
+
+def test_flatten_conv_passes_2d_through_and_validates() -> None:
+    flat = np.ones((6, 3))
+    assert flatten_conv(flat) is flat
+    with pytest.raises(ValueError, match="method"):
+        flatten_conv(flat, method="max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_examples"):
+        flatten_conv(np.ones((1, 2, 3, 3)), method="subsample")
+    with pytest.raises(ValueError, match="only applies"):
+        flatten_conv(np.ones((1, 2, 3, 3)), max_examples=4)
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        flatten_conv(np.ones((2, 3, 4)))
+
+
+# ---------------------------------------------------------------------- registry
+
+
+def test_registry_lists_every_measure() -> None:
+    assert list_similarities() == ["cca", "linear_cka", "pwcca", "rbf_cka", "svcca"]
+
+
+@pytest.mark.parametrize("name", list_similarities())
+def test_every_registered_measure_scores_in_unit_interval(name: str) -> None:
+    x, y = _reference_inputs()
+    measure = get_similarity(name)
+    assert measure is SIMILARITIES.get(name)
+    result = measure(x[:100], y[:100])
+    assert isinstance(result, (CCAResult, CKAResult))
+    assert 0.0 <= result.score <= 1.0
+
+
+def test_unknown_similarity_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="cca, linear_cka, pwcca, rbf_cka, svcca"):
+        get_similarity("procrustes")

@@ -1,0 +1,156 @@
+"""All analyses of a finished grid, written as files: tables, figures and a report.
+
+:func:`analyze_records` computes every table and figure from job records into one
+directory; :func:`write_report` turns that directory into ``report.md`` and a
+self-contained ``report.html`` (figures embedded), so a report can be mailed or
+opened from an MLflow artifact without anything else.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from transfusion.analysis.convergence import (
+    ConvergenceSettings,
+    convergence_markdown,
+    convergence_table,
+    plot_convergence,
+)
+from transfusion.analysis.filters import plot_filters
+from transfusion.analysis.records import JobRecord
+from transfusion.analysis.similarity_figures import (
+    AnalysisSettings,
+    RepresentationCache,
+    figure2_data,
+    figure2_markdown,
+    figure4_data,
+    figure4_markdown,
+    plot_figure2,
+    plot_figure4,
+)
+from transfusion.analysis.tables import paper_tables_markdown, plot_results, results_table, write_csv
+
+
+@dataclass
+class AnalysisOutputs:
+    """Files an analysis wrote (paths relative to its directory) and its sections."""
+
+    directory: Path
+    sections: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (title, markdown, figure files)
+    decompositions: int = 0
+
+
+def analyze_records(
+    records: list[JobRecord],
+    out: Path,
+    *,
+    grid_name: str,
+    dataset: str,
+    settings: AnalysisSettings = AnalysisSettings(),
+    convergence: ConvergenceSettings = ConvergenceSettings(),
+) -> AnalysisOutputs:
+    """Every table and figure of the paper's analyses that the records allow."""
+    out.mkdir(parents=True, exist_ok=True)
+    result = AnalysisOutputs(out)
+    (out / "analysis_settings.json").write_text(
+        json.dumps({"similarity": asdict(settings), "convergence": asdict(convergence)}, indent=2)
+    )
+
+    rows = results_table(records)
+    write_csv(rows, out / "results.csv")
+    plot_results(rows, out / "results.png", title=f"{grid_name}: test AUC (mean ± std over seeds)")
+    result.sections.append(("Tables 1–3: test AUC and AUPRC, mean ± std over seeds, with cost",
+                            paper_tables_markdown(rows, dataset=dataset), ["results.png"]))  # fmt: skip
+
+    cache = RepresentationCache(settings)
+    fig2 = figure2_data(records, cache)
+    if fig2:
+        plot_figure2(fig2, out / "figure2_similarity.png")
+        result.sections.append(("Figure 2: top-layer similarity, Rand–Rand vs Rand–Pretrained",
+                                figure2_markdown(fig2), ["figure2_similarity.png"]))  # fmt: skip
+    fig4 = figure4_data(records, cache)
+    if fig4:
+        plot_figure4(fig4, out / "figure4_layer_movement.png")
+        result.sections.append(("Figure 4: per-layer similarity at init vs after training",
+                                figure4_markdown(fig4), ["figure4_layer_movement.png"]))  # fmt: skip
+
+    conv_rows = convergence_table(records, convergence)
+    if conv_rows:
+        plot_convergence(records, out / "figure5_convergence.png", rows=conv_rows)
+        how = (f"{convergence.threshold:.0%} of the best final validation AUC of each model" if convergence.relative
+               else f"validation AUC {convergence.threshold:.3f}")  # fmt: skip
+        result.sections.append((f"Figure 5: convergence (threshold: {how})",
+                                convergence_markdown(conv_rows), ["figure5_convergence.png"]))  # fmt: skip
+
+    if plot_filters(records, out / "filters_conv1.png") is not None:
+        result.sections.append(("First-layer filters", "Random vs pretrained conv1 filters, at init and after training.\n",
+                                ["filters_conv1.png"]))  # fmt: skip
+    result.decompositions = cache.decompositions
+    for name, text in (("tables.md", result.sections[0][1]),):
+        (out / name).write_text(text)
+    return result
+
+
+def write_report(outputs: AnalysisOutputs, *, title: str, notes: list[str] | None = None) -> tuple[Path, Path]:
+    """``report.md`` and a self-contained ``report.html`` in the analysis directory."""
+    out = outputs.directory
+    md = [f"# {title}", ""]
+    for note in notes or []:
+        md += [f"> {note}", ""]
+    for heading, text, figures in outputs.sections:
+        md += [f"## {heading}", ""]
+        md += [f"![{figure}]({figure})" for figure in figures]
+        md += ["", text, ""]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md))
+
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
+        "th{background:#f3f3f3}img{max-width:100%}blockquote{color:#555}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    for note in notes or []:
+        parts.append(f"<blockquote>{html.escape(note)}</blockquote>")
+    for heading, text, figures in outputs.sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        for figure in figures:
+            data = base64.b64encode((out / figure).read_bytes()).decode()
+            parts.append(f"<img alt='{html.escape(figure)}' src='data:image/png;base64,{data}'>")
+        parts.append(markdown_tables_to_html(text))
+    parts.append("</body></html>")
+    html_path = out / "report.html"
+    html_path.write_text("\n".join(parts))
+    return md_path, html_path
+
+
+def markdown_tables_to_html(text: str) -> str:
+    """Our Markdown is pipe tables and plain lines; render just that."""
+    out, table = [], []
+
+    def flush() -> None:
+        if not table:
+            return
+        header, *body = [row for row in table if not set(row.replace("|", "").strip()) <= {"-"}]
+        cells = lambda row: [c.strip() for c in row.strip().strip("|").split("|")]  # noqa: E731
+        out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells(header)) + "</tr>")
+        for row in body:
+            out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells(row)) + "</tr>")
+        out.append("</table>")
+        table.clear()
+
+    for line in text.splitlines():
+        if line.strip().startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.strip():
+            out.append(f"<p>{html.escape(line.lstrip('#> ').strip())}</p>")
+    flush()
+    return "\n".join(out)

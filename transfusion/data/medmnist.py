@@ -1,0 +1,205 @@
+"""MedMNIST npz files (Yang et al. 2023): small fixed-split medical benchmarks.
+
+The source is an ``.npz`` with ``train_images, train_labels, val_images, val_labels,
+test_images, test_labels`` (uint8 ``N x H x W`` or ``N x H x W x 3``): a file, a folder
+holding one, or an ``s3://`` object/prefix. Presets:
+
+- ``retinamnist``: 5 DR grades -> target referable DR (grade >= 2), grades kept;
+- ``chestmnist``: 14 binary labels (multi-label).
+
+Otherwise labels ``(N, 1)`` with C classes become a one-hot multiclass task and
+``(N, L)`` 0/1 labels a multi-label task. The splits are MedMNIST's own.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from transfusion.data import DATASETS, PrepareRequest, imaging
+from transfusion.data.build import (
+    AUGMENT_POLICIES,
+    DatasetOptions,
+    LabelledImages,
+    home_of,
+    open_if_prepared,
+    version_key,
+    write_prepared,
+)
+from transfusion.data.prepared import SPLITS, PreparedDataset
+from transfusion.data.sources import open_source
+from transfusion.data.synthetic_retina import GRADE_NAMES
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = "1"
+CHESTMNIST_LABELS = (
+    "atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia",
+    "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis", "pleural", "hernia",
+)  # fmt: skip
+PRESETS = ("retinamnist", "chestmnist", "generic")
+MEDMNIST_OPTIONS = ("preset", "file", "label_names", "augment", "skip_bad", "workers")
+_KEYS = ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels")
+
+
+def _find_npz(source_root: Path, file: str | None, uri: str) -> Path:
+    if file:
+        path = source_root / file
+        if not path.is_file():
+            raise ValueError(f"MedMNIST file {file!r} not found in {uri}")
+        return path
+    found = sorted(source_root.glob("*.npz"))
+    if len(found) != 1:
+        listed = ", ".join(p.name for p in found) or "none"
+        raise ValueError(f"{uri} must hold exactly one .npz (found: {listed}); choose one with option file=NAME")
+    return found[0]
+
+
+def _guess_preset(npz_name: str) -> str:
+    lowered = npz_name.lower()
+    for preset in ("retinamnist", "chestmnist"):
+        if lowered.startswith(preset):
+            return preset
+    return "generic"
+
+
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in _KEYS if k not in npz.files]
+            if missing:
+                raise ValueError(f"{path}: missing array {missing[0]!r} (has: {', '.join(npz.files)})")
+            return {k: npz[k] for k in _KEYS}
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable npz file ({exc})") from None
+
+
+def _labels_to_targets(
+    labels: np.ndarray, *, preset: str, path: Path, names: list[str] | None
+) -> tuple[np.ndarray, np.ndarray | None, list[str], str]:
+    """(targets, grades or class ids, label names, task) for all splits' labels stacked."""
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+        raise ValueError(f"{path}: labels must be integers")
+    labels = labels.astype(np.int64)
+    if preset == "retinamnist":
+        if labels.shape[1] != 1:
+            raise ValueError(f"{path}: retinamnist labels must have shape (N, 1), got {labels.shape}")
+        bad = labels[(labels < 0) | (labels > 4)]
+        if len(bad):
+            raise ValueError(f"{path}: unknown label value {int(bad[0])} in train/val/test_labels (grades are 0-4)")
+        grades = labels[:, 0]
+        return (grades >= 2).astype(np.float32)[:, None], grades, ["referable_dr"], "binary"
+    if preset == "chestmnist" or labels.shape[1] > 1:
+        bad = labels[(labels != 0) & (labels != 1)]
+        if len(bad):
+            raise ValueError(f"{path}: unknown label value {int(bad[0])} in a multi-label set (expected 0 or 1)")
+        expected = len(CHESTMNIST_LABELS) if preset == "chestmnist" else labels.shape[1]
+        if labels.shape[1] != expected:
+            raise ValueError(f"{path}: {preset} labels must have {expected} columns, got {labels.shape[1]}")
+        default = list(CHESTMNIST_LABELS) if preset == "chestmnist" else [f"label_{j}" for j in range(expected)]
+        label_names = names or default
+        if len(label_names) != expected:
+            raise ValueError(f"option label_names has {len(label_names)} names for {expected} labels in {path}")
+        return labels.astype(np.float32), None, label_names, "binary"
+    if labels.min() < 0:
+        raise ValueError(f"{path}: unknown label value {int(labels.min())} (class ids must be >= 0)")
+    classes = int(labels.max()) + 1
+    label_names = names or [f"class_{c}" for c in range(classes)]
+    if len(label_names) != classes:
+        raise ValueError(f"option label_names has {len(label_names)} names for {classes} classes in {path}")
+    return np.eye(classes, dtype=np.float32)[labels[:, 0]], labels[:, 0], label_names, "multiclass"
+
+
+@DATASETS.register("medmnist")
+def prepare_medmnist(request: PrepareRequest, data_root: Path) -> PreparedDataset:
+    """A MedMNIST-format npz with its own train/val/test splits."""
+    options = DatasetOptions(request, MEDMNIST_OPTIONS)
+    if not request.source:
+        raise ValueError("dataset 'medmnist' needs a source: an .npz file, a folder with one, or an s3:// URI")
+    source = open_source(request.source, home=home_of(data_root))
+    npz_path = _find_npz(source.root, source.file or options.text("file", None), source.uri)
+    preset = options.choice("preset", _guess_preset(npz_path.name), PRESETS)
+    default_augment = {"retinamnist": "fundus", "chestmnist": "xray"}.get(preset, "none")
+    augment = options.choice("augment", default_augment, AUGMENT_POLICIES)
+    names = options.names("label_names", None)
+    workers = options.integer("workers", 2, low=1)
+    options.boolean("skip_bad", False)  # accepted for a uniform CLI; arrays cannot be bad files
+    key = version_key(
+        resolution=request.resolution,
+        parts={
+            "recipe": RECIPE_VERSION,
+            "source": source.identity,
+            "index": source.fingerprint(npz_path.name),
+            "options": options.key_part(),
+            "preset": preset,
+        },
+    )
+    root = data_root / key
+    found = open_if_prepared(root, skip_bad=True)
+    if found is not None:
+        return found
+
+    arrays = _load_arrays(npz_path)
+    images_by_split, labels_by_split, split_codes = [], [], []
+    channels: int | None = None
+    for split_name in ("train", "val", "test"):
+        images, labels = arrays[f"{split_name}_images"], arrays[f"{split_name}_labels"]
+        if len(images) == 0:
+            raise ValueError(f"{npz_path}: the {split_name} split is empty ({split_name}_images has no rows)")
+        if len(labels) != len(images):
+            raise ValueError(f"{npz_path}: {split_name}_labels has {len(labels)} rows for {len(images)} images")
+        if images.dtype != np.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
+            raise ValueError(
+                f"{npz_path}: {split_name}_images must be uint8 N x H x W or N x H x W x 3, "
+                f"got {images.dtype} {images.shape}"
+            )
+        split_channels = 1 if images.ndim == 3 else 3
+        if channels is not None and split_channels != channels:
+            raise ValueError(f"{npz_path}: {split_name}_images has {split_channels} channels, other splits {channels}")
+        channels = split_channels
+        images_by_split.append(images)
+        labels_by_split.append(labels.reshape(len(labels), -1) if labels.ndim > 1 else labels[:, None])
+        split_codes.append(np.full(len(images), SPLITS[split_name], dtype=np.int8))
+    targets, grades, label_names, task = _labels_to_targets(
+        np.concatenate(labels_by_split), preset=preset, path=npz_path, names=names
+    )
+    # Index the per-split arrays in place: concatenating would hold every image twice.
+    offsets = np.cumsum([0] + [len(images) for images in images_by_split])
+    total = int(offsets[-1])
+    resolution = request.resolution
+
+    def load(i: int) -> np.ndarray:
+        part = int(np.searchsorted(offsets, i, side="right")) - 1
+        pixels = images_by_split[part][i - offsets[part]]
+        if pixels.shape[:2] == (resolution, resolution):
+            return pixels[..., None] if pixels.ndim == 2 else pixels
+        return imaging.fit_array(pixels, resolution=resolution, channels=channels)
+
+    table = LabelledImages(
+        names=[f"{npz_path.name}[{i}]" for i in range(total)],
+        load=load,
+        targets=targets,
+        split=np.concatenate(split_codes),
+        grades=grades,
+    )
+    log.info("preparing medmnist %s (%s): %d images from %s", key, preset, total, source.uri)
+    meta = {
+        "name": request.name,
+        "version": key,
+        "resolution": resolution,
+        "label_names": label_names,
+        "task": task,
+        "augment": augment,
+        "preset": preset,
+        "source": source.uri,
+        "source_identity": source.identity,
+        "options": options.key_part(),
+        "split_rule": "MedMNIST's own train/val/test",
+    }
+    if preset == "retinamnist":
+        meta["grade_names"] = list(GRADE_NAMES)
+    return write_prepared(root, table, meta=meta, resolution=resolution, channels=channels, skip_bad=False, workers=workers)

@@ -1,0 +1,48 @@
+"""Checks that services a grid needs answer, so a bad set-up fails before any run."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from urllib.parse import urlparse
+
+
+def check_tracking_server(uri: str, *, timeout: float = 5.0) -> None:
+    """An HTTP tracking URI must answer ``/health``; other URIs are left to MLflow."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise RuntimeError(f"MLflow tracking server {uri} is unreachable ({reason})") from None
+    raise RuntimeError(f"MLflow tracking server {uri} is not healthy")
+
+
+def s3_client():
+    """A boto3 S3 client honouring AWS_ENDPOINT_URL(_S3) and the usual credential chain."""
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint or None)
+
+
+def check_storage_path(path: str) -> None:
+    """An ``s3://bucket/...`` storage path must name an existing, reachable bucket."""
+    if not path.startswith("s3://"):
+        return
+    bucket = urlparse(path).netloc
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        s3_client().head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            raise RuntimeError(f"S3 bucket {bucket!r} of storage path {path} does not exist") from None
+        raise RuntimeError(f"S3 bucket {bucket!r} is not accessible ({code or exc})") from None
+    except BotoCoreError as exc:
+        raise RuntimeError(f"S3 endpoint for {path} is unreachable ({exc})") from None

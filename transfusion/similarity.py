@@ -1,0 +1,873 @@
+"""Representation similarity: CCA, SVCCA, PWCCA and linear/RBF CKA.
+
+Layout: every representation here is a 2-D array of shape (examples, features) --
+one row per datapoint, one column per neuron or channel. google/svcca uses the
+transpose (neurons x datapoints); transpose before comparing numbers with it.
+Convolutional maps (N, C, H, W) become 2-D with :func:`flatten_conv`.
+
+Measures (each returns a frozen result object with a float ``score``):
+
+- :func:`cca`: mean canonical correlation between the column spaces of the two
+  centred representations (Hotelling 1936), as in google/svcca
+  ``cca_core.get_cca_similarity`` at ``epsilon=0``.
+- :func:`svcca`: keep the top singular directions of each representation, then
+  CCA (Raghu, Gilmer, Yosinski & Sohl-Dickstein 2017, "SVCCA", arXiv:1706.05806).
+- :func:`pwcca`: projection-weighted CCA (Morcos, Raghu & Bengio 2018,
+  "Insights on representational similarity in neural networks with canonical
+  correlation", arXiv:1806.05759).
+- :func:`linear_cka`, :func:`rbf_cka`: centred kernel alignment (Kornblith,
+  Norouzi, Lee & Hinton 2019, "Similarity of Neural Network Representations
+  Revisited", arXiv:1905.00414).
+
+Raghu, Zhang, Kleinberg & Bengio 2019 ("Transfusion", arXiv:1902.07208) use
+(SV)CCA to compare layers of networks trained from random and pretrained inits.
+
+Numerics: everything is computed in float64 with torch, on the CPU for numpy
+input or on the device of the torch tensors given. The CCA family works on an
+orthonormal basis of each centred representation (:func:`prepare`), so the
+canonical correlations are the singular values of ``Ux^T Uy`` -- no covariance
+inverse, so rank-deficient inputs give ``min(rank x, rank y)`` coefficients
+instead of NaN. The basis comes from an eigendecomposition of the smaller of the
+features x features covariance and the examples x examples Gram matrix, which
+for 20 000 x 2 048 activations is much cheaper than a full SVD; prepare each
+representation once and pass the :class:`PreparedRepresentation` to every
+comparison it takes part in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from transfusion.registry import Registry
+
+__all__ = [
+    "SIMILARITIES",
+    "CCAResult",
+    "CKAResult",
+    "PWCCAResult",
+    "PreparedRepresentation",
+    "SVCCAResult",
+    "cca",
+    "flatten_conv",
+    "get_similarity",
+    "linear_cka",
+    "list_similarities",
+    "prepare",
+    "pwcca",
+    "rbf_cka",
+    "svcca",
+]
+
+logger = logging.getLogger(__name__)
+
+Array = np.ndarray | torch.Tensor
+Variance = Literal["squared", "mass"]
+
+_VARIANCE_CHOICES = ("squared", "mass")
+_CKA_METHODS = ("auto", "gram", "features")
+_FLATTEN_METHODS = ("examples", "pool", "subsample")
+_EPS = float(torch.finfo(torch.float64).eps)
+# Eigenvalues of X^T X below this fraction (times max(examples, features)) of the
+# largest are rounding noise: squaring the data leaves about eps * lambda_max of
+# absolute error on every eigenvalue.
+_RANK_RTOL = 10.0 * _EPS
+# Below this ratio s_k / s_1 the basis X V / s loses orthogonality (error about
+# eps * (s_1 / s_k)^2), so it is re-orthonormalised once.
+_REFINE_BELOW = 1e-4
+
+
+@dataclass(frozen=True, eq=False)
+class CCAResult:
+    """Mean canonical correlation.
+
+    Attributes:
+        score: Mean of ``coefficients``.
+        coefficients: Canonical correlations in [0, 1], sorted descending;
+            ``min(rank x, rank y)`` of them (float64 numpy array).
+    """
+
+    score: float
+    coefficients: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class SVCCAResult(CCAResult):
+    """CCA after SVD truncation.
+
+    Attributes:
+        dims: Singular directions kept for (x, y).
+    """
+
+    dims: tuple[int, int]
+
+
+@dataclass(frozen=True, eq=False)
+class PWCCAResult(CCAResult):
+    """Projection-weighted CCA; ``score`` is the weighted mean of ``coefficients``.
+
+    Attributes:
+        weights: Non-negative weight of each canonical direction, summing to 1.
+    """
+
+    weights: np.ndarray
+
+
+@dataclass(frozen=True)
+class CKAResult:
+    """Centred kernel alignment.
+
+    Attributes:
+        score: CKA in [0, 1].
+    """
+
+    score: float
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedRepresentation:
+    """Per-representation work for the CCA family, computed once by :func:`prepare`.
+
+    The source activations are (examples, features); constant features are
+    dropped and the rest centred, giving ``Xc = U diag(s) V^T``.
+
+    Attributes:
+        basis: (examples, k) orthonormal columns, the top-k left singular vectors
+            of ``Xc``, by descending singular value. k is the numerical rank
+            unless ``prepare`` was asked to truncate.
+        singular_values: (rank,) every singular value of ``Xc`` above the rank
+            tolerance, descending; truncation never removes any of these.
+        loadings: (k, features kept) correlation of each basis column with each
+            non-constant feature (``diag(s) V^T`` scaled by feature norms); PWCCA
+            weights are built from it.
+        num_features: Columns of the input, constant ones included.
+        constant_features: Columns dropped because they have zero variance.
+        max_sq_norm: Largest centred sum of squares of a feature; the scale of
+            the ``epsilon`` ridge, as google/svcca rescales covariances.
+    """
+
+    basis: torch.Tensor
+    singular_values: torch.Tensor
+    loadings: torch.Tensor
+    num_features: int
+    constant_features: int
+    max_sq_norm: float
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.basis.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return int(self.singular_values.shape[0])
+
+    @property
+    def directions(self) -> int:
+        """Number of basis columns kept (k)."""
+        return int(self.basis.shape[1])
+
+    @property
+    def truncated(self) -> bool:
+        return self.directions < self.rank
+
+    @property
+    def device(self) -> torch.device:
+        return self.basis.device
+
+
+Representation = Array | PreparedRepresentation
+SimilarityFn = Callable[..., CCAResult | CKAResult]
+
+SIMILARITIES: Registry[SimilarityFn] = Registry("similarity measure")
+
+
+def get_similarity(name: str) -> SimilarityFn:
+    """Return the similarity function registered as ``name``.
+
+    Every registered function takes two (examples, features) representations and
+    keyword-only options.
+
+    Raises:
+        ValueError: ``name`` is unknown; the message lists the valid names.
+    """
+    return SIMILARITIES.get(name)
+
+
+def list_similarities() -> list[str]:
+    """Names of the registered similarity measures, sorted."""
+    return SIMILARITIES.names()
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _as_float64(x: object, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    elif isinstance(x, np.ndarray):
+        if x.dtype == object or not np.issubdtype(x.dtype, np.number):
+            raise TypeError(f"{name} has dtype {x.dtype}; expected a numeric array")
+        arr = np.asarray(x, dtype=np.float64)
+        if not arr.flags.writeable or any(stride < 0 for stride in arr.strides):
+            # torch.from_numpy rejects negative strides and warns on read-only
+            # buffers (we never write to them).
+            arr = arr.copy()
+        t = torch.from_numpy(arr)
+    else:
+        raise TypeError(
+            f"{name} must be a numpy array, a torch tensor or a PreparedRepresentation;"
+            f" got {type(x).__name__}"
+        )
+    if t.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (examples, features); got shape {tuple(t.shape)}."
+            " Use flatten_conv for (N, C, H, W) feature maps."
+        )
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(t.shape)} (examples, features)")
+    t = t.to(torch.float64)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return t
+
+
+def _device_of(x: object) -> torch.device | None:
+    if isinstance(x, torch.Tensor):
+        return x.device
+    if isinstance(x, PreparedRepresentation):
+        return x.device
+    return None
+
+
+def _common_device(x: object, y: object) -> torch.device:
+    dx, dy = _device_of(x), _device_of(y)
+    if dx is not None and dy is not None and dx != dy:
+        raise ValueError(f"x is on {dx} but y is on {dy}; move both to one device")
+    return dx or dy or torch.device("cpu")
+
+
+def _num_rows(x: object, name: str) -> int:
+    if isinstance(x, PreparedRepresentation):
+        return x.num_examples
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(
+            f"{name} must be 2-D (examples, features); got shape {shape}."
+            " Use flatten_conv for (N, C, H, W) feature maps."
+        )
+    return int(shape[0])
+
+
+def _check_rows(x: object, y: object) -> None:
+    nx, ny = _num_rows(x, "x"), _num_rows(y, "y")
+    if nx == 0 or ny == 0:
+        raise ValueError(f"empty representation: x has {nx} examples, y has {ny}")
+    if nx != ny:
+        raise ValueError(
+            f"x has {nx} examples (rows) but y has {ny}; both must hold the same"
+            " examples in the same order (layout: examples x features)"
+        )
+
+
+def _tensor_on(x: object, name: str, device: torch.device) -> torch.Tensor:
+    return _as_float64(x, name).to(device)
+
+
+def _check_epsilon(epsilon: float) -> None:
+    if not math.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"epsilon must be a finite number >= 0; got {epsilon!r}")
+
+
+# ------------------------------------------------------------------- decomposition
+
+
+def _num_directions(
+    singular_values: torch.Tensor, *, keep: float, variance: str, dims: int | None
+) -> int:
+    """How many leading singular directions the keep/variance/dims options select."""
+    rank = int(singular_values.shape[0])
+    if dims is not None:
+        if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or dims < 1:
+            raise ValueError(f"dims must be a positive integer; got {dims!r}")
+        if dims > rank:
+            logger.debug("dims=%d exceeds the rank %d; keeping %d", dims, rank, rank)
+        return min(int(dims), rank)
+    if variance not in _VARIANCE_CHOICES:
+        raise ValueError(f"variance must be one of {_VARIANCE_CHOICES}; got {variance!r}")
+    if not (0.0 < keep <= 1.0):
+        raise ValueError(f"keep must be a fraction in (0, 1]; got {keep!r}")
+    if keep >= 1.0:
+        return rank
+    s = singular_values.detach().cpu().numpy()
+    weights = s**2 if variance == "squared" else s
+    fraction = np.cumsum(weights) / weights.sum()
+    # first k whose leading directions reach the fraction (google's sum_threshold)
+    k = int(np.searchsorted(fraction, keep, side="left")) + 1
+    return min(k, rank)
+
+
+def _refine(
+    xc: torch.Tensor, v: torch.Tensor, norms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Accurate top-k SVD of ``xc`` restricted to span(v), by Cholesky-QR2 + SVD.
+
+    Why: ``xc @ v / s`` from an eigendecomposition of ``xc^T xc`` is orthonormal
+    only to about eps * (s_1/s_k)^2; the Gram of its columns, rescaled to unit
+    diagonal, is near identity and can be factored to full accuracy.
+    """
+    y = xc @ v
+    inv_col = 1.0 / torch.linalg.vector_norm(y, dim=0)
+    g = (y.T @ y) * inv_col[:, None] * inv_col[None, :]
+    lam, w = torch.linalg.eigh(g)
+    # y = q @ r with q orthonormal: q = y D W lam^-1/2, r = lam^1/2 W^T D^-1
+    to_q = (inv_col[:, None] * w) / lam.sqrt()[None, :]
+    r = (lam.sqrt()[:, None] * w.T) / inv_col[None, :]
+    p, sigma, zt = torch.linalg.svd(r)
+    basis = y @ (to_q @ p)
+    v_new = v @ zt.T
+    loadings = (sigma[:, None] * v_new.T) / norms[None, :]
+    return basis, sigma, loadings
+
+
+def _prepare_tensor(
+    t: torch.Tensor, *, keep: float, variance: str, dims: int | None
+) -> PreparedRepresentation:
+    n, p = t.shape
+    if n < 2:
+        raise ValueError(f"need at least 2 examples to centre; got shape {tuple(t.shape)}")
+    # Exact constancy test: centring a constant column leaves rounding noise, not 0.
+    varying = (t != t[:1]).any(dim=0)
+    xc = t[:, varying]
+    xc = xc - xc.mean(dim=0, keepdim=True)
+    norms = torch.linalg.vector_norm(xc, dim=0)
+    nonzero = norms > 0
+    if not bool(nonzero.all()):
+        xc, norms = xc[:, nonzero], norms[nonzero]
+    q = int(xc.shape[1])
+    if q == 0:
+        raise ValueError(
+            f"every one of the {p} features is constant over the {n} examples;"
+            " similarity is undefined for a representation without variance"
+        )
+    if q < p:
+        logger.debug("dropped %d constant features of %d", p - q, p)
+
+    if q <= n:
+        # Few features: eigh of the q x q covariance instead of an n x q SVD.
+        lam, vecs = torch.linalg.eigh(xc.T @ xc)
+    else:
+        # Few examples: the n x n Gram matrix is the small side.
+        lam, vecs = torch.linalg.eigh(xc @ xc.T)
+    lam, vecs = lam.flip(0), vecs.flip(1)
+    rank = int((lam > lam[0] * _RANK_RTOL * max(n, q)).sum())
+    s = lam[:rank].sqrt()
+    k = _num_directions(s, keep=keep, variance=variance, dims=dims)
+
+    if q <= n:
+        v = vecs[:, :k]
+    else:
+        v = (xc.T @ vecs[:, :k]) / s[:k][None, :]
+    if float(s[k - 1]) < float(s[0]) * _REFINE_BELOW:
+        # s keeps the first-pass values (accurate to ~sqrt(eps) s_1, ample for
+        # variance fractions) so svcca re-selects exactly these k directions.
+        basis, _, loadings = _refine(xc, v, norms)
+    elif q <= n:
+        basis = (xc @ v) / s[:k][None, :]
+        loadings = (s[:k, None] * v.T) / norms[None, :]
+    else:
+        basis = vecs[:, :k].contiguous()
+        loadings = (s[:k, None] * v.T) / norms[None, :]
+    return PreparedRepresentation(
+        basis=basis,
+        singular_values=s,
+        loadings=loadings,
+        num_features=int(p),
+        constant_features=int(p - q),
+        max_sq_norm=float((norms**2).max()),
+    )
+
+
+def prepare(
+    x: Array,
+    *,
+    keep: float = 1.0,
+    variance: Variance = "squared",
+    dims: int | None = None,
+) -> PreparedRepresentation:
+    """Decompose one (examples, features) representation for reuse in comparisons.
+
+    Drops zero-variance features, centres the rest and computes an orthonormal
+    basis of the column space (thin SVD via the eigendecomposition of the smaller
+    of the covariance and the Gram matrix, float64). Pass the result to
+    :func:`cca`, :func:`svcca`, :func:`pwcca` or :func:`linear_cka` in place of
+    the raw array; comparing all pairs of a grid then costs one decomposition per
+    representation and one (k x k) product per pair.
+
+    Args:
+        x: Activations, (examples, features), numpy or torch; the result lives on
+            the tensor's device (CPU for numpy).
+        keep: Store only the leading directions explaining this fraction of the
+            variance (1.0 keeps the full numerical rank). A truncated preparation
+            serves :func:`svcca` with an equal or smaller ``keep``/``dims``; it
+            saves memory -- the basis is examples x k float64.
+        variance: ``"squared"`` measures variance by squared singular values;
+            ``"mass"`` by singular values (google/svcca tutorial convention).
+        dims: Store exactly this many leading directions (at most the rank);
+            overrides ``keep``.
+
+    Returns:
+        The frozen :class:`PreparedRepresentation`.
+
+    Raises:
+        ValueError: ``x`` is not 2-D, empty, non-finite, has fewer than two
+            examples, or has no varying feature; or an option is out of range.
+    """
+    t = _as_float64(x, "x")
+    return _prepare_tensor(t, keep=keep, variance=variance, dims=dims)
+
+
+def _prepared_pair(
+    x: Representation,
+    y: Representation,
+    *,
+    keep: float = 1.0,
+    variance: str = "squared",
+    dims: int | None = None,
+) -> tuple[PreparedRepresentation, PreparedRepresentation]:
+    _check_rows(x, y)
+    device = _common_device(x, y)
+    out = []
+    for value, name in ((x, "x"), (y, "y")):
+        if isinstance(value, PreparedRepresentation):
+            out.append(value)
+        else:
+            t = _tensor_on(value, name, device)
+            out.append(_prepare_tensor(t, keep=keep, variance=variance, dims=dims))
+    return out[0], out[1]
+
+
+def _require_full(p: PreparedRepresentation, name: str, measure: str) -> None:
+    if p.truncated:
+        raise ValueError(
+            f"{name} was prepared with truncation ({p.directions} of {p.rank}"
+            f" directions); {measure} needs the full basis: use prepare({name})"
+            " with the default keep=1.0, or svcca for truncated comparisons"
+        )
+
+
+def _ridge_scale(s: torch.Tensor, epsilon: float, scale: float) -> torch.Tensor:
+    """Per-direction factor of (C + epsilon I)^-1/2 C^1/2, C scaled to max entry 1."""
+    return s / torch.sqrt(s**2 + epsilon * scale)
+
+
+def _canonical(
+    px: PreparedRepresentation,
+    kx: int,
+    py: PreparedRepresentation,
+    ky: int,
+    *,
+    epsilon: float,
+    scale_x: float,
+    scale_y: float,
+    with_directions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    m = px.basis[:, :kx].T @ py.basis[:, :ky]
+    if epsilon > 0:
+        dx = _ridge_scale(px.singular_values[:kx], epsilon, scale_x)
+        dy = _ridge_scale(py.singular_values[:ky], epsilon, scale_y)
+        m = dx[:, None] * m * dy[None, :]
+    if with_directions:
+        a, rho, _ = torch.linalg.svd(m, full_matrices=False)
+    else:
+        a, rho = None, torch.linalg.svdvals(m)
+    # Orthonormal bases bound every correlation by 1; rounding can overshoot.
+    return rho.clamp(0.0, 1.0), a
+
+
+# ------------------------------------------------------------------------ measures
+
+
+@SIMILARITIES.register("cca")
+def cca(x: Representation, y: Representation, *, epsilon: float = 0.0) -> CCAResult:
+    """Mean canonical correlation between two (examples, features) representations.
+
+    Constant features are dropped; the canonical correlations are the singular
+    values of ``Ux^T Uy`` for orthonormal bases of the centred column spaces, so
+    there are ``min(rank x, rank y)`` of them and rank-deficient inputs are
+    handled without NaN. At ``epsilon=0`` this equals the mean of ``cca_coef1``
+    of google/svcca ``get_cca_similarity`` on well-conditioned inputs.
+
+    Args:
+        x: (examples, features) numpy array or torch tensor, or the
+            :func:`prepare` result of one (prepared without truncation).
+        y: Same, on the same examples in the same order.
+        epsilon: Ridge added to each covariance after scaling it so its largest
+            entry is 1 (google/svcca's convention); 0 is exact CCA.
+
+    Returns:
+        :class:`CCAResult` with the mean and the sorted coefficients.
+
+    Raises:
+        ValueError: mismatched or empty rows, non-2-D or non-finite input, a
+            representation with no variance, or a truncated preparation.
+    """
+    _check_epsilon(epsilon)
+    px, py = _prepared_pair(x, y)
+    _require_full(px, "x", "cca")
+    _require_full(py, "y", "cca")
+    rho, _ = _canonical(
+        px,
+        px.directions,
+        py,
+        py.directions,
+        epsilon=epsilon,
+        scale_x=px.max_sq_norm,
+        scale_y=py.max_sq_norm,
+    )
+    return CCAResult(score=float(rho.mean()), coefficients=rho.cpu().numpy())
+
+
+@SIMILARITIES.register("svcca")
+def svcca(
+    x: Representation,
+    y: Representation,
+    *,
+    keep: float = 0.99,
+    variance: Variance = "squared",
+    dims: int | None = None,
+    epsilon: float = 0.0,
+) -> SVCCAResult:
+    """SVCCA: CCA between the top singular directions of two representations.
+
+    Each (examples, features) representation is centred and reduced to its
+    leading singular directions -- enough to explain ``keep`` of the variance, or
+    exactly ``dims`` of them -- and the mean canonical correlation of the reduced
+    representations is returned (Raghu et al. 2017). With ``dims=20`` and
+    ``variance`` irrelevant this is google/svcca's tutorial pipeline.
+
+    Args:
+        x: (examples, features) array/tensor, or a :func:`prepare` result that
+            holds at least the directions asked for.
+        y: Same, on the same examples in the same order.
+        keep: Fraction of variance to keep, in (0, 1]; 1.0 gives plain CCA.
+        variance: ``"squared"`` (default) measures variance by squared singular
+            values, the usual definition; ``"mass"`` by singular values, as the
+            google/svcca tutorial does.
+        dims: Keep exactly this many directions (fewer if the rank is lower);
+            overrides ``keep``.
+        epsilon: Ridge on the reduced covariances, as in :func:`cca`.
+
+    Returns:
+        :class:`SVCCAResult` with mean, coefficients and the dims kept.
+
+    Raises:
+        ValueError: input errors as in :func:`cca`, or a prepared representation
+            that was truncated to fewer directions than asked for.
+    """
+    _check_epsilon(epsilon)
+    px, py = _prepared_pair(x, y, keep=keep, variance=variance, dims=dims)
+    ks = []
+    for p, name in ((px, "x"), (py, "y")):
+        k = _num_directions(p.singular_values, keep=keep, variance=variance, dims=dims)
+        if k > p.directions:
+            raise ValueError(
+                f"svcca needs {k} directions of {name} but its preparation kept"
+                f" {p.directions}; prepare it with a larger keep/dims (or keep=1.0)"
+            )
+        ks.append(k)
+    kx, ky = ks
+    # The reduced representation's largest variance is its top singular value
+    # squared: the scale google/svcca's rescaling gives the ridge.
+    rho, _ = _canonical(
+        px,
+        kx,
+        py,
+        ky,
+        epsilon=epsilon,
+        scale_x=float(px.singular_values[0]) ** 2,
+        scale_y=float(py.singular_values[0]) ** 2,
+    )
+    return SVCCAResult(score=float(rho.mean()), coefficients=rho.cpu().numpy(), dims=(kx, ky))
+
+
+@SIMILARITIES.register("pwcca")
+def pwcca(x: Representation, y: Representation, *, epsilon: float = 0.0) -> PWCCAResult:
+    """Projection-weighted CCA (Morcos et al. 2018) of two representations.
+
+    Canonical correlations are computed as in :func:`cca`. Each canonical
+    direction i gets the weight ``sum_j |corr(h_i, x_j)|``, where ``h_i`` is the
+    i-th canonical variate of ``x`` (a unit vector over examples) and ``x_j``
+    runs over the non-constant features (columns) of ``x``; weights are
+    normalised to sum to 1 and the score is ``sum_i weight_i * rho_i``. Weights
+    come from the first argument only, so ``pwcca(x, y) != pwcca(y, x)`` in
+    general. (google/svcca's ``compute_pwcca`` uses raw inner products rather
+    than correlations and picks the side with fewer neurons; the two agree when
+    x is whitened and has no more neurons than y.)
+
+    Args:
+        x: (examples, features) array/tensor or untruncated :func:`prepare`
+            result; the weights are computed from its features.
+        y: Same, on the same examples in the same order.
+        epsilon: Ridge, as in :func:`cca`.
+
+    Returns:
+        :class:`PWCCAResult` with the weighted score, coefficients and weights.
+
+    Raises:
+        ValueError: input errors as in :func:`cca`.
+    """
+    _check_epsilon(epsilon)
+    px, py = _prepared_pair(x, y)
+    _require_full(px, "x", "pwcca")
+    _require_full(py, "y", "pwcca")
+    rho, a = _canonical(
+        px,
+        px.directions,
+        py,
+        py.directions,
+        epsilon=epsilon,
+        scale_x=px.max_sq_norm,
+        scale_y=py.max_sq_norm,
+        with_directions=True,
+    )
+    if epsilon > 0:
+        # The ridge reweights basis directions; the variate is basis @ (d * a).
+        a = a * _ridge_scale(px.singular_values, epsilon, px.max_sq_norm)[:, None]
+    a = a / torch.linalg.vector_norm(a, dim=0, keepdim=True)
+    correlations = a.T @ px.loadings  # (directions, features)
+    weights = correlations.abs().sum(dim=1)
+    weights = weights / weights.sum()
+    return PWCCAResult(
+        score=float((weights * rho).sum()),
+        coefficients=rho.cpu().numpy(),
+        weights=weights.cpu().numpy(),
+    )
+
+
+def _centred_pair(x: object, y: object) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_rows(x, y)
+    device = _common_device(x, y)
+    tx, ty = _tensor_on(x, "x", device), _tensor_on(y, "y", device)
+    return tx - tx.mean(dim=0, keepdim=True), ty - ty.mean(dim=0, keepdim=True)
+
+
+def _alignment(hsic: torch.Tensor, norm_x: torch.Tensor, norm_y: torch.Tensor) -> float:
+    denominator = float(norm_x * norm_y)
+    if denominator == 0.0:
+        raise ValueError(
+            "a representation has zero variance (every feature constant); CKA is undefined"
+        )
+    return float(hsic) / denominator
+
+
+def _centre_gram(gram: torch.Tensor) -> torch.Tensor:
+    """H K H with H the centring matrix, without forming H."""
+    row = gram.mean(dim=0)
+    return gram - row[:, None] - row[None, :] + row.mean()
+
+
+@SIMILARITIES.register("linear_cka")
+def linear_cka(
+    x: Representation,
+    y: Representation,
+    *,
+    method: Literal["auto", "gram", "features"] = "auto",
+) -> CKAResult:
+    """Linear CKA (Kornblith et al. 2019) between two (examples, features) arrays.
+
+    Two equal formulations: from examples, ``HSIC(K, L) / sqrt(HSIC(K, K)
+    HSIC(L, L))`` with linear Gram matrices ``K = Xc Xc^T``; from features,
+    ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``. ``"auto"`` uses the
+    feature form when both have fewer features than examples (it is then
+    cheaper) and the Gram form otherwise. Untruncated :func:`prepare` results
+    are accepted too (computed from their SVDs; ``method`` must be ``"auto"``).
+
+    Args:
+        x: (examples, features) array/tensor or untruncated prepared representation.
+        y: Same, on the same examples in the same order.
+        method: ``"auto"``, ``"gram"`` or ``"features"``.
+
+    Returns:
+        :class:`CKAResult`.
+
+    Raises:
+        ValueError: input errors as in :func:`cca`, an unknown method, or a
+            representation with zero variance.
+    """
+    if method not in _CKA_METHODS:
+        raise ValueError(f"method must be one of {_CKA_METHODS}; got {method!r}")
+    if isinstance(x, PreparedRepresentation) or isinstance(y, PreparedRepresentation):
+        if method != "auto":
+            raise ValueError(
+                f"method={method!r} needs raw activations; prepared representations"
+                " are compared through their SVDs (method='auto')"
+            )
+        px, py = _prepared_pair(x, y)
+        _require_full(px, "x", "linear_cka")
+        _require_full(py, "y", "linear_cka")
+        sx, sy = px.singular_values, py.singular_values
+        # Xc^T Yc = Vx Sx (Ux^T Uy) Sy Vy^T and Vx, Vy are orthonormal.
+        cross = sx[:, None] * (px.basis.T @ py.basis) * sy[None, :]
+        return CKAResult(
+            score=_alignment(
+                (cross**2).sum(), torch.linalg.vector_norm(sx**2), torch.linalg.vector_norm(sy**2)
+            )
+        )
+    xc, yc = _centred_pair(x, y)
+    n = xc.shape[0]
+    if method == "auto":
+        method = "features" if max(xc.shape[1], yc.shape[1]) < n else "gram"
+    if method == "features":
+        hsic = (yc.T @ xc).square().sum()
+        return CKAResult(
+            score=_alignment(
+                hsic, torch.linalg.matrix_norm(xc.T @ xc), torch.linalg.matrix_norm(yc.T @ yc)
+            )
+        )
+    # Centring the features first is H K H for a linear kernel, with less
+    # cancellation than centring the Gram matrix of raw features.
+    gx, gy = xc @ xc.T, yc @ yc.T
+    return CKAResult(
+        score=_alignment(
+            (gx * gy).sum(), torch.linalg.matrix_norm(gx), torch.linalg.matrix_norm(gy)
+        )
+    )
+
+
+def _median(values: torch.Tensor) -> torch.Tensor:
+    """Median as numpy defines it: the mean of the two middle values for even counts."""
+    flat = values.reshape(-1)
+    count = flat.numel()
+    upper = flat.kthvalue(count // 2 + 1).values
+    if count % 2:
+        return upper
+    return (flat.kthvalue(count // 2).values + upper) / 2
+
+
+def _rbf_gram(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    dots = x @ x.T
+    sq_norms = dots.diagonal()
+    # Rounding can make a distance slightly negative; distances are >= 0.
+    sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2 * dots).clamp_min(0.0)
+    # Kornblith's heuristic: bandwidth = threshold * median distance, the median
+    # taken over all n^2 entries (diagonal included) as in their demo.
+    sq_median = _median(sq_dist)
+    if float(sq_median) <= 0.0:
+        raise ValueError(
+            "median pairwise distance is 0 (most examples coincide); the RBF"
+            " bandwidth is undefined -- deduplicate examples or use linear_cka"
+        )
+    return torch.exp(-sq_dist / (2 * threshold**2 * sq_median))
+
+
+@SIMILARITIES.register("rbf_cka")
+def rbf_cka(x: Array, y: Array, *, threshold: float = 1.0) -> CKAResult:
+    """RBF-kernel CKA (Kornblith et al. 2019) between two (examples, features) arrays.
+
+    Kernel ``exp(-d^2 / (2 sigma^2))`` with ``sigma = threshold * median
+    distance`` between examples (median over the full distance matrix, as in the
+    authors' demo), Gram matrices centred, then ``HSIC(K, L) / sqrt(HSIC(K, K)
+    HSIC(L, L))``. Memory and time are quadratic in the number of examples.
+
+    Args:
+        x: (examples, features) numpy array or torch tensor.
+        y: Same, on the same examples in the same order.
+        threshold: Bandwidth as a fraction of the median distance, > 0.
+
+    Returns:
+        :class:`CKAResult`.
+
+    Raises:
+        ValueError: input errors as in :func:`cca`, threshold <= 0, or a zero
+            median distance.
+    """
+    if isinstance(x, PreparedRepresentation) or isinstance(y, PreparedRepresentation):
+        raise ValueError("rbf_cka needs raw activations, not a PreparedRepresentation")
+    if not math.isfinite(threshold) or threshold <= 0:
+        raise ValueError(f"threshold must be a finite number > 0; got {threshold!r}")
+    # Distances do not change under centring, and centred dot products cancel less.
+    xc, yc = _centred_pair(x, y)
+    gx = _centre_gram(_rbf_gram(xc, threshold))
+    gy = _centre_gram(_rbf_gram(yc, threshold))
+    return CKAResult(
+        score=_alignment(
+            (gx * gy).sum(), torch.linalg.matrix_norm(gx), torch.linalg.matrix_norm(gy)
+        )
+    )
+
+
+# --------------------------------------------------------------------- conv layers
+
+
+def flatten_conv(
+    act: Array,
+    *,
+    method: Literal["examples", "pool", "subsample"] = "examples",
+    max_examples: int | None = None,
+    seed: int = 0,
+) -> Array:
+    """Turn conv activations (N, C, H, W) into a 2-D (examples, C) representation.
+
+    Channels are the features. ``"examples"`` makes every spatial position of
+    every image an example: (N*H*W, C), rows ordered image-major then h, then w.
+    ``"pool"`` averages over positions: (N, C). ``"subsample"`` keeps a seeded
+    random subset of at most ``max_examples`` of the N*H*W position rows, in
+    their original order; two maps of the same (N, H, W) flattened with the same
+    seed keep the same positions, so their rows still correspond. 2-D input is
+    returned unchanged. The output is of the input's type (numpy or torch).
+
+    Args:
+        act: (N, C, H, W) or already 2-D (examples, features) activations.
+        method: ``"examples"``, ``"pool"`` or ``"subsample"``.
+        max_examples: Row budget for ``"subsample"`` (required there, and only
+            accepted there).
+        seed: Seed of the subsample.
+
+    Returns:
+        A 2-D (examples, C) array or tensor.
+
+    Raises:
+        ValueError: unknown method, input neither 2-D nor 4-D, or a missing /
+            misplaced / non-positive ``max_examples``.
+        TypeError: ``act`` is neither a numpy array nor a torch tensor.
+    """
+    if not isinstance(act, (np.ndarray, torch.Tensor)):
+        raise TypeError(f"act must be a numpy array or torch tensor; got {type(act).__name__}")
+    if method not in _FLATTEN_METHODS:
+        raise ValueError(f"method must be one of {_FLATTEN_METHODS}; got {method!r}")
+    if method == "subsample":
+        if max_examples is None:
+            raise ValueError("method='subsample' needs max_examples (a row budget)")
+        if isinstance(max_examples, bool) or int(max_examples) != max_examples or max_examples < 1:
+            raise ValueError(f"max_examples must be a positive integer; got {max_examples!r}")
+    elif max_examples is not None:
+        raise ValueError(f"max_examples only applies to method='subsample'; got method={method!r}")
+    if act.ndim == 2:
+        return act
+    if act.ndim != 4:
+        raise ValueError(
+            f"act must be (N, C, H, W) or 2-D (examples, features); got shape {tuple(act.shape)}"
+        )
+    n, c, h, w = act.shape
+    is_torch = isinstance(act, torch.Tensor)
+    if method == "pool":
+        return act.mean(dim=(2, 3)) if is_torch else act.mean(axis=(2, 3))
+    rows = (
+        act.permute(0, 2, 3, 1).reshape(n * h * w, c)
+        if is_torch
+        else np.moveaxis(act, 1, -1).reshape(n * h * w, c)
+    )
+    if method == "examples" or n * h * w <= max_examples:
+        return rows
+    chosen = np.sort(
+        np.random.default_rng(seed).choice(n * h * w, size=int(max_examples), replace=False)
+    )
+    if is_torch:
+        return rows[torch.from_numpy(chosen).to(act.device)]
+    return rows[chosen]

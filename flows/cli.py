@@ -1,8 +1,8 @@
 """The ``transfusion`` command line.
 
-    transfusion run demo                  # a preset grid
-    transfusion run my-grid.yaml --set train.steps=500
-    transfusion ui                        # MLflow UI on the local store
+transfusion run demo                  # a preset grid
+transfusion run my-grid.yaml --set train.steps=500
+transfusion ui                        # MLflow UI on the local store
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ def command_analyze(args: argparse.Namespace) -> int:
     out = str(Path(args.out).resolve()) if getattr(args, "out", None) else None
     summary = transfusion(grid, stage="analysis", report_dir=out)
     print(summary.table_markdown)
-    print(f"Report: {Path(summary.report_dir) / 'report.html'} (also under report/ of parent run {summary.parent_run_id})")
+    print(
+        f"Report: {Path(summary.report_dir) / 'report.html'} (also under report/ of parent run {summary.parent_run_id})"
+    )
     return 0
 
 
@@ -132,13 +134,17 @@ def command_list(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="transfusion", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="transfusion", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a grid (preset name or YAML/JSON file)")
     run.add_argument("grid", help="preset name (demo, smoke, ...) or path to a grid file")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a grid field, e.g. train.steps=50")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a grid field, e.g. train.steps=50"
+    )
     run.set_defaults(func=command_run)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on the local store")
@@ -165,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--seed", type=int, default=0)
     pre.set_defaults(func=command_pretrain)
 
+    from flows.data_cli import add_data_commands
+    from flows.stack import add_stack_commands
+
+    add_stack_commands(sub)
+    add_data_commands(sub)
+
     lst = sub.add_parser("list", help="list presets, models, inits and datasets")
     lst.set_defaults(func=command_list)
     return parser
@@ -173,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:

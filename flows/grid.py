@@ -93,7 +93,9 @@ def transfusion(grid: GridSpec | PresetName, stage: Stage = "all", report_dir: s
                 jobs = grid.jobs()
                 _progress(f"grid {grid.name}: {len(jobs)} jobs, up to {slots} at a time; tracking at {tracking_uri}")
                 futures = [
-                    train_job_task.submit(spec, grid_run, dataset_root, sources[spec.model] if spec.pretrained else None)
+                    train_job_task.submit(
+                        spec, grid_run, dataset_root, sources[spec.model] if spec.pretrained else None, grid.max_retries
+                    )
                     for spec in jobs
                 ]
                 for done, future in enumerate(as_completed(futures), start=1):

@@ -54,11 +54,19 @@ def build_deployments(names: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", help="serve only these deployment names")
+    parser.add_argument("--ready-file", type=Path, help="touched once the deployments are registered")
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     from prefect import serve
 
-    serve(*build_deployments(args.only), print_starting_message=True)
+    deployments = build_deployments(args.only)
+    if args.ready_file:
+        # serve() registers the deployments before polling; register first so the
+        # ready file means "prefect deployment run" will find them.
+        for deployment in deployments:
+            deployment.apply()
+        args.ready_file.touch()
+    serve(*deployments, print_starting_message=True)
 
 
 if __name__ == "__main__":

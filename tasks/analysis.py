@@ -10,9 +10,9 @@ from prefect import task
 
 from transfusion import tracking
 from transfusion.analysis.records import JobRecord
+from transfusion.analysis.report import analyze_records, write_report
 from transfusion.analysis.representations import seed_similarity, seed_similarity_markdown
 from transfusion.analysis.tables import ResultRow, plot_results, results_table, to_markdown, write_csv
-from transfusion.analysis.report import analyze_records, write_report
 from transfusion.config import GridSpec
 from transfusion.data import transfusion_home
 

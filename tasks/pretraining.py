@@ -45,8 +45,13 @@ def pretrain_grid(
         inits=["random"],
         seeds=[seed],
         train=TrainSettings(
-            steps=steps, batch_size=32, lr=2e-3, eval_every=max(1, steps // 3), resolution=resolution,
-            probe_size=0, val_limit=400,
+            steps=steps,
+            batch_size=32,
+            lr=2e-3,
+            eval_every=max(1, steps // 3),
+            resolution=resolution,
+            probe_size=0,
+            val_limit=400,
         ),
     )
 

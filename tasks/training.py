@@ -75,6 +75,31 @@ def start_compute_task(grid: GridSpec) -> int:
     return slots
 
 
+FAULT_ENV = "TRANSFUSION_FAULT"
+
+
+def injected_faults(spec: JobSpec) -> dict[str, int | str]:
+    """Test-only fault injection from ``$TRANSFUSION_FAULT``.
+
+    Comma-separated ``kind:field=value:step`` items, e.g. ``nan:seed=1:2`` (NaN loss at
+    step 2 for seed 1) or ``kill:seed=0:5`` (SIGKILL the worker once at step 5).
+    """
+    faults: dict[str, int | str] = {}
+    for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        kind, selector, step = item.split(":")
+        key, value = selector.split("=")
+        if str(getattr(spec, key)) != value:
+            continue
+        if kind == "nan":
+            faults["fault_at_step"] = int(step)
+        elif kind == "kill":
+            faults["kill_at_step"] = int(step)
+            marker = transfusion_home() / "faults" / f"kill-{spec.job_key}"
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            faults["kill_marker"] = str(marker)
+    return faults
+
+
 @task(name="prepare-dataset", cache_policy=None)
 def prepare_dataset_task(grid: GridSpec) -> str:
     """Prepares the grid's dataset once and checks every data size fits its training split."""
@@ -87,9 +112,7 @@ def prepare_dataset_task(grid: GridSpec) -> str:
     pool = len(dataset.indices("train"))
     for size in grid.data_sizes:
         if size != "full" and size > pool:
-            raise ValueError(
-                f"data_size {size} is larger than the {pool} training images of dataset {grid.dataset!r}"
-            )
+            raise ValueError(f"data_size {size} is larger than the {pool} training images of dataset {grid.dataset!r}")
     return str(dataset.root)
 
 
@@ -107,11 +130,11 @@ def open_grid_run_task(grid: GridSpec) -> tracking.GridRun:
     return tracking.open_grid_run(grid)
 
 
-def _resume_candidate(experiment_id: str, spec: JobSpec) -> str | None:
+def _resume_candidate(experiment_id: str, spec: JobSpec):
     """An earlier unfinished run of this job to continue, so a re-run adds no duplicate."""
     for run in tracking.find_job_runs(experiment_id, spec.job_key):
         if run.info.status in ("RUNNING", "FAILED", "KILLED", "SCHEDULED"):
-            return run.info.run_id
+            return run
     return None
 
 
@@ -121,7 +144,7 @@ def train_job_task(
     grid_run: tracking.GridRun,
     dataset_root: str,
     source_uri: str | None = None,
-    fault_at_step: int | None = None,
+    max_retries: int = 1,
 ) -> JobOutcome:
     """Runs one job through Ray Train as one MLflow child run; never raises for job failures."""
     from transfusion.launcher import LaunchRequest, fit_job
@@ -132,11 +155,20 @@ def train_job_task(
         return JobOutcome(spec.job_key, spec, "SKIPPED", done.info.run_id, dict(done.data.metrics))
     with JOB_SLOTS:
         started = time.perf_counter()
-        run_id = _resume_candidate(grid_run.experiment_id, spec)
-        if run_id is None:
+        previous = _resume_candidate(grid_run.experiment_id, spec)
+        if previous is None:
             run_id = tracking.create_job_run(spec, experiment_id=grid_run.experiment_id, parent_run_id=grid_run.run_id)
+            attempt = 1
         else:
+            run_id = previous.info.run_id
+            attempt = int(previous.data.tags.get("attempts", "1")) + (previous.info.status != "RUNNING")
+            if previous.info.status == "FAILED" and attempt > 1 + max_retries:
+                reason = previous.data.tags.get(tracking.REASON_TAG, "failed")
+                return JobOutcome(
+                    spec.job_key, spec, "FAILED", run_id, reason=f"gave up after {attempt - 1} attempts: {reason}"
+                )
             tracking.reopen_run(run_id)
+        tracking.set_tags(run_id, {"attempts": str(attempt)})
         if source_uri:
             tracking.log_params(run_id, {"pretrained_uri": source_uri})
         request = LaunchRequest(
@@ -145,7 +177,7 @@ def train_job_task(
             tracking_uri=tracking.tracking_uri(),
             dataset_root=dataset_root,
             source_uri=source_uri,
-            fault_at_step=fault_at_step,
+            **injected_faults(spec),
         )
         try:
             metrics = fit_job(request, storage_path=storage_path())
@@ -156,7 +188,9 @@ def train_job_task(
                 tracking.end_run(run_id, "FAILED", reason=reason)
             except Exception:
                 log.exception("could not mark run %s FAILED", run_id)
-            return JobOutcome(spec.job_key, spec, "FAILED", run_id, reason=reason, seconds=time.perf_counter() - started)
+            return JobOutcome(
+                spec.job_key, spec, "FAILED", run_id, reason=reason, seconds=time.perf_counter() - started
+            )
         total = time.perf_counter() - started
         tracking.log_metrics(run_id, {"time/total_s": total}, step=int(metrics.get("steps", 0)))
         tracking.end_run(run_id, "FINISHED")

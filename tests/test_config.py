@@ -75,7 +75,9 @@ def test_transfer_inits_need_a_pretrained_source():
 def test_grid_files_yaml_and_json(tmp_path):
     data = {"name": "mine", "dataset": "synthetic-retina", "models": ["cbr-tiny"], "inits": ["random"], "seeds": 2}
     (tmp_path / "g.json").write_text(json.dumps(data))
-    (tmp_path / "g.yaml").write_text("name: mine\ndataset: synthetic-retina\nmodels: [cbr-tiny]\ninits: [random]\nseeds: 2\n")
+    (tmp_path / "g.yaml").write_text(
+        "name: mine\ndataset: synthetic-retina\nmodels: [cbr-tiny]\ninits: [random]\nseeds: 2\n"
+    )
     assert load_grid(tmp_path / "g.json") == load_grid(str(tmp_path / "g.yaml"))
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
     with pytest.raises(ValueError, match=r"bad\.yaml line \d+: not valid YAML"):

@@ -49,7 +49,12 @@ def test_smoke_grid_leaves_one_finished_child_run_per_job(finished_smoke_grid):
             tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
             assert run.info.status == "FINISHED"
             assert tags["mlflow.parentRunId"] == parents[0].info.run_id
-            assert {tags["model"], tags["init"], tags["data_size"], tags["grid"]} == {"cbr-tiny", "random", "160", "smoke"}
+            assert {tags["model"], tags["init"], tags["data_size"], tags["grid"]} == {
+                "cbr-tiny",
+                "random",
+                "160",
+                "smoke",
+            }
             assert tags["seed"] in ("0", "1")
             assert params["model"] == "cbr-tiny" and params["train.steps"] == "6"
             for key in ("train/loss", "val/auc", "test/auc", "test/auprc", "time/train_s", "time/total_s"):
@@ -99,13 +104,17 @@ def test_rerun_trains_nothing_and_shows_the_same_table(finished_smoke_grid):
         (["run", "smoke", "--set", "data_sizes=[100000]"], "data_size 100000 is larger than the 240 training images"),
         (["run", "smoke", "--set", "train.steps=0"], "train.steps: Input should be greater than 0"),
         (["run", "missing-grid.yaml"], "grid file missing-grid.yaml does not exist"),
+        (["run", "smoke", "--set", "seeds=-3"], "seed count must be >= 1"),
     ],
 )
-def test_bad_input_gets_one_line_and_starts_nothing(tmp_path, args, message):
-    result = run_cli(*args, home=tmp_path)
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
+def test_bad_input_gets_one_line_and_starts_nothing(tmp_path, monkeypatch, capsys, args, message):
+    from flows.cli import main
+
+    monkeypatch.setenv("TRANSFUSION_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(args) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
     assert lines[0].startswith("transfusion: error:") and message in lines[0]
     assert not (tmp_path / "mlflow.db").exists()
 

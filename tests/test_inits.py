@@ -366,6 +366,8 @@ def test_non_state_dict_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_scheme_loaders_are_pluggable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # transfusion.tracking registers the MLflow loader when imported; test without it.
+    monkeypatch.delitem(SCHEME_LOADERS, "models", raising=False)
     with pytest.raises(ValueError, match="no loader for URI scheme 'models'.*SCHEME_LOADERS"):
         load_state_dict_from_uri("models:/retina-resnet50/3")
     digest = _save(tmp_path / "m.pt", {"w": torch.ones(3)})

@@ -14,6 +14,7 @@ from transfusion.similarity import (
     CCAResult,
     CKAResult,
     PreparedRepresentation,
+    _lower_gram,  # private, tested directly: public calls reach it past 1 024 features
     cca,
     flatten_conv,
     get_similarity,
@@ -246,6 +247,15 @@ def test_ill_conditioned_input_matches_exact_svd(shape: tuple[int, int]) -> None
     np.testing.assert_allclose(ours, exact, atol=1e-10)
 
 
+def test_covariance_panels_match_the_full_product() -> None:
+    """Past 2 panels of features, prepare() builds only the lower triangle of X^T X."""
+    a = torch.from_numpy(np.random.default_rng(15).standard_normal((60, 45)))
+    panels = _lower_gram(a, panel=8)
+    full = a.T @ a
+    torch.testing.assert_close(torch.tril(panels), torch.tril(full), rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.linalg.eigvalsh(panels), torch.linalg.eigvalsh(full), rtol=0, atol=1e-10)
+
+
 # ------------------------------------------------------------------- edge cases
 
 
@@ -283,9 +293,7 @@ def test_constant_representation_raises() -> None:
             measure(constant, x)
 
 
-@pytest.mark.parametrize(
-    "measure", [cca, svcca, pwcca, linear_cka, rbf_cka], ids=lambda f: f.__name__
-)
+@pytest.mark.parametrize("measure", [cca, svcca, pwcca, linear_cka, rbf_cka], ids=lambda f: f.__name__)
 def test_bad_shapes_raise_value_error(measure) -> None:
     x, y = _reference_inputs()
     with pytest.raises(ValueError, match="500 examples .* but y has 499"):
@@ -402,9 +410,7 @@ def test_flatten_conv_subsample_is_a_seeded_subset() -> None:
     matches = [np.flatnonzero((every == row).all(axis=1)) for row in sub]
     order = [int(m[0]) for m in matches]
     assert all(len(m) == 1 for m in matches) and order == sorted(order)
-    np.testing.assert_array_equal(
-        sub, flatten_conv(act, method="subsample", max_examples=50, seed=3)
-    )
+    np.testing.assert_array_equal(sub, flatten_conv(act, method="subsample", max_examples=50, seed=3))
     assert not np.array_equal(sub, flatten_conv(act, method="subsample", max_examples=50, seed=4))
     # same positions for a second map of the same (N, H, W): rows still correspond
     other = np.random.default_rng(13).standard_normal((4, 7, 6, 6))

@@ -5,7 +5,7 @@ from sklearn.metrics import roc_auc_score
 
 from transfusion.data import prepare_dataset
 from transfusion.data.prepared import stratified_order
-from transfusion.data.synthetic_retina import generate_split, render_fundus, render_scene, _stream
+from transfusion.data.synthetic_retina import _stream, generate_split, render_fundus, render_scene
 
 
 def test_generator_is_deterministic_per_seed():

@@ -79,9 +79,7 @@ class JobSpec(_Frozen):
     model: str
     init: str
     init_options: dict[str, Any] = Field(default_factory=dict)
-    pretrained: str | None = Field(
-        default=None, description="weights for transfer inits: a source name or URI"
-    )
+    pretrained: str | None = Field(default=None, description="weights for transfer inits: a source name or URI")
     dataset: str
     dataset_source: str | None = None
     dataset_options: dict[str, Any] = Field(default_factory=dict)
@@ -254,9 +252,7 @@ class GridSpec(_Frozen):
                 seed=seed,
                 train=self.train,
             )
-            for model, init, size, seed in itertools.product(
-                self.models, self.inits, self.data_sizes, self.seeds
-            )
+            for model, init, size, seed in itertools.product(self.models, self.inits, self.data_sizes, self.seeds)
         ]
 
     @property
@@ -325,8 +321,7 @@ def load_grid(ref: str | Path | dict | GridSpec) -> GridSpec:
             where = f"grid file {text_ref}"
         else:
             raise ValueError(
-                f"{text_ref!r} is neither a grid preset ({', '.join(PRESETS.names())}) "
-                "nor a .yaml/.json grid file"
+                f"{text_ref!r} is neither a grid preset ({', '.join(PRESETS.names())}) nor a .yaml/.json grid file"
             )
     try:
         return GridSpec.model_validate(data)

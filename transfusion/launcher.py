@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,9 @@ def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> d
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
-        env_vars = {k: os.environ[k] for k in (*RAY_ENV_DEFAULTS, "MLFLOW_TRACKING_URI", "TRANSFUSION_HOME") if k in os.environ}
+        env_vars = {
+            k: os.environ[k] for k in (*RAY_ENV_DEFAULTS, "MLFLOW_TRACKING_URI", "TRANSFUSION_HOME") if k in os.environ
+        }
         kwargs: dict[str, Any] = {
             "runtime_env": {"env_vars": env_vars},
             "logging_level": logging.WARNING,
@@ -68,6 +71,8 @@ class LaunchRequest:
     dataset_root: str
     source_uri: str | None
     fault_at_step: int | None = None
+    kill_at_step: int | None = None
+    kill_marker: str | None = None
 
     def as_config(self) -> dict:
         return dict(self.__dict__)
@@ -86,7 +91,7 @@ def scaling_for(spec: JobSpec) -> ScalingConfig:
 def _train_worker(config: dict) -> dict[str, float]:
     from transfusion.data.prepared import PreparedDataset
     from transfusion.tracking import MlflowHooks
-    from transfusion.train import run_training
+    from transfusion.train import NonFiniteLossError, run_training
 
     request = LaunchRequest(**config)
     spec = JobSpec.model_validate(request.spec)
@@ -115,32 +120,69 @@ def _train_worker(config: dict) -> dict[str, float]:
 
         source_state = load_state_dict_from_uri(request.source_uri).state_dict
 
+    def crash_once(step: int) -> None:
+        # Fault injection: SIGKILL this worker once (the marker survives the restart).
+        if step == request.kill_at_step and request.kill_marker and not Path(request.kill_marker).exists():
+            Path(request.kill_marker).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
     hooks = MlflowHooks(request.run_id, uri=request.tracking_uri, checkpoint=report_checkpoint)
     dataset = PreparedDataset.open(request.dataset_root)
-    result = run_training(
-        spec,
-        dataset,
-        hooks=hooks,
-        source_state=source_state,
-        resume=resume,
-        prepare_model=ray.train.torch.prepare_model if world_size > 1 else None,
-        rank=rank,
-        world_size=world_size,
-        fault_at_step=request.fault_at_step,
-    )
+    try:
+        result = run_training(
+            spec,
+            dataset,
+            hooks=hooks,
+            source_state=source_state,
+            resume=resume,
+            prepare_model=ray.train.torch.prepare_model if world_size > 1 else None,
+            rank=rank,
+            world_size=world_size,
+            fault_at_step=request.fault_at_step,
+            on_step=crash_once if request.kill_at_step is not None else None,
+        )
+    except NonFiniteLossError as exc:
+        # Deterministic: a restart would diverge again, so report instead of raising.
+        return {"failed": f"NonFiniteLossError: {exc}"}
     return {"steps": float(result.steps), **result.final_metrics}
+
+
+def storage_location(path: str) -> tuple[str, Any]:
+    """(storage_path, filesystem) for RunConfig; ``s3://`` honours ``AWS_ENDPOINT_URL``.
+
+    pyarrow's S3 filesystem takes the credentials from the usual AWS variables; only
+    the endpoint of an S3-compatible server has to be given explicitly.
+    """
+    if not path.startswith("s3://"):
+        return path, None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return path, None
+    from urllib.parse import urlparse
+
+    import pyarrow.fs
+
+    parsed = urlparse(endpoint)
+    filesystem = pyarrow.fs.S3FileSystem(
+        endpoint_override=parsed.netloc,
+        scheme=parsed.scheme or "https",
+        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+    )
+    return path.removeprefix("s3://"), filesystem
 
 
 def fit_job(request: LaunchRequest, *, storage_path: str) -> dict[str, float]:
     """Runs one job on Ray Train and returns its final metrics (from the chief worker)."""
     spec = JobSpec.model_validate(request.spec)
+    path, filesystem = storage_location(storage_path)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=request.as_config(),
         scaling_config=scaling_for(spec),
         run_config=RunConfig(
             name=f"{spec.grid}-{spec.job_key}",
-            storage_path=storage_path,
+            storage_path=path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -148,4 +190,11 @@ def fit_job(request: LaunchRequest, *, storage_path: str) -> dict[str, float]:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return dict(result.return_value or {})
+    value = dict(result.return_value or {})
+    if "failed" in value:
+        raise JobFailedError(value["failed"])
+    return value
+
+
+class JobFailedError(RuntimeError):
+    """The job stopped for a reason a restart cannot fix (e.g. a NaN loss)."""

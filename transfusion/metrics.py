@@ -30,9 +30,7 @@ class ClassificationScores:
         return metrics
 
 
-def classification_scores(
-    scores: np.ndarray, targets: np.ndarray, label_names: list[str]
-) -> ClassificationScores:
+def classification_scores(scores: np.ndarray, targets: np.ndarray, label_names: list[str]) -> ClassificationScores:
     """AUC and AUPRC per label (columns) and their macro means."""
     scores = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)
     targets = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)

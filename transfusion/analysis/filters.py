@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transfusion.analysis.plotting import pyplot, save_figure
 from transfusion.analysis.records import JobRecord
 from transfusion.analysis.representations import is_step_file
 
@@ -43,10 +44,7 @@ def filter_mosaic(weights: np.ndarray, *, count: int = 32, columns: int = 8) -> 
 
 def plot_filters(records: list[JobRecord], path: Path) -> Path | None:
     """For each model: one random-init and one pretrained run, conv1 before/after training."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     chosen: list[tuple[str, JobRecord]] = []
     for model in dict.fromkeys(r.model for r in records):
@@ -67,7 +65,4 @@ def plot_filters(records: list[JobRecord], path: Path) -> Path | None:
             ax.set_title(f"{label}: {title}", fontsize=8)
     fig.suptitle("First-layer filters")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

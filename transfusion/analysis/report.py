@@ -32,7 +32,12 @@ from transfusion.analysis.similarity_figures import (
     plot_figure2,
     plot_figure4,
 )
-from transfusion.analysis.tables import paper_tables_markdown, plot_results, results_table, write_csv
+from transfusion.analysis.tables import (
+    paper_tables_markdown,
+    plot_results,
+    results_table,
+    write_csv,
+)
 
 
 @dataclass
@@ -50,10 +55,12 @@ def analyze_records(
     *,
     grid_name: str,
     dataset: str,
-    settings: AnalysisSettings = AnalysisSettings(),
-    convergence: ConvergenceSettings = ConvergenceSettings(),
+    settings: AnalysisSettings | None = None,
+    convergence: ConvergenceSettings | None = None,
 ) -> AnalysisOutputs:
     """Every table and figure of the paper's analyses that the records allow."""
+    settings = settings or AnalysisSettings()
+    convergence = convergence or ConvergenceSettings()
     out.mkdir(parents=True, exist_ok=True)
     result = AnalysisOutputs(out)
     (out / "analysis_settings.json").write_text(
@@ -87,8 +94,8 @@ def analyze_records(
                                 convergence_markdown(conv_rows), ["figure5_convergence.png"]))  # fmt: skip
 
     if plot_filters(records, out / "filters_conv1.png") is not None:
-        result.sections.append(("First-layer filters", "Random vs pretrained conv1 filters, at init and after training.\n",
-                                ["filters_conv1.png"]))  # fmt: skip
+        text = "Random vs pretrained conv1 filters, at init and after training.\n"
+        result.sections.append(("First-layer filters", text, ["filters_conv1.png"]))
     result.decompositions = cache.decompositions
     for name, text in (("tables.md", result.sections[0][1]),):
         (out / name).write_text(text)

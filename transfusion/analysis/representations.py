@@ -45,7 +45,9 @@ def initial_probe_path(record: JobRecord) -> Path | None:
     return path if path.is_file() else None
 
 
-def representation(activations: np.ndarray, *, conv_method: str = "examples", max_examples: int | None = 4096, seed: int = 0) -> np.ndarray:
+def representation(
+    activations: np.ndarray, *, conv_method: str = "examples", max_examples: int | None = 4096, seed: int = 0
+) -> np.ndarray:
     """(examples, features) float64 array from a stored activation (2-D or conv map)."""
     from transfusion.similarity import flatten_conv
 
@@ -69,7 +71,9 @@ class SeedSimilarityRow:
     std: float
 
 
-def seed_similarity(records: list[JobRecord], *, measure: str = "svcca", conv_method: str = "examples") -> list[SeedSimilarityRow]:
+def seed_similarity(
+    records: list[JobRecord], *, measure: str = "svcca", conv_method: str = "examples"
+) -> list[SeedSimilarityRow]:
     """Per model x init x data size: similarity of the top layer between pairs of seeds."""
     from transfusion.similarity import get_similarity
 
@@ -86,7 +90,9 @@ def seed_similarity(records: list[JobRecord], *, measure: str = "svcca", conv_me
         layer = top_layers(list(next(iter(probes.values()))))[-1]
         reps = {seed: representation(p[layer]) for seed, p in probes.items()}
         scores = [similarity(reps[a], reps[b]).score for a, b in itertools.combinations(sorted(reps), 2)]
-        rows.append(SeedSimilarityRow(model, init, size, layer, len(scores), float(np.mean(scores)), float(np.std(scores))))
+        rows.append(
+            SeedSimilarityRow(model, init, size, layer, len(scores), float(np.mean(scores)), float(np.std(scores)))
+        )
     return rows
 
 

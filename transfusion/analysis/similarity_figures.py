@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transfusion.analysis.plotting import pyplot, save_figure
 from transfusion.analysis.records import JobRecord
 from transfusion.analysis.representations import (
     final_probe_path,
@@ -97,7 +98,11 @@ def is_random(record: JobRecord) -> bool:
 
 
 def is_pretrained(record: JobRecord) -> bool:
-    return record.init not in RANDOM_INITS and record.init.split("(")[0] in ("imagenet", "synthetic-transfer", "transfer")
+    return record.init not in RANDOM_INITS and record.init.split("(")[0] in (
+        "imagenet",
+        "synthetic-transfer",
+        "transfer",
+    )
 
 
 @dataclass(frozen=True)
@@ -133,11 +138,15 @@ def figure2_data(records: list[JobRecord], cache: RepresentationCache) -> list[P
                 continue
             for measure in MEASURES:
                 scores = [
-                    _nanmean([cache.similarity(measure, final_probe_path(a), final_probe_path(b), layer) for layer in layers])
+                    _nanmean(
+                        [cache.similarity(measure, final_probe_path(a), final_probe_path(b), layer) for layer in layers]
+                    )
                     for a, b in pairs
                 ]
                 valid = [v for v in scores if not math.isnan(v)]
-                rows.append(PairSimilarity(model, size, comparison, measure, _nanmean(valid), _nanstd(valid), len(valid)))
+                rows.append(
+                    PairSimilarity(model, size, comparison, measure, _nanmean(valid), _nanstd(valid), len(valid))
+                )
     return rows
 
 
@@ -153,7 +162,9 @@ class LayerMovement:
     runs: int
 
 
-def figure4_data(records: list[JobRecord], cache: RepresentationCache, *, measure: str = "svcca") -> list[LayerMovement]:
+def figure4_data(
+    records: list[JobRecord], cache: RepresentationCache, *, measure: str = "svcca"
+) -> list[LayerMovement]:
     """Per layer: similarity of the representation at init and after training."""
     groups: dict[tuple[str, str, str], list[JobRecord]] = defaultdict(list)
     for r in records:
@@ -180,10 +191,7 @@ def _nanstd(values: list[float]) -> float:
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     return plt
 
@@ -213,10 +221,7 @@ def plot_figure2(rows: list[PairSimilarity], path: Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle("Figure 2: representation similarity, Rand–Rand vs Rand–Pretrained")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_figure4(rows: list[LayerMovement], path: Path) -> Path:
@@ -241,16 +246,15 @@ def plot_figure4(rows: list[LayerMovement], path: Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle("Figure 4: how far each layer moves from its init")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def figure2_markdown(rows: list[PairSimilarity]) -> str:
     lines = ["| model | data size | comparison | measure | mean ± std | pairs |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.model} | {r.data_size} | {r.comparison} | {r.measure} | {r.mean:.3f} ± {r.std:.3f} | {r.pairs} |")
+        lines.append(
+            f"| {r.model} | {r.data_size} | {r.comparison} | {r.measure} | {r.mean:.3f} ± {r.std:.3f} | {r.pairs} |"
+        )
     return "\n".join(lines) + "\n"
 
 

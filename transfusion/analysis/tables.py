@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transfusion.analysis.plotting import pyplot, save_figure
 from transfusion.analysis.records import JobRecord
 
 
@@ -59,7 +60,8 @@ def results_table(records: list[JobRecord]) -> list[ResultRow]:
     for (model, init, size), members in cells.items():
         auc = _mean_std([r.metrics.get("test/auc", float("nan")) for r in members])
         auprc = _mean_std([r.metrics.get("test/auprc", float("nan")) for r in members])
-        def mean_of(key: str) -> float:
+
+        def mean_of(key: str, members: list[JobRecord] = members) -> float:
             return float(np.mean([r.metrics.get(key, float("nan")) for r in members]))
 
         rows.append(
@@ -106,7 +108,8 @@ def paper_tables_markdown(rows: list[ResultRow], *, dataset: str) -> str:
     """Tables 1-3 layout: AUC and AUPRC over seeds, cost, and the paper's AUC beside ours."""
     retina = dataset.startswith("retina")
     lines = [
-        "| model | init | data size | seeds | test AUC % | test AUPRC % | paper AUC % | params | train FLOPs | wall s | GPU s |",
+        "| model | init | data size | seeds | test AUC % | test AUPRC % | paper AUC % "
+        "| params | train FLOPs | wall s | GPU s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -116,7 +119,11 @@ def paper_tables_markdown(rows: list[ResultRow], *, dataset: str) -> str:
             f"{'–' if paper is None else f'{paper:.1f}'} | {_si(r.params)} | {_si(r.train_flops)} | "
             f"{r.train_seconds:.0f} | {0 if math.isnan(r.gpu_seconds) else r.gpu_seconds:.0f} |"
         )
-    note = "" if retina else "\nThe paper's numbers are for its private retina set and CheXpert; none apply to this dataset.\n"
+    note = (
+        ""
+        if retina
+        else "\nThe paper's numbers are for its private retina set and CheXpert; none apply to this dataset.\n"
+    )
     return "\n".join(lines) + "\n" + note
 
 
@@ -140,17 +147,15 @@ def to_markdown(rows: list[ResultRow], *, title: str | None = None) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.model} | {r.init} | {r.data_size} | {r.seeds} | {r.auc_text()} | {r.auprc_text()} | {r.train_seconds:.0f} |"
+            f"| {r.model} | {r.init} | {r.data_size} | {r.seeds} | {r.auc_text()} | {r.auprc_text()} "
+            f"| {r.train_seconds:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot_results(rows: list[ResultRow], path: Path, *, title: str = "Test AUC by model and init") -> Path:
     """Grouped bars: one group per model (and data size), one bar per init, std as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = list(dict.fromkeys((r.model, r.data_size) for r in rows))
     inits = list(dict.fromkeys(r.init for r in rows))
@@ -177,7 +182,4 @@ def plot_results(rows: list[ResultRow], path: Path, *, title: str = "Test AUC by
     ax.legend(title="init", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

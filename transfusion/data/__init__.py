@@ -61,7 +61,15 @@ def prepare_dataset(
 
 
 # Importing the preparer modules registers them.
-from transfusion.data import synthetic  # noqa: E402,F401
+from transfusion.data import (  # noqa: E402,F401
+    chexpert,
+    folder,
+    imagenet_folder,
+    medmnist,
+    retina,
+    synthetic,
+    synthetic_chest,
+)
 
 __all__ = [
     "DATASETS",

@@ -27,7 +27,12 @@ import numpy as np
 
 from transfusion.data import PrepareRequest
 from transfusion.data.imaging import ImageDecodeError
-from transfusion.data.prepared import SPLITS, PreparedDataset, PreparedDatasetWriter, stratified_order
+from transfusion.data.prepared import (
+    SPLITS,
+    PreparedDataset,
+    PreparedDatasetWriter,
+    stratified_order,
+)
 from transfusion.data.summary import label_summary
 
 log = logging.getLogger(__name__)
@@ -64,13 +69,15 @@ def home_of(data_root: Path) -> Path:
 class DatasetOptions:
     """Typed reads of a request's options; unknown option names are rejected.
 
-    Values may be typed (from a YAML grid) or strings (from ``--option key=value``).
+    Values may be typed (from a YAML grid) or strings (from ``--option key=value``); the
+    version key is built from the parsed values, so ``0.1`` and ``"0.1"`` prepare once.
     """
 
     def __init__(self, request: PrepareRequest, valid: Iterable[str]) -> None:
         self.dataset = request.name
         self.values = dict(request.options)
         self.valid = sorted(set(valid))
+        self.parsed: dict[str, object] = {}
         unknown = sorted(set(self.values) - set(self.valid))
         if unknown:
             raise ValueError(
@@ -80,63 +87,63 @@ class DatasetOptions:
     def _bad(self, key: str, value: object, expected: str) -> ValueError:
         return ValueError(f"option {key}={value!r} of dataset {self.dataset!r}: expected {expected}")
 
+    def _keep(self, key: str, value):
+        self.parsed[key] = value
+        return value
+
     def boolean(self, key: str, default: bool) -> bool:
         value = self.values.get(key, default)
-        if isinstance(value, bool):
-            return value
         text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
+        if isinstance(value, bool) or text in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return self._keep(key, value if isinstance(value, bool) else text in ("1", "true", "yes", "on"))
         raise self._bad(key, value, "true or false")
 
     def integer(self, key: str, default: int, *, low: int | None = None) -> int:
         value = self.values.get(key, default)
         try:
-            number = int(str(value).strip()) if not isinstance(value, int) else value
+            number = value if isinstance(value, int) else int(str(value).strip())
         except ValueError:
             raise self._bad(key, value, "an integer") from None
         if low is not None and number < low:
             raise self._bad(key, value, f"an integer >= {low}")
-        return number
+        return self._keep(key, number)
 
     def fraction(self, key: str, default: float | None) -> float | None:
         value = self.values.get(key, default)
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-            return None
+            return self._keep(key, None)
         try:
             number = float(value)
         except (TypeError, ValueError):
             raise self._bad(key, value, "a number in [0, 1)") from None
         if not 0.0 <= number < 1.0:
             raise self._bad(key, value, "a number in [0, 1)")
-        return number
+        return self._keep(key, number)
 
     def choice(self, key: str, default: str, choices: Iterable[str]) -> str:
         value = str(self.values.get(key, default)).strip().lower()
         choices = list(choices)
         if value not in choices:
             raise self._bad(key, self.values.get(key, default), f"one of {', '.join(choices)}")
-        return value
+        return self._keep(key, value)
 
     def text(self, key: str, default: str | None) -> str | None:
         value = self.values.get(key, default)
-        return None if value is None else str(value)
+        return self._keep(key, None if value is None else str(value))
 
     def names(self, key: str, default: Iterable[str] | None) -> list[str] | None:
         value = self.values.get(key, default)
         if value is None:
-            return None
+            return self._keep(key, None)
         items = value.split(",") if isinstance(value, str) else list(value)
         names = [str(item).strip() for item in items if str(item).strip()]
         if not names:
             raise self._bad(key, value, "a non-empty list of names")
-        return names
+        return self._keep(key, names)
 
     def key_part(self) -> dict[str, object]:
-        """The options that define the prepared content (for the version key)."""
-        return {k: v for k, v in sorted(self.values.items()) if k not in RUNTIME_OPTIONS}
+        """The parsed options (defaults included) that define the prepared content."""
+        return {k: v for k, v in sorted(self.parsed.items()) if k not in RUNTIME_OPTIONS}
 
 
 def version_key(*, resolution: int, parts: dict) -> str:
@@ -185,13 +192,13 @@ def parse_grade(value: str, *, where: str, grades: int = 5) -> int:
         number = float(value)
     except ValueError:
         number = math.nan
-    if not (number == int(number) if math.isfinite(number) else False) or not 0 <= number < grades:
+    if not (math.isfinite(number) and number.is_integer() and 0 <= number < grades):
         raise ValueError(f"{where}: unknown grade {value!r} (expected an integer 0-{grades - 1})")
     return int(number)
 
 
 def label_strata(targets: np.ndarray) -> np.ndarray:
-    """Label-powerset key of the first 8 labels (NaN = negative), as :meth:`PreparedDataset.stratum`."""
+    """Label-powerset key of the first 8 labels (NaN = negative), as in ``stratum()``."""
     bits = np.nan_to_num(targets, nan=0.0) > 0.5
     width = min(8, bits.shape[1])
     return (bits[:, :width] * (1 << np.arange(width))).sum(axis=1)
@@ -239,7 +246,8 @@ def check_splits(split: np.ndarray, *, name: str, origin: str) -> None:
     for split_name, code in SPLITS.items():
         if not np.any(split == code):
             raise ValueError(
-                f"dataset {name!r}: the {split_name} split is empty ({len(split)} images from {origin}); "
+                f"dataset {name!r}: the {split_name} split is empty "
+                f"({len(split)} images from {origin}); "
                 "check the split fractions/columns or add data"
             )
 
@@ -265,7 +273,8 @@ def bad_files_error(name: str, bad: list[dict[str, str]]) -> ValueError:
     first = bad[0]
     lines = [
         f"{len(bad)} bad image file{'s' if len(bad) != 1 else ''} in dataset {name!r}; first: "
-        f"{first['path']} ({first['reason']}); pass skip_bad=True (CLI: --skip-bad) to leave them out"
+        f"{first['path']} ({first['reason']}); "
+        "pass skip_bad=True (CLI: --skip-bad) to leave them out"
     ]
     lines += [f"  {item['path']}: {item['reason']}" for item in bad]
     return ValueError("\n".join(lines))

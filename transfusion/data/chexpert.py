@@ -42,15 +42,33 @@ log = logging.getLogger(__name__)
 RECIPE_VERSION = "1"
 PAPER_PATHOLOGIES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 OBSERVATIONS = (
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-    "Fracture", "Support Devices",
-)  # fmt: skip
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
 UNCERTAINTY_POLICIES = {"u-ones": 1.0, "u-zeros": 0.0, "u-ignore": math.nan}
 CHEXPERT_OPTIONS = (
-    "uncertainty", "frontal_only", "labels", "val_fraction", "test_fraction", "split_seed", "augment",
-    "skip_bad", "workers",
-)  # fmt: skip
+    "uncertainty",
+    "frontal_only",
+    "labels",
+    "val_fraction",
+    "test_fraction",
+    "split_seed",
+    "augment",
+    "skip_bad",
+    "workers",
+)
 _PATIENT = re.compile(r"(?:^|/)(patient\d+)(?:/|$)")
 _VALUES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": 0.0}
 
@@ -104,7 +122,9 @@ def _read_index(
         if frontal_only:
             view = row["Frontal/Lateral"]
             if view not in ("Frontal", "Lateral"):
-                raise ValueError(f"{where} column 'Frontal/Lateral': unknown value {view!r} (expected Frontal or Lateral)")
+                raise ValueError(
+                    f"{where} column 'Frontal/Lateral': unknown value {view!r} (expected Frontal or Lateral)"
+                )
             if view == "Lateral":
                 lateral += 1
                 continue
@@ -114,9 +134,7 @@ def _read_index(
         files.append(member_path(root, relative, where=f"{where} column 'Path'"))
         names.append(relative)
         patients.append(patient_of(path, where=f"{where} column 'Path'"))
-        targets.append(
-            [parse_observation(row[c], uncertain=uncertain, where=f"{where} column {c!r}") for c in labels]
-        )
+        targets.append([parse_observation(row[c], uncertain=uncertain, where=f"{where} column {c!r}") for c in labels])
     target_array = np.asarray(targets, dtype=np.float32).reshape(len(names), len(labels))
     return names, files, target_array, patients, lateral
 
@@ -128,6 +146,9 @@ def prepare_chexpert(request: PrepareRequest, data_root: Path) -> PreparedDatase
     policy = options.choice("uncertainty", "u-ones", UNCERTAINTY_POLICIES)
     frontal_only = options.boolean("frontal_only", True)
     labels = options.names("labels", PAPER_PATHOLOGIES) or list(PAPER_PATHOLOGIES)
+    unknown = [label for label in labels if label not in OBSERVATIONS]
+    if unknown:
+        raise ValueError(f"option labels: unknown observation {unknown[0]!r}; valid: {', '.join(OBSERVATIONS)}")
     val_fraction = options.fraction("val_fraction", 0.05) or 0.0
     test_fraction = options.fraction("test_fraction", None)
     split_seed = options.integer("split_seed", 0)
@@ -177,10 +198,15 @@ def prepare_chexpert(request: PrepareRequest, data_root: Path) -> PreparedDatase
         shared = sorted(set(t_patients) & set(patients))
         if shared:
             raise ValueError(
-                f"{valid_csv}: patient {shared[0]} is also in train.csv ({len(shared)} shared patients); "
+                f"{valid_csv}: patient {shared[0]} is also in train.csv "
+                f"({len(shared)} shared patients); "
                 "splits must be patient-separated (set test_fraction to split train.csv instead)"
             )
-        names, files, patients_array = names + t_names, files + t_files, np.concatenate([patients_array, t_patients])
+        names, files, patients_array = (
+            names + t_names,
+            files + t_files,
+            np.concatenate([patients_array, t_patients]),
+        )
         targets = np.concatenate([targets, t_targets]) if len(t_targets) else targets
         split = np.concatenate([split, np.full(len(t_names), SPLITS["test"], dtype=np.int8)])
         lateral += t_lateral

@@ -46,9 +46,23 @@ log = logging.getLogger(__name__)
 
 RECIPE_VERSION = "1"
 FOLDER_OPTIONS = (
-    "csv", "image_column", "label_columns", "split_column", "patient_column", "image_dir", "image_suffix",
-    "task", "channels", "crop", "augment", "val_fraction", "test_fraction", "split_seed", "skip_bad", "workers",
-)  # fmt: skip
+    "csv",
+    "image_column",
+    "label_columns",
+    "split_column",
+    "patient_column",
+    "image_dir",
+    "image_suffix",
+    "task",
+    "channels",
+    "crop",
+    "augment",
+    "val_fraction",
+    "test_fraction",
+    "split_seed",
+    "skip_bad",
+    "workers",
+)
 _BINARY = {"1": 1.0, "1.0": 1.0, "true": 1.0, "0": 0.0, "0.0": 0.0, "false": 0.0, "": math.nan}
 
 
@@ -111,7 +125,8 @@ def prepare_folder(request: PrepareRequest, data_root: Path) -> PreparedDataset:
             value = row[split_column].lower()
             if value not in SPLIT_CODES:
                 raise ValueError(
-                    f"{where} column {split_column!r}: unknown split {row[split_column]!r} (expected train, val or test)"
+                    f"{where} column {split_column!r}: unknown split {row[split_column]!r} "
+                    "(expected train, val or test)"
                 )
             splits.append(SPLIT_CODES[value])
         if patient_column:
@@ -151,7 +166,11 @@ def prepare_folder(request: PrepareRequest, data_root: Path) -> PreparedDataset:
             _check_patient_separation(groups, split, csv_path, patient_column)
     else:
         split = split_by_strata(
-            strata, groups=groups, val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed
+            strata,
+            groups=groups,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=split_seed,
         )
     check_splits(split, name=request.name, origin=str(csv_path))
     resolution = request.resolution
@@ -193,6 +212,4 @@ def _check_patient_separation(groups: np.ndarray, split: np.ndarray, csv_path: P
     np.maximum.at(highest, inverse, split)
     mixed = np.flatnonzero(lowest != highest)
     if len(mixed):
-        raise ValueError(
-            f"{csv_path} column {column!r}: patient {patients[mixed[0]]!r} appears in more than one split"
-        )
+        raise ValueError(f"{csv_path} column {column!r}: patient {patients[mixed[0]]!r} appears in more than one split")

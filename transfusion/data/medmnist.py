@@ -36,9 +36,21 @@ log = logging.getLogger(__name__)
 
 RECIPE_VERSION = "1"
 CHESTMNIST_LABELS = (
-    "atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia",
-    "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis", "pleural", "hernia",
-)  # fmt: skip
+    "atelectasis",
+    "cardiomegaly",
+    "effusion",
+    "infiltration",
+    "mass",
+    "nodule",
+    "pneumonia",
+    "pneumothorax",
+    "consolidation",
+    "edema",
+    "emphysema",
+    "fibrosis",
+    "pleural",
+    "hernia",
+)
 PRESETS = ("retinamnist", "chestmnist", "generic")
 MEDMNIST_OPTIONS = ("preset", "file", "label_names", "augment", "skip_bad", "workers")
 _KEYS = ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels")
@@ -90,7 +102,7 @@ def _labels_to_targets(
             raise ValueError(f"{path}: retinamnist labels must have shape (N, 1), got {labels.shape}")
         bad = labels[(labels < 0) | (labels > 4)]
         if len(bad):
-            raise ValueError(f"{path}: unknown label value {int(bad[0])} in train/val/test_labels (grades are 0-4)")
+            raise ValueError(f"{path}: unknown label value {int(bad[0])} in the labels (grades are 0-4)")
         grades = labels[:, 0]
         return (grades >= 2).astype(np.float32)[:, None], grades, ["referable_dr"], "binary"
     if preset == "chestmnist" or labels.shape[1] > 1:
@@ -202,4 +214,12 @@ def prepare_medmnist(request: PrepareRequest, data_root: Path) -> PreparedDatase
     }
     if preset == "retinamnist":
         meta["grade_names"] = list(GRADE_NAMES)
-    return write_prepared(root, table, meta=meta, resolution=resolution, channels=channels, skip_bad=False, workers=workers)
+    return write_prepared(
+        root,
+        table,
+        meta=meta,
+        resolution=resolution,
+        channels=channels,
+        skip_bad=False,
+        workers=workers,
+    )

@@ -105,8 +105,7 @@ class PreparedDataset:
             return np.sort(pool)
         if data_size > len(pool):
             raise ValueError(
-                f"data_size {data_size} is larger than the {len(pool)} training images "
-                f"of dataset {self.name!r}"
+                f"data_size {data_size} is larger than the {len(pool)} training images of dataset {self.name!r}"
             )
         order = stratified_order(self.stratum(pool), seed=seed)
         return np.sort(pool[order[:data_size]])
@@ -150,9 +149,8 @@ class PreparedDatasetWriter:
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == len(self.images) and np.array_equal(rows, np.arange(len(rows))):
             return
-        kept = np.lib.format.open_memmap(
-            self._tmp / "images.kept.npy", mode="w+", dtype=np.uint8, shape=(len(rows), *self.images.shape[1:])
-        )
+        shape = (len(rows), *self.images.shape[1:])
+        kept = np.lib.format.open_memmap(self._tmp / "images.kept.npy", mode="w+", dtype=np.uint8, shape=shape)
         for start in range(0, len(rows), 256):
             kept[start : start + 256] = self.images[rows[start : start + 256]]
         kept.flush()

@@ -42,8 +42,15 @@ log = logging.getLogger(__name__)
 
 RECIPE_VERSION = "1"
 RETINA_OPTIONS = (
-    "val_fraction", "test_fraction", "split_seed", "image_dir", "image_ext", "augment", "skip_bad", "workers",
-)  # fmt: skip
+    "val_fraction",
+    "test_fraction",
+    "split_seed",
+    "image_dir",
+    "image_ext",
+    "augment",
+    "skip_bad",
+    "workers",
+)
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,9 @@ class RetinaFormat:
 
 RETINA_FORMATS: dict[str, RetinaFormat] = {
     # EyePACS names images "<patient>_left" / "<patient>_right".
-    "retina-eyepacs": RetinaFormat("trainLabels.csv", "image", "level", "train", ".jpeg", lambda i: i.rsplit("_", 1)[0]),
+    "retina-eyepacs": RetinaFormat(
+        "trainLabels.csv", "image", "level", "train", ".jpeg", lambda i: i.rsplit("_", 1)[0]
+    ),
     "retina-aptos": RetinaFormat("train.csv", "id_code", "diagnosis", "train_images", ".png"),
 }
 
@@ -111,7 +120,11 @@ def _prepare_retina(request: PrepareRequest, data_root: Path, fmt: RetinaFormat)
     grades_all = np.asarray(grades, dtype=np.int64)
     groups = np.asarray([fmt.patient_of(Path(n).stem) for n in names]) if fmt.patient_of else None
     split = split_by_strata(
-        grades_all, groups=groups, val_fraction=val_fraction or 0.0, test_fraction=test_fraction or 0.0, seed=split_seed
+        grades_all,
+        groups=groups,
+        val_fraction=val_fraction or 0.0,
+        test_fraction=test_fraction or 0.0,
+        seed=split_seed,
     )
     check_splits(split, name=request.name, origin=str(csv_path))
     resolution = request.resolution
@@ -142,8 +155,9 @@ def _prepare_retina(request: PrepareRequest, data_root: Path, fmt: RetinaFormat)
             "source": source.uri,
             "source_identity": source.identity,
             "options": options.key_part(),
-            "split_rule": f"seeded split stratified by grade (seed {split_seed}, val {val_fraction}, "
-            f"test {test_fraction}){', by patient' if groups is not None else ''}",
+            "split_rule": f"seeded split stratified by grade (seed {split_seed}, "
+            f"val {val_fraction}, test {test_fraction})"
+            f"{', by patient' if groups is not None else ''}",
         },
         resolution=resolution,
         channels=3,

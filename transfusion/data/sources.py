@@ -117,7 +117,9 @@ def s3_client():
     import boto3
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None)
+    # A fresh session per fetch: boto3's default session caches the credentials it
+    # resolved first, so later changes to the environment or profile would be ignored.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint or None)
 
 
 def _endpoint_label() -> str:
@@ -318,8 +320,12 @@ def fetch_s3(uri: str, *, cache_root: Path, workers: int = 4) -> DataSource:
             _write_manifest(manifest_path, uri, current)
     log.info(
         "source %s: %d objects, %d downloaded (%.1f MB), %d already cached",
-        uri, len(listed), len(todo), downloaded_bytes / 1e6, len(listed) - len(todo),
-    )  # fmt: skip
+        uri,
+        len(listed),
+        len(todo),
+        downloaded_bytes / 1e6,
+        len(listed) - len(todo),
+    )
     return DataSource(
         uri=uri,
         root=files,

@@ -20,9 +20,7 @@ def label_summary(targets: np.ndarray, split: np.ndarray, label_names: list[str]
     for name, code in SPLITS.items():
         rows = targets[split == code]
         summary["images"][name] = int(len(rows))
-        summary["positives"][name] = {
-            label: int(np.sum(rows[:, j] > 0.5)) for j, label in enumerate(label_names)
-        }
+        summary["positives"][name] = {label: int(np.sum(rows[:, j] > 0.5)) for j, label in enumerate(label_names)}
         nan = {label: int(np.sum(np.isnan(rows[:, j]))) for j, label in enumerate(label_names)}
         if any(nan.values()):
             ignored[name] = nan

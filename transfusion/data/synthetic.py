@@ -85,7 +85,9 @@ def prepare_synthetic_shapes(request: PrepareRequest, data_root: Path) -> Prepar
     log.info("generating synthetic-shapes %s (%d images)", key, total)
     num_classes = len(synthetic_shapes.CLASS_NAMES)
     labels, split = [], []
-    with PreparedDatasetWriter(root, num_images=total, image_shape=(request.resolution, request.resolution, 3)) as writer:
+    with PreparedDatasetWriter(
+        root, num_images=total, image_shape=(request.resolution, request.resolution, 3)
+    ) as writer:
         offset = 0
         for split_id, split_name in enumerate(("train", "val", "test")):
             images, split_labels = synthetic_shapes.generate_shapes_split(

@@ -88,7 +88,7 @@ def render_scene(resolution: int, rng: np.random.Generator) -> tuple[np.ndarray,
         points = []
         pos = disc.copy()
         steps = 24
-        for s in range(steps + 1):
+        for _ in range(steps + 1):
             points.append(pos.copy())
             heading += curvature / steps
             pos = pos + (length / steps) * np.array([np.cos(heading), np.sin(heading)])

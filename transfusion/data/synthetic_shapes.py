@@ -37,7 +37,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     else:
         raise ValueError(shape)
     return [
-        (cx + radii[i % len(radii)] * np.cos(angle + 2 * np.pi * i / k), cy + radii[i % len(radii)] * np.sin(angle + 2 * np.pi * i / k))
+        (
+            cx + radii[i % len(radii)] * np.cos(angle + 2 * np.pi * i / k),
+            cy + radii[i % len(radii)] * np.sin(angle + 2 * np.pi * i / k),
+        )
         for i in range(k)
     ]
 

@@ -1,0 +1,225 @@
+"""``transfusion stack up|down|status|env``: the real services, on loopback, for one user.
+
+Starts an S3-compatible server (SeaweedFS), an MLflow server (SQLite backend,
+artifacts in S3), a Prefect server, a Ray head, and a process serving every
+deployment of ``prefect.yaml``; records them in ``$TRANSFUSION_HOME/stack/state.json``
+and writes the environment that points clients at them to ``stack/env`` (mode 600:
+it holds the generated S3 credentials, which never go into logs or parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from transfusion.data import transfusion_home
+from transfusion.services import (
+    S3Credentials,
+    ServiceProcess,
+    start_mlflow_server,
+    start_prefect_server,
+    start_ray_head,
+    start_s3_server,
+    start_service,
+    wait_for_http,
+)
+
+ARTIFACT_BUCKET = "transfusion-artifacts"
+CHECKPOINT_BUCKET = "transfusion-checkpoints"
+DATA_BUCKET = "transfusion-data"
+ORDER = ("s3", "mlflow", "prefect", "ray", "serve")
+
+
+def stack_dir() -> Path:
+    return transfusion_home() / "stack"
+
+
+def _state_path() -> Path:
+    return stack_dir() / "state.json"
+
+
+def read_state() -> dict:
+    path = _state_path()
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill_group(pid: int, timeout: float = 15.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.2)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def stack_env(state: dict) -> dict[str, str]:
+    """What a client (or the served flows) needs to use the stack's services."""
+    env = dict(state.get("env", {}))
+    credentials = stack_dir() / "credentials.json"
+    if credentials.is_file():
+        env.update(S3Credentials(**json.loads(credentials.read_text())).env(state["services"]["s3"]["url"]))
+    return env
+
+
+def stack_up(*, prefect_port: int, mlflow_port: int, s3_port: int, ray_port: int, num_cpus: int | None) -> dict:
+    if read_state().get("services"):
+        raise RuntimeError(f"a stack is already recorded in {_state_path()}; run 'transfusion stack down' first")
+    home = transfusion_home()
+    directory = stack_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    credentials = S3Credentials.generate()
+    cred_path = directory / "credentials.json"
+    cred_path.write_text(json.dumps(credentials.__dict__))
+    cred_path.chmod(0o600)
+
+    started: dict[str, ServiceProcess] = {}
+    try:
+        started["s3"] = start_s3_server(
+            directory / "s3", credentials=credentials, port=s3_port,
+            buckets=(ARTIFACT_BUCKET, CHECKPOINT_BUCKET, DATA_BUCKET),
+        )  # fmt: skip
+        aws = credentials.env(started["s3"].url)
+        os.environ.update(aws)  # for the MLflow server's artifact proxy
+        mlflow = start_mlflow_server(
+            directory / "mlflow", port=mlflow_port, backend_uri=f"sqlite:///{home / 'mlflow.db'}",
+            artifacts_destination=f"s3://{ARTIFACT_BUCKET}/",
+        )  # fmt: skip
+        started["mlflow"] = ServiceProcess("mlflow", mlflow.url, mlflow.process, mlflow.log_path)
+        started["prefect"] = start_prefect_server(directory, port=prefect_port)
+        started["ray"] = start_ray_head(directory, port=ray_port, num_cpus=num_cpus, env=aws)
+        env = {
+            "MLFLOW_TRACKING_URI": started["mlflow"].url,
+            "PREFECT_API_URL": started["prefect"].url,
+            "RAY_ADDRESS": started["ray"].url,
+            "TRANSFUSION_HOME": str(home),
+            "TRANSFUSION_STORAGE_PATH": f"s3://{CHECKPOINT_BUCKET}/ray",
+        }
+        serve_env = {**aws, **env, "PREFECT_LOGGING_LEVEL": "INFO"}
+        ready = directory / "serve.ready"
+        ready.unlink(missing_ok=True)
+        started["serve"] = start_service(
+            "serve", [sys.executable, "-m", "flows.serve", "--ready-file", str(ready)],
+            health_url=None, url="", log_dir=directory / "logs", env=serve_env, ready_file=ready, timeout=180,
+        )  # fmt: skip
+    except BaseException:
+        for name in reversed(list(started)):
+            started[name].stop()
+        cred_path.unlink(missing_ok=True)
+        raise
+    state = {
+        "services": {n: {"pid": s.process.pid, "url": s.url, "log": str(s.log_path)} for n, s in started.items()},
+        "env": env,
+    }
+    _state_path().write_text(json.dumps(state, indent=2))
+    (directory / "env").write_text("".join(f"export {k}={v}\n" for k, v in stack_env(state).items()))
+    (directory / "env").chmod(0o600)
+    return state
+
+
+def stack_down() -> list[str]:
+    state = read_state()
+    stopped = []
+    for name in reversed(ORDER):
+        service = state.get("services", {}).get(name)
+        if service and _alive(service["pid"]):
+            _kill_group(service["pid"])
+            stopped.append(name)
+    _state_path().unlink(missing_ok=True)
+    (stack_dir() / "env").unlink(missing_ok=True)
+    (stack_dir() / "credentials.json").unlink(missing_ok=True)
+    return stopped
+
+
+def stack_status() -> dict[str, str]:
+    state = read_state()
+    status = {}
+    for name in ORDER:
+        service = state.get("services", {}).get(name)
+        if not service:
+            status[name] = "not started"
+            continue
+        if not _alive(service["pid"]):
+            status[name] = f"DEAD (pid {service['pid']}; log {service['log']})"
+            continue
+        health = {"mlflow": "/health", "prefect": "/health"}.get(name)
+        if health:
+            try:
+                wait_for_http(service["url"] + health, timeout=3)
+            except (TimeoutError, RuntimeError):
+                status[name] = f"NOT ANSWERING at {service['url']} (log {service['log']})"
+                continue
+        status[name] = f"up {service['url']}".rstrip()
+    return status
+
+
+def add_stack_commands(sub: argparse._SubParsersAction) -> None:
+    stack = sub.add_parser("stack", help="start/stop the real services (S3, MLflow, Prefect, Ray) on loopback")
+    actions = stack.add_subparsers(dest="stack_command", required=True)
+    up = actions.add_parser("up", help="start the services and serve the deployments")
+    up.add_argument("--prefect-port", type=int, default=4200)
+    up.add_argument("--mlflow-port", type=int, default=5000)
+    up.add_argument("--s3-port", type=int, default=8333)
+    up.add_argument("--ray-port", type=int, default=6379)
+    up.add_argument("--num-cpus", type=int, default=None)
+    up.set_defaults(func=_cmd_up)
+    actions.add_parser("down", help="stop everything the stack started").set_defaults(func=_cmd_down)
+    actions.add_parser("status", help="health of each service").set_defaults(func=_cmd_status)
+    actions.add_parser("env", help="print export lines for a shell: eval $(transfusion stack env)").set_defaults(
+        func=_cmd_env
+    )
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    state = stack_up(
+        prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, s3_port=args.s3_port,
+        ray_port=args.ray_port, num_cpus=args.num_cpus,
+    )  # fmt: skip
+    for name, service in state["services"].items():
+        print(f"{name:8s} {service['url'] or 'serving prefect.yaml deployments'}  (log {service['log']})")
+    print(f"\nPoint your shell at it:  eval $(transfusion stack env)\n"
+          f"Then e.g.:  prefect deployment run transfusion/demo --watch\n"
+          f"MLflow UI: {state['env']['MLFLOW_TRACKING_URI']}   "
+          f"Prefect UI: {state['env']['PREFECT_API_URL'].removesuffix('/api')}")  # fmt: skip
+    return 0
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    stopped = stack_down()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    status = stack_status()
+    for name, text in status.items():
+        print(f"{name:8s} {text}")
+    return 0 if all(t.startswith("up") for t in status.values()) else 1
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    state = read_state()
+    if not state:
+        raise RuntimeError("no stack is running; start one with 'transfusion stack up'")
+    for key, value in stack_env(state).items():
+        print(f"export {key}={value}")
+    return 0

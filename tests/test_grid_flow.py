@@ -125,3 +125,75 @@ def test_malformed_grid_file_is_one_line(tmp_path):
     result = run_cli("run", str(bad), home=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("transfusion: error: grid file") and "not valid YAML" in result.stderr
+
+
+def _chromium():
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    options = Options()
+    options.binary_location = browser
+    # Headless, and quiet: this machine's closed network refuses Chromium's background calls.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1600,1000"):  # fmt: skip
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def _wait_for(browser, condition, timeout: float = 60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, timeout, poll_frequency=0.5).until(condition)
+
+
+def test_mlflow_ui_in_a_real_browser_shows_the_runs_and_compares_two(finished_smoke_grid, tmp_path):
+    import json
+    import urllib.parse
+
+    from selenium.webdriver.common.by import By
+
+    home, _ = finished_smoke_grid
+    server, client = _store_client(home)
+    browser = _chromium()
+    try:
+        experiment = client.get_experiment_by_name("smoke")
+        runs = client.search_runs([experiment.experiment_id])
+        children = [r for r in runs if r.data.tags.get("transfusion.role") == "job"]
+        browser.get(f"{server.url}/#/experiments/{experiment.experiment_id}/runs")
+        parent_row = "//*[text()='grid-smoke']/ancestor::*[@role='row'][1]//button"
+        _wait_for(browser, lambda b: b.find_elements(By.XPATH, parent_row))[0].click()  # expand the grid's child runs
+
+        def child_links(b):
+            links = {a.get_attribute("href") or "": a.text for a in b.find_elements(By.TAG_NAME, "a")}
+            found = {r.info.run_id: t for h, t in links.items() for r in children if r.info.run_id in h}
+            return found if len(found) == len(children) else None
+
+        shown = _wait_for(browser, child_links)
+        # Run names carry model, init, data size and seed: cbr-tiny-random-160-s0.
+        for run in children:
+            assert run.data.tags["mlflow.runName"].startswith(shown[run.info.run_id].rstrip(".…"))
+        browser.save_screenshot(str(tmp_path / "runs.png"))
+
+        ids = json.dumps([r.info.run_id for r in children[:2]])
+        experiments = json.dumps([experiment.experiment_id])
+        browser.get(
+            f"{server.url}/#/compare-runs?runs={urllib.parse.quote(ids)}&experiments={urllib.parse.quote(experiments)}"
+        )
+        body = _wait_for(browser, lambda b: "Parameters" in b.find_element(By.TAG_NAME, "body").text and b)
+        text = _wait_for(browser, lambda b: (t := b.find_element(By.TAG_NAME, "body").text) and "seed" in t and t)
+        for run in children[:2]:
+            assert run.info.run_id in text and run.data.tags["mlflow.runName"] in text
+        for param in ("model cbr-tiny cbr-tiny", "init random random", "data_size 160 160"):
+            assert param in text, param
+        assert "seed 0 1" in text or "seed 1 0" in text
+        body.save_screenshot(str(tmp_path / "compare.png"))
+    finally:
+        browser.quit()
+        server.stop()

@@ -163,6 +163,24 @@ class InitChoice(_Frozen):
         return name
 
 
+# An init is written as its name or as {name, options}; the schema says both, so a
+# server validating parameters accepts what the Python side accepts.
+InitSpec = Annotated[
+    InitChoice,
+    WithJsonSchema({
+        "anyOf": [
+            {"type": "string", "enum": INITS.names()},
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string", "enum": INITS.names()}, "options": {"type": "object"}},
+                "required": ["name"],
+                "additionalProperties": False,
+            },
+        ]
+    }),
+]  # fmt: skip
+
+
 class GridSpec(_Frozen):
     """A grid: the cartesian product of models x inits x data sizes x seeds."""
 
@@ -171,7 +189,7 @@ class GridSpec(_Frozen):
     dataset_source: str | None = None
     dataset_options: dict[str, Any] = Field(default_factory=dict)
     models: Annotated[list[ModelName], Field(min_length=1)]
-    inits: Annotated[list[InitChoice], Field(min_length=1)]
+    inits: Annotated[list[InitSpec], Field(min_length=1)]
     pretrained: str | None = Field(
         default=None,
         description="weights for transfer inits: 'synthetic' (pretrain on procedural "

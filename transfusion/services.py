@@ -327,6 +327,15 @@ def start_prefect_server(home: Path, *, port: int, host: str = "127.0.0.1", time
     )
 
 
+def short_temp_dir(home: Path) -> Path:
+    """Ray's session dir, kept short: its AF_UNIX socket paths must fit in 107 bytes."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:8]
+    return Path(tempfile.gettempdir()) / f"tf-ray-{digest}"
+
+
 def start_ray_head(
     home: Path, *, port: int, num_cpus: int | None = None, host: str = "127.0.0.1", env: dict | None = None
 ) -> ServiceProcess:
@@ -335,7 +344,7 @@ def start_ray_head(
     command = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
         f"--node-ip-address={host}", f"--port={port}", "--include-dashboard=false", "--disable-usage-stats",
-        f"--temp-dir={home / 'ray-tmp'}",
+        f"--temp-dir={short_temp_dir(home)}",
     ]  # fmt: skip
     if num_cpus:
         command.append(f"--num-cpus={num_cpus}")

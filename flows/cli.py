@@ -113,6 +113,9 @@ def command_analyze(args: argparse.Namespace) -> int:
 
 
 def command_pretrain(args: argparse.Namespace) -> int:
+    from transfusion.models import MODELS
+
+    MODELS.get(args.model)  # one clear line for an unknown name, before anything starts
     from flows.pretrain import pretrain
 
     uri = pretrain(model=args.model, source=args.source, steps=args.steps, resolution=args.resolution, seed=args.seed)

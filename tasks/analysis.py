@@ -98,7 +98,7 @@ def analyze_grid_task(
     grid: GridSpec, grid_run: tracking.GridRun, records: list[JobRecord], out: str | None = None
 ) -> str:
     """Figures 2, 4, 5, Tables 1-3, filters and the report; logged under ``report/`` of the parent run."""
-    directory = Path(out) if out else Path(tempfile.mkdtemp(prefix="transfusion-report-"))
+    directory = Path(out) if out else transfusion_home() / "reports" / grid.name
     outputs = analyze_records(records, directory, grid_name=grid.name, dataset=grid.dataset)
     notes = [f"{len(records)} finished runs of {len(grid.jobs())} jobs; dataset {grid.dataset}."]
     if grid.pretrained == "synthetic":

@@ -12,7 +12,7 @@ from prefect import task
 
 from transfusion import tracking
 from transfusion.config import GridSpec, JobSpec
-from transfusion.data import prepare_dataset, transfusion_home
+from transfusion.data import PreparedDataset, prepare_dataset, transfusion_home
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,11 @@ def train_job_task(
                 )
             tracking.reopen_run(run_id)
         tracking.set_tags(run_id, {"attempts": str(attempt)})
+        data_meta = PreparedDataset.open(dataset_root).meta
+        data_params = {"data_version": data_meta.get("version", ""), "data_skipped": data_meta.get("skipped", 0)}
         if source_uri:
-            tracking.log_params(run_id, {"pretrained_uri": source_uri})
+            data_params["pretrained_uri"] = source_uri
+        tracking.log_params(run_id, data_params)
         request = LaunchRequest(
             spec=spec.model_dump(mode="json"),
             run_id=run_id,

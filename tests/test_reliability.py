@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +19,7 @@ from transfusion.config import JobSpec, TrainSettings
 from transfusion.launcher import LaunchRequest, fit_job
 
 pytestmark = pytest.mark.slow
+pytest_plugins = ("s3_server",)
 
 SETTINGS = TrainSettings(steps=8, batch_size=16, eval_every=4, checkpoint_every=2, resolution=32, probe_size=16,
                          max_failures=2)  # fmt: skip
@@ -86,19 +89,17 @@ def test_tracking_server_restart_mid_logging_loses_nothing(tmp_path):
     uri = server.url
     experiment_id = tracking.ensure_experiment("restart", uri=uri)
     run_id = tracking.client(uri).create_run(experiment_id).info.run_id
-    context = multiprocessing.get_context("spawn")
-    writer = context.Process(target=_slow_writer, args=(uri, run_id, 30))
-    writer.start()
-    time.sleep(3)
-    server.stop()  # the tracking server goes away mid-run ...
-    time.sleep(4)
-    server = start_mlflow_server(tmp_path, port=port)  # ... and comes back on the same store
-    try:
-        writer.join(180)
-        assert writer.exitcode == 0
-        assert [s for s, _ in tracking.metric_history(run_id, "train/loss", uri=uri)] == list(range(30))
-    finally:
-        server.stop()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        writer = pool.submit(_slow_writer, uri, run_id, 30)
+        time.sleep(3)
+        server.stop()  # the tracking server goes away mid-run ...
+        time.sleep(4)
+        server = start_mlflow_server(tmp_path, port=port)  # ... and comes back on the same store
+        try:
+            writer.result(timeout=180)
+            assert [s for s, _ in tracking.metric_history(run_id, "train/loss", uri=uri)] == list(range(30))
+        finally:
+            server.stop()
 
 
 def _slow_writer(uri: str, run_id: str, steps: int) -> None:
@@ -159,3 +160,68 @@ def test_services_bind_to_loopback_only(tmp_path):
         assert addresses and set(addresses) == {"0100007F"}, addresses
     finally:
         server.stop()
+
+
+def test_preflight_refuses_an_unreachable_tracking_server_and_a_missing_bucket(s3_server, monkeypatch):
+    from transfusion.preflight import check_storage_path, check_tracking_server
+    from transfusion.services import free_port
+
+    with pytest.raises(RuntimeError, match=r"MLflow tracking server http://127\.0\.0\.1:\d+ is unreachable"):
+        check_tracking_server(f"http://127.0.0.1:{free_port()}", timeout=2)
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    s3_server.create_bucket("present")
+    check_storage_path("s3://present/ray")
+    with pytest.raises(RuntimeError, match="S3 bucket 'absent' of storage path s3://absent/ray does not exist"):
+        check_storage_path("s3://absent/ray")
+
+
+def _kill_processes_mentioning(text: str) -> None:
+    """Stops what a SIGKILLed run left behind (its MLflow server runs in its own session)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if text.encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
+def test_interrupted_grid_rerun_skips_finished_resumes_partial_and_never_duplicates(tmp_path):
+    from tests.conftest import REPO
+
+    overrides = ["--set", "train.steps=40", "--set", "train.checkpoint_every=5", "--set", "max_concurrent=1"]
+    env = {**os.environ, "TRANSFUSION_HOME": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "smoke", *overrides], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        for line in process.stdout:
+            if line.startswith("[1/2]"):
+                break
+        time.sleep(8)  # the second job is training now
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the flow process dies mid-grid, Ray with it
+        process.wait()
+        _kill_processes_mentioning(str(tmp_path))
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    before = db.execute("select status from runs r join tags t on t.run_uuid = r.run_uuid "
+                        "where t.key = 'transfusion.role' and t.value = 'job'").fetchall()  # fmt: skip
+    db.close()
+    assert sorted(s for (s,) in before) == ["FINISHED", "RUNNING"], before
+
+    again = run_cli("run", "smoke", *overrides, home=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Grid smoke: 1 trained, 1 already done, 0 failed" in again.stdout
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    rows = db.execute(
+        "select k.value, r.status, coalesce(a.value, '1') from runs r "
+        "join tags k on k.run_uuid = r.run_uuid and k.key = 'job_key' "
+        "left join tags a on a.run_uuid = r.run_uuid and a.key = 'attempts'"
+    ).fetchall()  # fmt: skip
+    assert len(rows) == 2 and len({key for key, _, _ in rows}) == 2, rows  # one run per job key
+    assert all(status == "FINISHED" for _, status, _ in rows)
+    assert sorted(attempts for _, _, attempts in rows) == ["1", "2"]  # the partial job continued in its run

@@ -66,3 +66,15 @@ def test_batches_are_a_function_of_seed_and_step():
 def test_nan_loss_stops_the_job(tiny_retina):
     with pytest.raises(NonFiniteLossError, match="at step 2"):
         run_training(_spec(), tiny_retina, hooks=RecordingHooks(), fault_at_step=2)
+
+
+def test_loop_trains_any_prepared_dataset_multilabel_grey(session_home):
+    from transfusion.data import prepare_dataset
+
+    chest = prepare_dataset("synthetic-chest", resolution=32, options={"train": 96, "val": 48, "test": 48},
+                            home=session_home)  # fmt: skip
+    spec = _spec(dataset="synthetic-chest", dataset_options={"train": 96, "val": 48, "test": 48}, data_size=64)
+    result = run_training(spec, chest, hooks=RecordingHooks())
+    assert chest.in_channels == 1 and chest.num_labels == 5
+    per_label = [k for k in result.final_metrics if k.startswith("test/auc/")]
+    assert len(per_label) >= 3 and "test/auc" in result.final_metrics

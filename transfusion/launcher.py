@@ -118,7 +118,12 @@ def _train_worker(config: dict) -> dict[str, float]:
     if request.source_uri and resume is None:
         from transfusion.pretrained import load_state_dict_from_uri
 
-        source_state = load_state_dict_from_uri(request.source_uri).state_dict
+        loaded = load_state_dict_from_uri(request.source_uri)
+        source_state = loaded.state_dict
+        if rank == 0:
+            from transfusion.tracking import log_params
+
+            log_params(request.run_id, {"pretrained_sha256": loaded.sha256}, uri=request.tracking_uri)
 
     def crash_once(step: int) -> None:
         # Fault injection: SIGKILL this worker once (the marker survives the restart).

@@ -17,17 +17,8 @@ paper's five CheXpert pathologies; images are greyscale ``(H, W, 1)`` uint8.
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import numpy as np
 from PIL import Image, ImageFilter
-
-from transfusion.data import DATASETS, PrepareRequest
-from transfusion.data.prepared import PreparedDataset, PreparedDatasetWriter
-from transfusion.data.summary import label_summary
-
-log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "1"
 LABEL_NAMES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
@@ -195,59 +186,3 @@ def generate_chest_split(resolution: int, count: int, *, seed: int, split_id: in
             lesion_seed=int(np.random.SeedSequence([seed, split_id, i, 2]).generate_state(1)[0]),
         )
     return images, labels
-
-
-@DATASETS.register("synthetic-chest")
-def prepare_synthetic_chest(request: PrepareRequest, data_root: Path) -> PreparedDataset:
-    """Procedural chest X-rays; five multi-label findings named like the paper's pathologies."""
-    if request.source not in (None, "", "synthetic"):
-        raise ValueError(f"dataset 'synthetic-chest' takes no source, got {request.source!r}")
-    unknown = sorted(set(dict(request.options)) - {*SYNTHETIC_CHEST_DEFAULTS, "skip_bad", "workers"})
-    if unknown:
-        raise ValueError(
-            f"unknown option {unknown[0]!r} for dataset 'synthetic-chest'; valid: {', '.join(SYNTHETIC_CHEST_DEFAULTS)}"
-        )
-    sizes = {k: int(request.option(k, v)) for k, v in SYNTHETIC_CHEST_DEFAULTS.items()}
-    for split in ("train", "val", "test"):
-        if sizes[split] < 1:
-            raise ValueError(f"synthetic-chest {split} size must be >= 1, got {sizes[split]}")
-    key = (
-        f"v{GENERATOR_VERSION}-r{request.resolution}-seed{sizes['seed']}"
-        f"-{sizes['train']}-{sizes['val']}-{sizes['test']}"
-    )
-    root = data_root / key
-    if (root / "meta.json").is_file():
-        return PreparedDataset.open(root)
-    total = sizes["train"] + sizes["val"] + sizes["test"]
-    log.info("generating synthetic-chest %s (%d images)", key, total)
-    labels, split = [], []
-    with PreparedDatasetWriter(
-        root, num_images=total, image_shape=(request.resolution, request.resolution, 1)
-    ) as writer:
-        offset = 0
-        for split_id, split_name in enumerate(("train", "val", "test")):
-            images, split_labels = generate_chest_split(
-                request.resolution, sizes[split_name], seed=sizes["seed"], split_id=split_id
-            )
-            writer.images[offset : offset + len(images)] = images
-            offset += len(images)
-            labels.append(split_labels)
-            split.append(np.full(len(images), split_id))
-        targets, split_all = np.concatenate(labels), np.concatenate(split)
-        return writer.finish(
-            meta={
-                "name": request.name,
-                "version": key,
-                "resolution": request.resolution,
-                "label_names": list(LABEL_NAMES),
-                "task": "binary",
-                "augment": "xray",
-                "channels": 1,
-                "source": "procedural",
-                "summary": label_summary(targets, split_all, list(LABEL_NAMES)),
-                "skipped": 0,
-                "skipped_files": [],
-            },
-            targets=targets,
-            split=split_all,
-        )

@@ -22,6 +22,7 @@ from tasks.training import (
     JobOutcome,
     finish_grid_run_task,
     open_grid_run_task,
+    pending_jobs_task,
     preflight_task,
     prepare_dataset_task,
     start_compute_task,
@@ -80,9 +81,11 @@ def transfusion(grid: GridSpec | PresetName, stage: Stage = "all", report_dir: s
         outcomes: list[JobOutcome] = []
         if stage in ("all", "train", "pretrain"):
             dataset_root = prepare_dataset_task(grid)
-            slots = start_compute_task(grid)
+            # Ray starts only when there is something to train: a re-run of a done grid is quick.
+            pending = pending_jobs_task(grid, grid_run) if stage != "pretrain" else 1
+            slots = start_compute_task(grid) if pending else 0
             sources = {}
-            if grid.pretrained:
+            if grid.pretrained and pending:
                 for model in grid.models:
                     sources[model] = resolve_pretrained_task.submit(model, grid.pretrained, grid.train.resolution)
             if stage == "pretrain":
@@ -91,10 +94,13 @@ def transfusion(grid: GridSpec | PresetName, stage: Stage = "all", report_dir: s
                     _progress(f"{model}: {uri}")
             else:
                 jobs = grid.jobs()
-                _progress(f"grid {grid.name}: {len(jobs)} jobs, up to {slots} at a time; tracking at {tracking_uri}")
+                _progress(
+                    f"grid {grid.name}: {len(jobs)} jobs, {pending} to train, up to {max(slots, 1)} at a time; "
+                    f"tracking at {tracking_uri}"
+                )
                 futures = [
                     train_job_task.submit(
-                        spec, grid_run, dataset_root, sources[spec.model] if spec.pretrained else None, grid.max_retries
+                        spec, grid_run, dataset_root, sources.get(spec.model) if spec.pretrained else None, grid.max_retries
                     )
                     for spec in jobs
                 ]

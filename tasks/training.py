@@ -127,6 +127,12 @@ def preflight_task(grid: GridSpec) -> None:
     check_storage_path(storage_path())
 
 
+@task(name="pending-jobs", cache_policy=None)
+def pending_jobs_task(grid: GridSpec, grid_run: tracking.GridRun) -> int:
+    """How many of the grid's jobs have no FINISHED run yet (0: nothing to train)."""
+    return sum(tracking.find_finished_run(grid_run.experiment_id, s.job_key) is None for s in grid.jobs())
+
+
 @task(name="open-grid-run", cache_policy=None)
 def open_grid_run_task(grid: GridSpec) -> tracking.GridRun:
     return tracking.open_grid_run(grid)
@@ -163,7 +169,8 @@ def train_job_task(
             attempt = 1
         else:
             run_id = previous.info.run_id
-            attempt = int(previous.data.tags.get("attempts", "1")) + (previous.info.status != "RUNNING")
+            # A RUNNING run found by a new grid run was left by a dead process: also a new attempt.
+            attempt = int(previous.data.tags.get("attempts", "1")) + 1
             if previous.info.status == "FAILED" and attempt > 1 + max_retries:
                 reason = previous.data.tags.get(tracking.REASON_TAG, "failed")
                 return JobOutcome(

@@ -22,6 +22,7 @@ from tests.benchmarks.common import machine_info, write_section  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--note", default="", help="conditions of the measurement, e.g. other load")
     args = parser.parse_args(argv)
     home = tempfile.mkdtemp(prefix="bench-demo-")
     env = {**os.environ, "TRANSFUSION_HOME": home}
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     again = subprocess.run([sys.executable, "-m", "flows.cli", "run", "demo"], cwd=REPO, env=env,
                            capture_output=True, text=True)  # fmt: skip
     again_wall = time.perf_counter() - again_started
-    table = "\n".join(line for line in result.stdout.splitlines() if line.startswith("|"))
+    tables = [t for t in result.stdout.split("\n\n") if t.lstrip().startswith("|")]
+    table = tables[0].strip() if tables else "(no table printed)"
     body = f"""Machine: {machine_info()}.
 Command: `transfusion run demo` on an empty `TRANSFUSION_HOME` (data generation, pretraining of both CBR
 nets on synthetic shapes, 12 jobs, analyses and report), then the same command again.
@@ -47,6 +49,8 @@ nets on synthetic shapes, 12 jobs, analyses and report), then the same command a
 |---|---|---|
 | first (everything) | {wall:.0f} s ({wall / 60:.1f} min) | < 10 min (aim 5) |
 | again (nothing retrained) | {again_wall:.0f} s | |
+
+{args.note}
 
 Results of that run:
 

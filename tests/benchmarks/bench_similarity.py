@@ -86,9 +86,10 @@ def baseline_svcca(x: np.ndarray, y: np.ndarray, keep: float) -> tuple[float, tu
 
 
 def _timed(fn, *args, **kwargs):
-    start = time.perf_counter()
+    """Result, wall seconds and CPU seconds of this process (all threads)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
+    return out, (time.perf_counter() - wall, time.process_time() - cpu)
 
 
 def _cpu_model() -> str:
@@ -99,6 +100,17 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _busy_cpu_seconds() -> float | None:
+    """Non-idle CPU seconds of the whole machine so far (Linux), else None."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields]
+    busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def _numpy_blas() -> str:
@@ -130,41 +142,57 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     load_before = os.getloadavg()[0]
+    busy_before, own_before, wall_before = (
+        _busy_cpu_seconds(),
+        time.process_time(),
+        time.perf_counter(),
+    )
     x, y = make_pair(args.examples, args.features, args.seed)
+    # warm both pipelines up (library loading, thread pools) outside the timings
+    svcca(x[:500, :50], y[:500, :50], keep=args.keep)
+    baseline_svcca(x[:500, :50], y[:500, :50], args.keep)
 
     ours_times = []
     for _ in range(args.repeats):
         ours, seconds = _timed(svcca, x, y, keep=args.keep)
         ours_times.append(seconds)
-    ours_seconds = statistics.median(ours_times)
+    ours_seconds = tuple(statistics.median(t[i] for t in ours_times) for i in (0, 1))
 
     px, prepare_x_seconds = _timed(prepare, x, keep=args.keep)
     py, prepare_y_seconds = _timed(prepare, y, keep=args.keep)
     prepared, pair_seconds = _timed(svcca, px, py, keep=args.keep)
+    prepare_seconds = tuple(a + b for a, b in zip(prepare_x_seconds, prepare_y_seconds, strict=True))
 
     (base_score, base_dims), base_seconds = _timed(baseline_svcca, x, y, args.keep)
     load_after = os.getloadavg()[0]
+    busy_after = _busy_cpu_seconds()
+    others = "unknown"
+    if busy_before is not None and busy_after is not None:
+        # CPU share taken by other processes while we ran: the timings' noise floor
+        own = time.process_time() - own_before
+        capacity = (time.perf_counter() - wall_before) * (os.cpu_count() or 1)
+        others = f"{max(0.0, busy_after - busy_before - own) / capacity:.0%}"
 
     difference = abs(ours.score - base_score)
-    speedup = base_seconds / ours_seconds
+    speedup = base_seconds[0] / ours_seconds[0]
+    cpu_speedup = base_seconds[1] / ours_seconds[1]
     rows = [
         ("google/svcca tutorial pipeline (numpy SVD + cca_core CCA)", base_seconds),
         (f"`svcca(x, y, keep={args.keep})` on raw arrays (median of {args.repeats})", ours_seconds),
-        (
-            "`prepare(x)` + `prepare(y)` (once per representation)",
-            prepare_x_seconds + prepare_y_seconds,
-        ),
+        ("`prepare(x)` + `prepare(y)` (once per representation)", prepare_seconds),
         ("`svcca(px, py)` on prepared representations (per pair)", pair_seconds),
     ]
     print(f"examples x features: {args.examples} x {args.features}, keep {args.keep}")
-    for name, seconds in rows:
-        print(f"{seconds:9.2f} s  {name}")
-    print(f"speed-up (baseline / ours raw): {speedup:.1f}x")
+    print("     wall       CPU")
+    for name, (wall, cpu) in rows:
+        print(f"{wall:8.2f} s {cpu:8.2f} s  {name}")
+    print(f"speed-up (baseline / ours raw): {speedup:.1f}x wall, {cpu_speedup:.1f}x CPU")
     print(f"dims kept: ours {ours.dims}, baseline {base_dims}")
     print(f"scores: ours {ours.score:.12f}, baseline {base_score:.12f}, |diff| {difference:.2e}")
     print(f"prepared-pair score |diff| vs raw: {abs(prepared.score - ours.score):.2e}")
+    print(f"load average {load_before:.1f} -> {load_after:.1f}; other processes used {others} of CPU")
 
-    table = "\n".join(f"| {name} | {seconds:.2f} |" for name, seconds in rows)
+    table = "\n".join(f"| {name} | {wall:.2f} | {cpu:.2f} |" for name, (wall, cpu) in rows)
     markdown = f"""{SECTION}
 
 SVCCA (keep {args.keep:.0%} of variance, squared singular values) of two correlated
@@ -174,15 +202,16 @@ float64 representations, {args.examples} examples x {args.features} features
 - Date: {dt.date.today().isoformat()}
 - Command: `{COMMAND}`
 - Machine: `nproc` {os.cpu_count()}, {_cpu_model()}; load average {load_before:.1f}
-  before / {load_after:.1f} after (other jobs shared the CPU)
+  before / {load_after:.1f} after; other processes used {others} of the CPUs during the run
 - Versions: torch {torch.__version__} (MKL: {torch.backends.mkl.is_available()}),
   numpy {np.__version__} (BLAS: {_numpy_blas()}), Python {platform.python_version()}
 
-| pipeline | seconds |
-| --- | ---: |
+| pipeline | wall s | CPU s |
+| --- | ---: | ---: |
 {table}
 
-- Speed-up, baseline / ours on raw arrays: **{speedup:.1f}x**
+- Speed-up, baseline / ours on raw arrays: **{speedup:.1f}x** wall clock
+  ({cpu_speedup:.1f}x in CPU time, which other jobs on the machine disturb less)
 - Directions kept: ours {ours.dims}, baseline {base_dims}
 - Scores: ours {ours.score:.12f}, baseline {base_score:.12f}, |difference| {difference:.1e}
 - Ours eigendecomposes the 2 048 x 2 048 covariance (torch, MKL) instead of an SVD of

@@ -7,6 +7,7 @@ exposes ``forward_features`` (the map before global pooling) and a resettable he
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from torch import nn
@@ -16,9 +17,34 @@ from transfusion.registry import Registry
 
 MODELS: Registry[Callable[..., CaptureModel]] = Registry("model")
 
+# Families built on torchvision load on first use: importing torchvision costs seconds
+# (it pulls in torch._dynamo), which every Ray worker of every job would pay otherwise.
+LAZY_FAMILIES = {"resnet50": "resnet", "slim-resnet50": "resnet", "inception_v3": "inception"}
+_LAZY_BUILDERS: dict[str, Callable[..., CaptureModel]] = {}
+
 
 def register_model(name: str) -> Callable[[Callable[..., CaptureModel]], Callable[..., CaptureModel]]:
+    if name in LAZY_FAMILIES:
+
+        def keep(builder: Callable[..., CaptureModel]) -> Callable[..., CaptureModel]:
+            _LAZY_BUILDERS[name] = builder
+            return builder
+
+        return keep
     return MODELS.register(name)
+
+
+def _lazy_builder(name: str, family: str) -> Callable[..., CaptureModel]:
+    def build(**kwargs) -> CaptureModel:
+        importlib.import_module(f"transfusion.models.{family}")
+        return _LAZY_BUILDERS[name](**kwargs)
+
+    build.__name__ = name.replace("-", "_")
+    return build
+
+
+for _name, _family in LAZY_FAMILIES.items():
+    MODELS.add(_name, _lazy_builder(_name, _family))
 
 
 def create_model(name: str, *, num_classes: int, in_channels: int = 3) -> CaptureModel:
@@ -39,6 +65,6 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # Importing the family modules registers them.
-from transfusion.models import cbr, inception, resnet  # noqa: E402,F401
+from transfusion.models import cbr  # noqa: E402,F401
 
 __all__ = ["CaptureModel", "count_parameters", "create_model", "list_models", "register_model"]

@@ -100,7 +100,11 @@ def transfusion(grid: GridSpec | PresetName, stage: Stage = "all", report_dir: s
                 )
                 futures = [
                     train_job_task.submit(
-                        spec, grid_run, dataset_root, sources.get(spec.model) if spec.pretrained else None, grid.max_retries
+                        spec,
+                        grid_run,
+                        dataset_root,
+                        sources.get(spec.model) if spec.pretrained else None,
+                        grid.max_retries,
                     )
                     for spec in jobs
                 ]

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         print(result.stderr[-4000:])
         raise SystemExit(f"demo failed with exit code {result.returncode}")
     again_started = time.perf_counter()
-    again = subprocess.run([sys.executable, "-m", "flows.cli", "run", "demo"], cwd=REPO, env=env,
+    subprocess.run([sys.executable, "-m", "flows.cli", "run", "demo"], cwd=REPO, env=env,
                            capture_output=True, text=True)  # fmt: skip
     again_wall = time.perf_counter() - again_started
     tables = [t for t in result.stdout.split("\n\n") if t.lstrip().startswith("|")]

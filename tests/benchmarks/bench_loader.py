@@ -16,7 +16,7 @@ import argparse
 import datetime
 import os
 import platform
-import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +29,10 @@ from transfusion.models import create_model
 from transfusion.train import augment, batch_indices, load_images
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from tests.benchmarks.common import write_section  # noqa: E402
+
 SECTION = "## Loader vs model"
 
 
@@ -105,18 +109,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replaces (or appends) the section, keeping every other section of the file."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images-224", type=int, default=512)
@@ -181,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(body)
     if args.write:
-        write_section(REPO / "BENCHMARKS.md", body)
+        write_section(SECTION.removeprefix("## "), body)
         print(f"\nwrote {SECTION!r} to {REPO / 'BENCHMARKS.md'}")
     return 0
 

@@ -302,10 +302,11 @@ def test_bad_shapes_raise_value_error(measure) -> None:
         measure(x[:0], y[:0])
     with pytest.raises(ValueError, match="2-D"):
         measure(x[:, 0], y)
-    bad = x.copy()
-    bad[3, 4] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
-        measure(bad, y)
+    for value in (np.nan, np.inf):
+        bad = x.copy()
+        bad[3, 4] = value
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            measure(bad, y)
 
 
 def test_options_are_keyword_only_and_validated() -> None:

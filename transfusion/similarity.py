@@ -230,10 +230,19 @@ def _as_float64(x: object, name: str) -> torch.Tensor:
         )
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name} is empty: shape {tuple(t.shape)} (examples, features)")
-    t = t.to(torch.float64)
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return t
+    return t.to(torch.float64)
+
+
+def _column_means(t: torch.Tensor, name: str) -> torch.Tensor:
+    """Column means, which also detect non-finite input without another pass."""
+    means = t.mean(dim=0, keepdim=True)
+    if not bool(torch.isfinite(means).all()):
+        raise ValueError(f"{name} contains NaN or infinite values (or values whose sum overflows float64)")
+    return means
+
+
+def _centred(t: torch.Tensor, name: str) -> torch.Tensor:
+    return t - _column_means(t, name)
 
 
 def _device_of(x: object) -> torch.device | None:
@@ -346,33 +355,39 @@ def _refine(xc: torch.Tensor, v: torch.Tensor, norms: torch.Tensor) -> tuple[tor
     return basis, sigma, loadings
 
 
-def _prepare_tensor(t: torch.Tensor, *, keep: float, variance: str, dims: int | None) -> PreparedRepresentation:
+def _prepare_tensor(
+    t: torch.Tensor, *, keep: float, variance: str, dims: int | None, name: str = "x"
+) -> PreparedRepresentation:
     n, p = t.shape
     if n < 2:
-        raise ValueError(f"need at least 2 examples to centre; got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} needs at least 2 examples to centre; got shape {tuple(t.shape)}")
+    means = _column_means(t, name)
     # Exact constancy test: centring a constant column leaves rounding noise, not 0.
     varying = (t != t[:1]).any(dim=0)
-    xc = t if bool(varying.all()) else t[:, varying]
-    xc = xc - xc.mean(dim=0, keepdim=True)
-    norms = torch.linalg.vector_norm(xc, dim=0)
-    nonzero = norms > 0
-    if not bool(nonzero.all()):
-        xc, norms = xc[:, nonzero], norms[nonzero]
-    q = int(xc.shape[1])
+    q = int(varying.sum())
     if q == 0:
         raise ValueError(
-            f"every one of the {p} features is constant over the {n} examples;"
+            f"every one of the {p} features of {name} is constant over the {n} examples;"
             " similarity is undefined for a representation without variance"
         )
     if q < p:
         logger.debug("dropped %d constant features of %d", p - q, p)
+    xc = t - means if q == p else t[:, varying] - means[:, varying]
 
     if q <= n:
         # Few features: eigh of the q x q covariance instead of an n x q SVD.
-        lam, vecs = torch.linalg.eigh(_lower_gram(xc))
+        gram = _lower_gram(xc)
+        sq_norms = gram.diagonal().clone()
     else:
         # Few examples: the n x n Gram matrix is the small side.
-        lam, vecs = torch.linalg.eigh(_lower_gram(xc.T))
+        gram = _lower_gram(xc.T)
+        sq_norms = xc.square().sum(dim=0)
+    if not bool((sq_norms > 0).all()):
+        raise ValueError(
+            f"{name} has a non-constant feature whose variance underflows float64; rescale the activations"
+        )
+    norms = sq_norms.sqrt()
+    lam, vecs = torch.linalg.eigh(gram)
     lam, vecs = lam.flip(0), vecs.flip(1)
     rank = int((lam > lam[0] * _RANK_RTOL * max(n, q)).sum())
     s = lam[:rank].sqrt()
@@ -387,7 +402,7 @@ def _prepare_tensor(t: torch.Tensor, *, keep: float, variance: str, dims: int | 
         # variance fractions) so svcca re-selects exactly these k directions.
         basis, _, loadings = _refine(xc, v, norms)
     elif q <= n:
-        basis = (xc @ v) / s[:k][None, :]
+        basis = xc @ (v / s[:k][None, :])
         loadings = (s[:k, None] * v.T) / norms[None, :]
     else:
         basis = vecs[:, :k].contiguous()
@@ -457,7 +472,7 @@ def _prepared_pair(
             out.append(value)
         else:
             t = _tensor_on(value, name, device)
-            out.append(_prepare_tensor(t, keep=keep, variance=variance, dims=dims))
+            out.append(_prepare_tensor(t, keep=keep, variance=variance, dims=dims, name=name))
     return out[0], out[1]
 
 
@@ -662,8 +677,7 @@ def pwcca(x: Representation, y: Representation, *, epsilon: float = 0.0) -> PWCC
 def _centred_pair(x: object, y: object) -> tuple[torch.Tensor, torch.Tensor]:
     _check_rows(x, y)
     device = _common_device(x, y)
-    tx, ty = _tensor_on(x, "x", device), _tensor_on(y, "y", device)
-    return tx - tx.mean(dim=0, keepdim=True), ty - ty.mean(dim=0, keepdim=True)
+    return _centred(_tensor_on(x, "x", device), "x"), _centred(_tensor_on(y, "y", device), "y")
 
 
 def _alignment(hsic: torch.Tensor, norm_x: torch.Tensor, norm_y: torch.Tensor) -> float:

@@ -54,12 +54,17 @@ def make_pair(examples: int, features: int, seed: int) -> tuple[np.ndarray, np.n
 
 
 def _tutorial_reduce(acts: np.ndarray, keep: float) -> np.ndarray:
-    """google tutorial step 1, neurons x datapoints: centre, thin SVD, s[:k] * V[:k]."""
+    """google tutorial step 1, neurons x datapoints: centre, thin SVD, diag(s_k) V_k.
+
+    Kept operation for operation as the tutorial runs them (full thin SVD with
+    U, a dense diagonal matrix product), only the number of directions comes
+    from ``keep`` instead of a fixed 20.
+    """
     centred = acts - acts.mean(axis=1, keepdims=True)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     explained = np.cumsum(s**2) / np.sum(s**2)
     k = int(np.searchsorted(explained, keep)) + 1
-    return s[:k, None] * vt[:k]
+    return np.dot(s[:k] * np.eye(k), vt[:k])
 
 
 def _cca_core_mean(a: np.ndarray, b: np.ndarray) -> float:
@@ -72,11 +77,13 @@ def _cca_core_mean(a: np.ndarray, b: np.ndarray) -> float:
     saa, sbb, sab = saa / amax, sbb / bmax, sab / np.sqrt(amax * bmax)
 
     def inverse_sqrt(block: np.ndarray) -> np.ndarray:
+        # pseudo-inverse, then its square root through eigh and two dense products
         w, v = np.linalg.eigh(np.linalg.pinv(block))
-        return (v * np.sqrt(w)) @ v.T
+        return np.dot(v, np.dot(np.diag(np.sqrt(w)), v.T))
 
-    whitened = inverse_sqrt(saa) @ sab @ inverse_sqrt(sbb)
-    return float(np.mean(np.abs(np.linalg.svd(whitened, compute_uv=False))))
+    whitened = np.dot(inverse_sqrt(saa), np.dot(sab, inverse_sqrt(sbb)))
+    _, rho, _ = np.linalg.svd(whitened)  # cca_core keeps the singular vectors too
+    return float(np.mean(np.abs(rho)))
 
 
 def baseline_svcca(x: np.ndarray, y: np.ndarray, keep: float) -> tuple[float, tuple[int, int]]:

@@ -26,7 +26,7 @@ def source_label(source: str) -> str:
 
 
 def pretrain_grid(
-    model: str, *, source: str = SYNTHETIC_SOURCE, resolution: int = 40, steps: int = 150, seed: int = 0
+    model: str, *, source: str = SYNTHETIC_SOURCE, resolution: int = 40, steps: int = 120, seed: int = 0
 ) -> GridSpec:
     """The one-job grid that pretrains ``model`` on ``source``.
 

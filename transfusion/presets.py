@@ -51,10 +51,10 @@ def demo_grid() -> dict:
         "data_sizes": ["full"],
         "seeds": [0, 1],
         "train": {
-            "steps": 150,
+            "steps": 120,
             "batch_size": 32,
             "lr": 2e-3,
-            "eval_every": 25,
+            "eval_every": 20,
             "resolution": 40,
             "probe_size": 128,
             "val_limit": 400,

@@ -16,16 +16,21 @@ from pathlib import Path
 
 import yaml
 
-# Quiet third-party chatter before Prefect and Ray are imported; users can override.
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
-os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+# Quiet third-party chatter (and telemetry calls out of a closed network) before Prefect,
+# MLflow and Ray are imported; a variable the user set wins.
+QUIET_ENV = {
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_LOGGING_LOG_PRINTS": "false",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "RAY_DEDUP_LOGS": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "TQDM_DISABLE": "1",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+}
+for _key, _value in QUIET_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -29,18 +30,35 @@ from transfusion.data import DATASETS
 from transfusion.inits import INITS
 from transfusion.models import MODELS
 
-DataSize = int | Literal["full"]
+
+def _positive_data_size(size: int | str) -> int | str:
+    if size != "full" and size <= 0:
+        raise ValueError(f"data_size must be 'full' or a positive integer, got {size}")
+    return size
+
+
+DataSize = Annotated[int | Literal["full"], AfterValidator(_positive_data_size)]
+
+
+def _registered(registry) -> AfterValidator:
+    """Checks a name against ``registry``; an unknown one lists the valid names."""
+
+    def check(name: str) -> str:
+        registry.get(name)
+        return name
+
+    return AfterValidator(check)
 
 
 def _enum_schema(names: list[str]) -> WithJsonSchema:
     # The JSON schema lists valid names, so a Prefect server rejects a bad grid
-    # before any run; the Python validators below give the friendlier message.
+    # before any run; the Python validator gives the friendlier message.
     return WithJsonSchema({"type": "string", "enum": names})
 
 
-ModelName = Annotated[str, _enum_schema(MODELS.names())]
-InitName = Annotated[str, _enum_schema(INITS.names())]
-DatasetName = Annotated[str, _enum_schema(DATASETS.names())]
+ModelName = Annotated[str, _registered(MODELS), _enum_schema(MODELS.names())]
+InitName = Annotated[str, _registered(INITS), _enum_schema(INITS.names())]
+DatasetName = Annotated[str, _registered(DATASETS), _enum_schema(DATASETS.names())]
 
 
 class _Frozen(BaseModel):
@@ -76,45 +94,16 @@ class JobSpec(_Frozen):
     """One training run: a model, an init, a data regime and a seed."""
 
     grid: str = "adhoc"
-    model: str
-    init: str
+    model: ModelName
+    init: InitName
     init_options: dict[str, Any] = Field(default_factory=dict)
     pretrained: str | None = Field(default=None, description="weights for transfer inits: a source name or URI")
-    dataset: str
+    dataset: DatasetName
     dataset_source: str | None = None
     dataset_options: dict[str, Any] = Field(default_factory=dict)
     data_size: DataSize = "full"
     seed: Annotated[int, Field(ge=0)] = 0
     train: TrainSettings = TrainSettings()
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, name: str) -> str:
-        from transfusion.models import MODELS
-
-        MODELS.get(name)
-        return name
-
-    @field_validator("init")
-    @classmethod
-    def _known_init(cls, name: str) -> str:
-        _check_init(name)
-        return name
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, name: str) -> str:
-        from transfusion.data import DATASETS
-
-        DATASETS.get(name)
-        return name
-
-    @field_validator("data_size")
-    @classmethod
-    def _positive_size(cls, size: DataSize) -> DataSize:
-        if size != "full" and size <= 0:
-            raise ValueError(f"data_size must be 'full' or a positive integer, got {size}")
-        return size
 
     @property
     def job_key(self) -> str:
@@ -155,12 +144,6 @@ class InitChoice(_Frozen):
         if isinstance(value, str):
             return {"name": value}
         return value
-
-    @field_validator("name")
-    @classmethod
-    def _known_init(cls, name: str) -> str:
-        _check_init(name)
-        return name
 
 
 # An init is written as its name or as {name, options}; the schema says both, so a
@@ -219,31 +202,6 @@ class GridSpec(_Frozen):
             raise ValueError(f"seeds must be distinct, got {seeds}")
         return seeds
 
-    @field_validator("models")
-    @classmethod
-    def _known_models(cls, names: list[str]) -> list[str]:
-        from transfusion.models import MODELS
-
-        for name in names:
-            MODELS.get(name)
-        return names
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, name: str) -> str:
-        from transfusion.data import DATASETS
-
-        DATASETS.get(name)
-        return name
-
-    @field_validator("data_sizes")
-    @classmethod
-    def _positive_sizes(cls, sizes: list[DataSize]) -> list[DataSize]:
-        for size in sizes:
-            if size != "full" and size <= 0:
-                raise ValueError(f"data_size must be 'full' or a positive integer, got {size}")
-        return sizes
-
     @model_validator(mode="after")
     def _sources_for_transfer(self) -> GridSpec:
         needing = [i.name for i in self.inits if init_needs_source(i.name)]
@@ -286,12 +244,6 @@ def _preset_names() -> list[str]:
 
 
 PresetName = Annotated[str, _enum_schema(_preset_names())]
-
-
-def _check_init(name: str) -> None:
-    from transfusion.inits import INITS
-
-    INITS.get(name)
 
 
 # Inits that build weights without a pretrained source; every other init reads one.

@@ -131,11 +131,12 @@ def write_section(markdown: str, path: Path) -> None:
     """Replace the existing Similarity section of ``path`` or append one."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\b.*?(?=^## |\Z)", re.S | re.M)
+    block = markdown.rstrip("\n") + "\n\n"
     if pattern.search(text):
-        text = pattern.sub(lambda _: markdown, text, count=1)
+        text = pattern.sub(lambda _: block, text, count=1)
     else:
-        text = text.rstrip("\n") + "\n\n" + markdown
-    path.write_text(text)
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text.rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,8 +223,8 @@ float64 representations, {args.examples} examples x {args.features} features
 - Directions kept: ours {ours.dims}, baseline {base_dims}
 - Scores: ours {ours.score:.12f}, baseline {base_score:.12f}, |difference| {difference:.1e}
 - Ours eigendecomposes the 2 048 x 2 048 covariance (torch, MKL) instead of an SVD of
-  the 20 000-row matrix and never inverts a covariance; part of the gap is MKL (torch)
-  against OpenBLAS (numpy), which google's numpy code would also get.
+  the 20 000-row matrix and never inverts a covariance. Part of the gap is MKL (torch)
+  against OpenBLAS (this numpy build); google's code on an MKL-linked numpy would gain that part.
 """
     if not args.no_write:
         write_section(markdown, REPO / "BENCHMARKS.md")

@@ -521,6 +521,27 @@ def _canonical(
 # ------------------------------------------------------------------------ measures
 
 
+def _full_canonical(
+    x: Representation, y: Representation, *, epsilon: float, measure: str, with_directions: bool = False
+):
+    """(px, py, rho, directions) on the full column spaces: what CCA and PWCCA share."""
+    _check_epsilon(epsilon)
+    px, py = _prepared_pair(x, y)
+    _require_full(px, "x", measure)
+    _require_full(py, "y", measure)
+    rho, a = _canonical(
+        px,
+        px.directions,
+        py,
+        py.directions,
+        epsilon=epsilon,
+        scale_x=px.max_sq_norm,
+        scale_y=py.max_sq_norm,
+        with_directions=with_directions,
+    )
+    return px, py, rho, a
+
+
 @SIMILARITIES.register("cca")
 def cca(x: Representation, y: Representation, *, epsilon: float = 0.0) -> CCAResult:
     """Mean canonical correlation between two (examples, features) representations.
@@ -545,19 +566,7 @@ def cca(x: Representation, y: Representation, *, epsilon: float = 0.0) -> CCARes
         ValueError: mismatched or empty rows, non-2-D or non-finite input, a
             representation with no variance, or a truncated preparation.
     """
-    _check_epsilon(epsilon)
-    px, py = _prepared_pair(x, y)
-    _require_full(px, "x", "cca")
-    _require_full(py, "y", "cca")
-    rho, _ = _canonical(
-        px,
-        px.directions,
-        py,
-        py.directions,
-        epsilon=epsilon,
-        scale_x=px.max_sq_norm,
-        scale_y=py.max_sq_norm,
-    )
+    _, _, rho, _ = _full_canonical(x, y, epsilon=epsilon, measure="cca")
     return CCAResult(score=float(rho.mean()), coefficients=rho.cpu().numpy())
 
 
@@ -650,20 +659,7 @@ def pwcca(x: Representation, y: Representation, *, epsilon: float = 0.0) -> PWCC
     Raises:
         ValueError: input errors as in :func:`cca`.
     """
-    _check_epsilon(epsilon)
-    px, py = _prepared_pair(x, y)
-    _require_full(px, "x", "pwcca")
-    _require_full(py, "y", "pwcca")
-    rho, a = _canonical(
-        px,
-        px.directions,
-        py,
-        py.directions,
-        epsilon=epsilon,
-        scale_x=px.max_sq_norm,
-        scale_y=py.max_sq_norm,
-        with_directions=True,
-    )
+    px, py, rho, a = _full_canonical(x, y, epsilon=epsilon, measure="pwcca", with_directions=True)
     if epsilon > 0:
         # The ridge reweights basis directions; the variate is basis @ (d * a).
         a = a * _ridge_scale(px.singular_values, epsilon, px.max_sq_norm)[:, None]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from transfusion.train import augment, batch_indices, load_images
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.benchmarks.common import write_section  # noqa: E402
+from tests.benchmarks.common import cpu_model, write_section  # noqa: E402
 
 SECTION = "## Loader vs model"
 
@@ -97,16 +96,6 @@ def model_images_per_s(name: str, *, resolution: int, batch_size: int, steps: in
     for _ in range(steps):
         step()
     return steps * batch_size / (time.perf_counter() - started)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,8 @@ import argparse
 import datetime as dt
 import os
 import platform
-import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +33,10 @@ import torch
 from transfusion.similarity import prepare, svcca
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from tests.benchmarks.common import cpu_model, write_section  # noqa: E402
+
 SECTION = "## Similarity"
 COMMAND = "python tests/benchmarks/bench_similarity.py"
 
@@ -99,16 +103,6 @@ def _timed(fn, *args, **kwargs):
     return out, (time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _busy_cpu_seconds() -> float | None:
     """Non-idle CPU seconds of the whole machine so far (Linux), else None."""
     try:
@@ -125,18 +119,6 @@ def _numpy_blas() -> str:
         return np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
     except Exception:  # noqa: BLE001 -- informational only; layout differs across numpy
         return "unknown"
-
-
-def write_section(markdown: str, path: Path) -> None:
-    """Replace the existing Similarity section of ``path`` or append one."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\b.*?(?=^## |\Z)", re.S | re.M)
-    block = markdown.rstrip("\n") + "\n\n"
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text.rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -209,7 +191,7 @@ float64 representations, {args.examples} examples x {args.features} features
 
 - Date: {dt.date.today().isoformat()}
 - Command: `{COMMAND}`
-- Machine: `nproc` {os.cpu_count()}, {_cpu_model()}; load average {load_before:.1f}
+- Machine: `nproc` {os.cpu_count()}, {cpu_model()}; load average {load_before:.1f}
   before / {load_after:.1f} after; other processes used {others} of the CPUs during the run
 - Versions: torch {torch.__version__} (MKL: {torch.backends.mkl.is_available()}),
   numpy {np.__version__} (BLAS: {_numpy_blas()}), Python {platform.python_version()}
@@ -227,7 +209,7 @@ float64 representations, {args.examples} examples x {args.features} features
   against OpenBLAS (this numpy build); google's code on an MKL-linked numpy would gain that part.
 """
     if not args.no_write:
-        write_section(markdown, REPO / "BENCHMARKS.md")
+        write_section(SECTION.removeprefix("## "), markdown.removeprefix(SECTION))
         print(f"wrote {SECTION!r} to {REPO / 'BENCHMARKS.md'}")
 
 

@@ -97,8 +97,7 @@ def analyze_records(
         text = "Random vs pretrained conv1 filters, at init and after training.\n"
         result.sections.append(("First-layer filters", text, ["filters_conv1.png"]))
     result.decompositions = cache.decompositions
-    for name, text in (("tables.md", result.sections[0][1]),):
-        (out / name).write_text(text)
+    (out / "tables.md").write_text(result.sections[0][1])
     return result
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.pretraining import pretrain_register_task
-from tasks.training import preflight_task, start_compute_task
+from tasks.training import preflight_task, start_compute_task, stop_compute_task
 from transfusion.config import ModelName
 from transfusion.data import transfusion_home
 from transfusion.services import tracking_service
@@ -31,4 +31,7 @@ def pretrain(
     with tracking_service(transfusion_home()):
         preflight_task(grid)
         start_compute_task(grid)
-        return pretrain_register_task(grid, model=model, source=source)
+        try:
+            return pretrain_register_task(grid, model=model, source=source)
+        finally:
+            stop_compute_task()

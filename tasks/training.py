@@ -38,10 +38,12 @@ class JobSlots:
     """Bounds how many jobs run at once in this process (jobs beyond wait their turn)."""
 
     def __init__(self) -> None:
+        self.count = 1
         self._semaphore = threading.BoundedSemaphore(1)
 
     def configure(self, count: int) -> None:
-        self._semaphore = threading.BoundedSemaphore(max(1, count))
+        self.count = max(1, count)
+        self._semaphore = threading.BoundedSemaphore(self.count)
 
     def __enter__(self) -> None:
         self._semaphore.acquire()
@@ -60,7 +62,11 @@ def storage_path() -> str:
 
 @task(name="start-compute", cache_policy=None)
 def start_compute_task(grid: GridSpec) -> int:
-    """Starts (or joins) Ray; returns how many of the grid's jobs may run at once."""
+    """Starts (or joins) Ray; returns how many of the grid's jobs may run at once.
+
+    Jobs then run on warm Ray Train workers shared by every grid of this process
+    (:class:`transfusion.launcher.JobPool`) until :func:`stop_compute_task`.
+    """
     from transfusion.launcher import ensure_ray
 
     resources = ensure_ray()
@@ -75,6 +81,22 @@ def start_compute_task(grid: GridSpec) -> int:
     slots = max(1, slots)
     JOB_SLOTS.configure(slots)
     return slots
+
+
+@task(name="stop-compute", cache_policy=None)
+def stop_compute_task() -> None:
+    """Lets this process's warm Ray Train workers go (Ray itself stays up)."""
+    from transfusion.launcher import close_pools
+
+    close_pools()
+
+
+REUSE_WORKERS_ENV = "TRANSFUSION_REUSE_WORKERS"
+
+
+def reuse_workers() -> bool:
+    """Warm workers run job after job unless ``$TRANSFUSION_REUSE_WORKERS=0`` (a fresh Ray Train run each)."""
+    return os.environ.get(REUSE_WORKERS_ENV, "1") != "0"
 
 
 FAULT_ENV = "TRANSFUSION_FAULT"
@@ -146,6 +168,12 @@ def _resume_candidate(experiment_id: str, spec: JobSpec):
     return None
 
 
+# Where a job's time goes besides training (logged with time/total_s): waiting for a
+# worker (seconds only when one had to start), model build + step-0 evaluation, final
+# evaluation + uploads, and the result's trip back.
+JOB_TIMINGS = ("time/launch_s", "time/setup_s", "time/finish_s", "time/handoff_s")
+
+
 @task(name="train-job", cache_policy=None, task_run_name="train-{spec.model}-{spec.init}-{spec.data_size}-s{spec.seed}")
 def train_job_task(
     spec: JobSpec,
@@ -155,7 +183,7 @@ def train_job_task(
     max_retries: int = 1,
 ) -> JobOutcome:
     """Runs one job through Ray Train as one MLflow child run; never raises for job failures."""
-    from transfusion.launcher import LaunchRequest, fit_job
+    from transfusion.launcher import LaunchRequest, fit_job, shared_pool
 
     started = time.perf_counter()
     done = tracking.find_finished_run(grid_run.experiment_id, spec.job_key)
@@ -192,7 +220,11 @@ def train_job_task(
             **injected_faults(spec),
         )
         try:
-            metrics = fit_job(request, storage_path=storage_path())
+            if reuse_workers():
+                pool = shared_pool(spec, storage_path=storage_path(), slots=JOB_SLOTS.count)
+                metrics = pool.run(request)
+            else:
+                metrics = fit_job(request, storage_path=storage_path())
         except Exception as exc:  # the grid carries on; the run says why it failed
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             log.error("job %s failed: %s", spec.job_key, reason)
@@ -204,7 +236,8 @@ def train_job_task(
                 spec.job_key, spec, "FAILED", run_id, reason=reason, seconds=time.perf_counter() - started
             )
         total = time.perf_counter() - started
-        tracking.log_metrics(run_id, {"time/total_s": total}, step=int(metrics.get("steps", 0)))
+        timings = {k: v for k, v in metrics.items() if k in JOB_TIMINGS}
+        tracking.log_metrics(run_id, {"time/total_s": total, **timings}, step=int(metrics.get("steps", 0)))
         tracking.end_run(run_id, "FINISHED")
         return JobOutcome(spec.job_key, spec, "FINISHED", run_id, metrics, seconds=total)
 

@@ -1,33 +1,122 @@
-"""One job through Ray Train, logging to a real MLflow server."""
+"""Jobs through Ray Train on warm pool members, logging to a real MLflow server."""
 
-from pathlib import Path
+import threading
 
 import pytest
+import ray
 
 from transfusion import tracking
 from transfusion.config import JobSpec, TrainSettings
-from transfusion.launcher import LaunchRequest, fit_job
+from transfusion.launcher import (
+    JobBroker,
+    JobFailedError,
+    JobPool,
+    LaunchRequest,
+    checkpoints_for,
+    fit_job,
+    scaling_for,
+)
 
 pytestmark = pytest.mark.slow
 
 
-def test_one_job_through_ray_train(mlflow_server, ray_cluster, tiny_retina, tmp_path):
-    spec = JobSpec(
-        grid="launcher-test", model="cbr-tiny", init="random", dataset="synthetic-retina", data_size=120, seed=3,
+def _spec(seed: int, *, steps: int = 6, max_failures: int = 1) -> JobSpec:
+    return JobSpec(
+        grid="launcher-test", model="cbr-tiny", init="random", dataset="synthetic-retina", data_size=120, seed=seed,
         dataset_options={"train": 240, "val": 64, "test": 64},
-        train=TrainSettings(steps=6, batch_size=16, eval_every=3, resolution=32, probe_size=16),
+        train=TrainSettings(steps=steps, batch_size=16, eval_every=3, resolution=32, probe_size=16,
+                            max_failures=max_failures),
     )  # fmt: skip
-    experiment_id = tracking.ensure_experiment("launcher-test")
+
+
+def _request(spec: JobSpec, dataset_root, **faults) -> LaunchRequest:
+    experiment_id = tracking.ensure_experiment(spec.grid)
     run_id = tracking.create_job_run(spec, experiment_id=experiment_id, parent_run_id=None)
-    request = LaunchRequest(
-        spec=spec.model_dump(mode="json"), run_id=run_id, tracking_uri=mlflow_server.url,
-        dataset_root=str(tiny_retina.root), source_uri=None,
-    )  # fmt: skip
+    return LaunchRequest(spec=spec.model_dump(mode="json"), run_id=run_id, tracking_uri=tracking.tracking_uri(),
+                         dataset_root=str(dataset_root), source_uri=None, **faults)  # fmt: skip
+
+
+def test_one_job_through_ray_train(mlflow_server, ray_cluster, tiny_retina, tmp_path):
+    spec = _spec(3)
+    request = _request(spec, tiny_retina.root)
     metrics = fit_job(request, storage_path=str(tmp_path / "ray"))
     assert metrics["steps"] == 6
     assert 0.0 <= metrics["test/auc"] <= 1.0
-    assert tracking.metric_history(run_id, "val/auc")[-1][0] == 6
-    assert tracking.client().get_run(run_id).data.metrics["test/auc"] == pytest.approx(metrics["test/auc"])
-    # Ray Train kept checkpoints (at each evaluation) in the storage path.
-    states = list(Path(tmp_path / "ray").rglob("state.pt"))
-    assert states, "no Ray Train checkpoint was written"
+    assert metrics["time/launch_s"] > 0 and metrics["time/setup_s"] > 0 and metrics["time/finish_s"] > 0
+    assert tracking.metric_history(request.run_id, "val/auc")[-1][0] == 6
+    assert tracking.client().get_run(request.run_id).data.metrics["test/auc"] == pytest.approx(metrics["test/auc"])
+    # A checkpoint at each evaluation (steps 3 and 6), in the job's own folder, tagged with its run.
+    state = checkpoints_for(spec, str(tmp_path / "ray")).latest()
+    assert state["step"] == 6 and state["run_id"] == request.run_id
+    assert sorted(p.name for p in (tmp_path / "ray" / "jobs").rglob("state-*.pt")) == [
+        "state-00000003.pt",
+        "state-00000006.pt",
+    ]
+
+
+def test_pool_runs_jobs_on_warm_members_and_outlives_a_failed_job(mlflow_server, ray_cluster, tiny_retina, tmp_path):
+    storage = tmp_path / "ray"
+    pool = JobPool(scaling_for(_spec(0)), str(storage), slots=2, name="pool-test")
+    nan_at_step_2 = {1: {"fault_at_step": 2}}  # the second job's loss turns NaN
+    requests = [_request(_spec(seed), tiny_retina.root, **nan_at_step_2.get(seed, {})) for seed in range(4)]
+    results: dict[int, object] = {}
+
+    def run(seed: int) -> None:
+        try:
+            results[seed] = pool.run(requests[seed])
+        except JobFailedError as exc:
+            results[seed] = exc
+
+    try:
+        threads = [threading.Thread(target=run, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    finally:
+        pool.close()
+    assert isinstance(results[1], JobFailedError) and "NonFiniteLossError" in str(results[1])
+    for seed in (0, 2, 3):
+        assert results[seed]["steps"] == 6, results[seed]
+        assert tracking.client().get_run(requests[seed].run_id).data.metrics["test/auc"] == pytest.approx(
+            results[seed]["test/auc"]
+        )
+    # Four jobs, at most two at a time, on two Ray Train runs: members took jobs one after another.
+    member_runs = sorted(p.name for p in storage.iterdir() if p.name.startswith("pool-test-m"))
+    assert member_runs == ["pool-test-m0", "pool-test-m1"]
+
+
+@pytest.fixture()
+def broker(ray_cluster):
+    handle = JobBroker.options(max_concurrency=100).remote(slots=1, idle_timeout_s=0.5)
+    yield handle
+    ray.kill(handle)
+
+
+def _job(run_id: str, max_failures: int = 1) -> dict:
+    return {"run_id": run_id, "spec": {"train": {"max_failures": max_failures}}}
+
+
+def test_broker_hands_out_resumes_gives_up_retires_and_closes(broker):
+    call = lambda method, *args: ray.get(getattr(broker, method).remote(*args))  # noqa: E731
+    assert call("submit", _job("a")) == [0]  # a member must start for the first job
+    assert call("submit", _job("b")) == []  # one slot: b waits for member 0
+    assert call("resume", 0) is None  # first start: nothing to resume
+    assert call("next_job", 0)["run_id"] == "a"
+    assert call("resume", 0)["run_id"] == "a"  # restarted mid-job: continues a (1 failure <= 1)
+    assert call("resume", 0) is None  # a second failure: a is given up
+    assert "gave up after 2 failures" in call("result", "a")["failed"]
+    assert call("next_job", 0)["run_id"] == "b"
+    assert call("job_error", 0, "ValueError: bad") is True  # one restart left
+    assert call("resume", 0)["run_id"] == "b"
+    assert call("job_error", 0, "ValueError: bad") is False  # none left: failed now
+    assert call("result", "b") == {"failed": "ValueError: bad (after 1 restarts)"}
+    assert call("next_job", 0) is None  # idle past the timeout: member 0 retires ...
+    assert call("submit", _job("c")) == [1]  # ... so a new job starts a new member
+    assert call("next_job", 1)["run_id"] == "c"
+    call("finish", 1, {"steps": 6.0})
+    assert call("result", "c") == {"steps": 6.0}
+    assert call("submit", _job("d")) == []  # member 1 is idle and takes it
+    call("close")
+    assert call("result", "d") == {"failed": "the job pool was closed before the job started"}
+    assert call("next_job", 1) is None

@@ -1,38 +1,54 @@
-"""Runs a training job under Ray Train: the only module that imports Ray.
+"""Runs training jobs under Ray Train: the only module that imports Ray.
 
-The plain loop of :mod:`transfusion.train` is touched at three points, as in Ray's own
-examples: the worker turns its config dict into a :class:`JobSpec`, the model goes
-through ``prepare_model`` when there are several workers, and each evaluation is
-reported with a checkpoint, from which Ray Train restarts a crashed worker.
+Starting a Ray Train run costs seconds (a controller actor, a worker group, importing
+torch in a fresh process) — as much as a small CBR job's whole training on a GPU. So
+jobs run on a :class:`JobPool`: up to ``slots`` warm Ray Train runs ("members"), each a
+worker group whose train function takes jobs from a :class:`JobBroker` actor one after
+another, until it has had none for ``idle_timeout_s``. Ray Train still places, scales
+and restarts the workers; a job's training state lives in its own checkpoint folder
+(:mod:`transfusion.checkpoints`), so a restarted worker, or a later grid run, continues
+the job it was running from its last checkpoint.
+
+The plain loop of :mod:`transfusion.train` is touched at two points, as in Ray's own
+examples: the worker turns the job's config dict into a :class:`JobSpec`, and the
+model goes through ``prepare_model`` when there are several workers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import os
 import signal
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from transfusion.checkpoints import JobCheckpoints, storage_filesystem
 from transfusion.config import JobSpec
 
 log = logging.getLogger(__name__)
 
-# Ray Train V2's report() waits for the controller's next poll (2 s by default); a
-# short interval makes a few reports per job cheap.
+# Ray Train V2's controller polls its workers every 2 s by default; a short interval
+# lets it notice a finished or failed member sooner.
 RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_V2_ENABLED": "1",
 }
-STATE_FILE = "state.pt"
+MEMBER_IDLE_TIMEOUT_S = 60.0
+# Restarts one member may take over its whole life (each job has its own max_failures):
+# a bound on a worker that crashes before it can take any job.
+MEMBER_RESTART_LIMIT = 20
 
 
 def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> dict[str, float]:
@@ -58,6 +74,7 @@ def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> d
 
 
 def shutdown_ray() -> None:
+    close_pools()
     if ray.is_initialized():
         ray.shutdown()
 
@@ -79,6 +96,10 @@ class LaunchRequest:
         return dict(self.__dict__)
 
 
+class JobFailedError(RuntimeError):
+    """The job stopped for a reason a restart cannot fix (e.g. a NaN loss), or ran out of restarts."""
+
+
 def scaling_for(spec: JobSpec) -> ScalingConfig:
     """One worker per job by default; several with DDP; fractional GPUs for small models."""
     t = spec.train
@@ -89,31 +110,37 @@ def scaling_for(spec: JobSpec) -> ScalingConfig:
     return ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
 
 
-def _train_worker(config: dict) -> dict[str, float]:
+def storage_location(path: str) -> tuple[str, Any]:
+    """(storage_path, filesystem) for Ray Train's RunConfig; ``s3://`` honours ``AWS_ENDPOINT_URL``."""
+    if not path.startswith("s3://"):
+        return path, None
+    filesystem, inner = storage_filesystem(path)
+    return inner, filesystem
+
+
+def checkpoints_for(spec: JobSpec, storage_path: str) -> JobCheckpoints:
+    return JobCheckpoints(storage_path, f"{spec.grid}-{spec.job_key}")
+
+
+# --- the worker side ------------------------------------------------------------------
+
+
+def _run_job(request: LaunchRequest, *, storage_path: str, rank: int, world_size: int) -> dict[str, float]:
+    """One job in this worker: resume from its checkpoint if it has one, train, log."""
     from transfusion.data.prepared import PreparedDataset
     from transfusion.tracking import MlflowHooks
     from transfusion.train import NonFiniteLossError, run_training
 
-    request = LaunchRequest(**config)
     spec = JobSpec.model_validate(request.spec)
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, spec.train.threads or int(spec.train.cpus_per_job)))
+    checkpoints = checkpoints_for(spec, storage_path)
+    resume = checkpoints.latest()
+    if resume is not None and resume.get("run_id") != request.run_id:
+        resume = None  # left by another run of the same job (e.g. one deleted from MLflow)
 
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            resume = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-
-    def report_checkpoint(state: dict, *, step: int, metrics: dict[str, float]) -> None:
-        with tempfile.TemporaryDirectory() as directory:
-            if rank == 0:
-                torch.save(state, Path(directory) / STATE_FILE)
-            ray.train.report(
-                {"step": step, **metrics},
-                checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None,
-            )
+    def save_checkpoint(state: dict, *, step: int, metrics: dict[str, float]) -> None:
+        if rank == 0:
+            checkpoints.save({**state, "run_id": request.run_id}, step=step)
 
     source_state = None
     if request.source_uri and resume is None:
@@ -128,11 +155,11 @@ def _train_worker(config: dict) -> dict[str, float]:
 
     def crash_once(step: int) -> None:
         # Fault injection: SIGKILL this worker once (the marker survives the restart).
-        if step == request.kill_at_step and request.kill_marker and not Path(request.kill_marker).exists():
-            Path(request.kill_marker).touch()
+        if step == request.kill_at_step and request.kill_marker and not os.path.exists(request.kill_marker):
+            open(request.kill_marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    hooks = MlflowHooks(request.run_id, uri=request.tracking_uri, checkpoint=report_checkpoint)
+    hooks = MlflowHooks(request.run_id, uri=request.tracking_uri, checkpoint=save_checkpoint)
     dataset = PreparedDataset.open(request.dataset_root)
     try:
         result = run_training(
@@ -150,60 +177,332 @@ def _train_worker(config: dict) -> dict[str, float]:
     except NonFiniteLossError as exc:
         # Deterministic: a restart would diverge again, so report instead of raising.
         return {"failed": f"NonFiniteLossError: {exc}"}
-    return {"steps": float(result.steps), **result.final_metrics}
+    return {
+        "steps": float(result.steps),
+        **result.final_metrics,
+        "time/setup_s": result.setup_seconds,
+        "time/finish_s": result.finish_seconds,
+    }
 
 
-def storage_location(path: str) -> tuple[str, Any]:
-    """(storage_path, filesystem) for RunConfig; ``s3://`` honours ``AWS_ENDPOINT_URL``.
+def _from_rank_zero(fetch, *, rank: int, world_size: int):
+    """``fetch()`` on rank 0, the same value on every rank (jobs are shared by the group)."""
+    if world_size == 1:
+        return fetch()
+    from ray.train.collective import broadcast_from_rank_zero
 
-    pyarrow's S3 filesystem takes the credentials from the usual AWS variables; only
-    the endpoint of an S3-compatible server has to be given explicitly.
+    return broadcast_from_rank_zero(fetch() if rank == 0 else None)
+
+
+def _serve_jobs(config: dict) -> dict:
+    """Train function of a pool member: runs the broker's jobs until none comes for a while."""
+    broker, member, storage_path = config["broker"], config["member"], config["storage_path"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    served = 0
+    # After a restart the broker hands back the job this member was running.
+    request = _from_rank_zero(lambda: ray.get(broker.resume.remote(member)), rank=rank, world_size=world_size)
+    while True:
+        if request is None:
+            request = _from_rank_zero(lambda: ray.get(broker.next_job.remote(member)), rank=rank, world_size=world_size)
+        if request is None:
+            return {"member": member, "jobs": served}
+        picked_at = time.time()
+        try:
+            result = _run_job(LaunchRequest(**request), storage_path=storage_path, rank=rank, world_size=world_size)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            retry = ray.get(broker.job_error.remote(member, reason)) if rank == 0 else True
+            if retry or world_size > 1:
+                raise  # Ray Train restarts the worker group; the job continues from its checkpoint
+            request = None  # the broker failed the job; this process is healthy, so take the next
+            continue
+        if rank == 0:
+            ray.get(broker.finish.remote(member, {**result, "_picked_at": picked_at, "_returned_at": time.time()}))
+        served += 1
+        request = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@dataclass
+class _QueuedJob:
+    request: dict
+    future: asyncio.Future
+    failures: int = 0
+    reason: str | None = None
+
+    @property
+    def max_failures(self) -> int:
+        return int(self.request["spec"]["train"]["max_failures"])
+
+
+@dataclass
+class _Member:
+    job: str | None = None  # run_id of the job it is running
+    starts: int = 0
+
+
+@ray.remote(num_cpus=0)
+class JobBroker:
+    """Hands queued jobs to pool members and their results back (one asyncio loop, no races)."""
+
+    def __init__(self, *, slots: int, idle_timeout_s: float) -> None:
+        self._slots = slots
+        self._idle_timeout_s = idle_timeout_s
+        self._queue: deque[str] = deque()
+        self._jobs: dict[str, _QueuedJob] = {}
+        self._members: dict[int, _Member] = {}
+        self._next_member = 0
+        self._closed = False
+        self._changed = asyncio.Condition()
+
+    def _members_to_start(self) -> list[int]:
+        """New member ids so that every queued job has a member, up to ``slots``."""
+        if self._closed:
+            return []
+        busy = sum(m.job is not None for m in self._members.values())
+        wanted = min(self._slots, busy + len(self._queue))
+        started = []
+        while len(self._members) < wanted:
+            self._members[self._next_member] = _Member()
+            started.append(self._next_member)
+            self._next_member += 1
+        return started
+
+    def _fail_job_of(self, member: _Member, reason: str) -> None:
+        job = self._jobs.get(member.job) if member.job else None
+        member.job = None
+        if job is not None and not job.future.done():
+            job.future.set_result({"failed": reason})
+
+    async def submit(self, request: dict) -> list[int]:
+        """Queues a job; returns the members the caller must start for it."""
+        if self._closed:
+            raise RuntimeError("the job pool is closed")
+        run_id = request["run_id"]
+        self._jobs[run_id] = _QueuedJob(request, asyncio.get_running_loop().create_future())
+        self._queue.append(run_id)
+        async with self._changed:
+            self._changed.notify_all()
+        return self._members_to_start()
+
+    async def result(self, run_id: str) -> dict:
+        try:
+            return await self._jobs[run_id].future
+        finally:
+            self._jobs.pop(run_id, None)
+
+    async def next_job(self, member: int) -> dict | None:
+        """The next queued job for ``member``; None (and the member retires) when idle too long."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._idle_timeout_s
+        async with self._changed:
+            while True:
+                state = self._members.get(member)
+                if state is None or self._closed:
+                    self._members.pop(member, None)
+                    return None
+                if self._queue:
+                    state.job = self._queue.popleft()
+                    return self._jobs[state.job].request
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    # Retiring here, with the queue empty, is atomic: a job queued later
+                    # sees one member fewer and has the caller start a new one.
+                    del self._members[member]
+                    return None
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except TimeoutError:
+                    pass
+
+    async def resume(self, member: int) -> dict | None:
+        """Called at each (re)start of a member: the job to continue, if it was running one."""
+        state = self._members.get(member)
+        if state is None:
+            return None
+        state.starts += 1
+        if state.starts == 1 or state.job is None:
+            return None
+        job = self._jobs[state.job]
+        job.failures += 1
+        if job.failures > job.max_failures:
+            reason = job.reason or "the worker process died"
+            self._fail_job_of(state, f"gave up after {job.failures} failures: {reason}")
+            return None
+        return job.request
+
+    async def job_error(self, member: int, reason: str) -> bool:
+        """Records why a job raised; True if it has a restart left, else the job fails now."""
+        state = self._members[member]
+        job = self._jobs[state.job]
+        job.reason = reason
+        if job.failures + 1 > job.max_failures:
+            suffix = f" (after {job.failures} restarts)" if job.failures else ""
+            self._fail_job_of(state, reason + suffix)
+            return False
+        return True
+
+    async def finish(self, member: int, result: dict) -> None:
+        state = self._members[member]
+        job = self._jobs.get(state.job)
+        state.job = None
+        if job is not None and not job.future.done():
+            job.future.set_result(result)
+
+    async def member_gone(self, member: int, reason: str | None) -> list[int]:
+        """A member's Ray Train run ended; fails its job if it had one, returns members to start."""
+        state = self._members.pop(member, None)
+        if state is not None:
+            self._fail_job_of(state, f"the Ray Train worker group stopped: {reason or 'no reason given'}")
+        return self._members_to_start()
+
+    async def set_slots(self, slots: int) -> None:
+        self._slots = slots
+
+    async def close(self) -> None:
+        self._closed = True
+        for run_id in self._queue:
+            job = self._jobs.get(run_id)
+            if job is not None and not job.future.done():
+                job.future.set_result({"failed": "the job pool was closed before the job started"})
+        self._queue.clear()
+        async with self._changed:
+            self._changed.notify_all()
+
+
+@dataclass
+class JobPool:
+    """Up to ``slots`` warm Ray Train runs that train submitted jobs one after another.
+
+    ``run(request)`` blocks until the job is done (call it from several threads to run
+    jobs side by side) and returns its final metrics plus ``time/launch_s`` (queued to
+    picked up by a worker: seconds only when a member had to start) and
+    ``time/handoff_s`` (worker done to result here).
     """
-    if not path.startswith("s3://"):
-        return path, None
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint:
-        return path, None
-    from urllib.parse import urlparse
 
-    import pyarrow.fs
+    scaling: ScalingConfig
+    storage_path: str
+    slots: int = 1
+    name: str = field(default_factory=lambda: f"pool-{uuid.uuid4().hex[:8]}")
+    idle_timeout_s: float = MEMBER_IDLE_TIMEOUT_S
+    _broker: Any = field(default=None, init=False, repr=False)
+    _threads: list[threading.Thread] = field(default_factory=list, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
-    parsed = urlparse(endpoint)
-    filesystem = pyarrow.fs.S3FileSystem(
-        endpoint_override=parsed.netloc,
-        scheme=parsed.scheme or "https",
-        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-    )
-    return path.removeprefix("s3://"), filesystem
+    def _ensure_broker(self):
+        with self._lock:
+            if self._broker is None:
+                self._broker = JobBroker.options(max_concurrency=10_000).remote(
+                    slots=self.slots, idle_timeout_s=self.idle_timeout_s
+                )
+            return self._broker
+
+    def resize(self, slots: int) -> None:
+        self.slots = slots
+        if self._broker is not None:
+            ray.get(self._broker.set_slots.remote(slots))
+
+    def run(self, request: LaunchRequest) -> dict[str, float]:
+        broker = self._ensure_broker()
+        submitted = time.time()
+        self._start_members(ray.get(broker.submit.remote(request.as_config())))
+        value = dict(ray.get(broker.result.remote(request.run_id)))
+        received = time.time()
+        if "failed" in value:
+            raise JobFailedError(value["failed"])
+        value["time/launch_s"] = value.pop("_picked_at") - submitted
+        value["time/handoff_s"] = received - value.pop("_returned_at")
+        return value
+
+    def _start_members(self, members: list[int]) -> None:
+        for member in members:
+            thread = threading.Thread(
+                target=self._serve_member, args=(member,), name=f"{self.name}-m{member}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve_member(self, member: int) -> None:
+        path, filesystem = storage_location(self.storage_path)
+        # One worker needs no process group: V2's plain data-parallel trainer skips the
+        # torch.distributed set-up and starts the worker about a second sooner.
+        trainer_class = TorchTrainer if self.scaling.num_workers > 1 else DataParallelTrainer
+        reason = None
+        try:
+            trainer = trainer_class(
+                _serve_jobs,
+                train_loop_config={"broker": self._broker, "member": member, "storage_path": self.storage_path},
+                scaling_config=self.scaling,
+                run_config=RunConfig(
+                    name=f"{self.name}-m{member}",
+                    storage_path=path,
+                    storage_filesystem=filesystem,
+                    failure_config=FailureConfig(max_failures=MEMBER_RESTART_LIMIT),
+                ),
+            )
+            result = trainer.fit()
+            if result.error is not None:
+                reason = f"{type(result.error).__name__}: {result.error}"
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        if reason:
+            reason = reason.splitlines()[0][:500]
+            log.warning("pool member %s stopped: %s", member, reason)
+        try:
+            self._start_members(ray.get(self._broker.member_gone.remote(member, reason)))
+        except Exception:  # the broker is gone: the pool was closed
+            log.debug("broker gone after member %s", member, exc_info=True)
+
+    def close(self, *, timeout: float = 60.0) -> None:
+        """Lets idle members finish, fails jobs still queued, and stops the broker."""
+        if self._broker is None:
+            return
+        try:
+            ray.get(self._broker.close.remote())
+            deadline = time.monotonic() + timeout
+            for thread in list(self._threads):
+                thread.join(max(0.0, deadline - time.monotonic()))
+        finally:
+            ray.kill(self._broker)
+            self._broker = None
+
+
+_POOLS: dict[tuple, JobPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def shared_pool(spec: JobSpec, *, storage_path: str, slots: int) -> JobPool:
+    """This process's pool for jobs scaled like ``spec`` (jobs of several grids share it)."""
+    scaling = scaling_for(spec)
+    key = (scaling.num_workers, scaling.use_gpu, tuple(sorted(scaling.resources_per_worker.items())), storage_path)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = _POOLS[key] = JobPool(scaling, storage_path, slots=slots)
+        elif pool.slots != slots:
+            pool.resize(slots)
+        return pool
+
+
+def close_pools() -> None:
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+        _POOLS.clear()
+    for pool in pools:
+        try:
+            pool.close()
+        except Exception:
+            log.warning("could not close %s", pool.name, exc_info=True)
 
 
 def fit_job(request: LaunchRequest, *, storage_path: str) -> dict[str, float]:
-    """Runs one job on Ray Train and returns its final metrics (from the chief worker)."""
+    """Runs one job on a pool of its own (started for it, closed after it)."""
     spec = JobSpec.model_validate(request.spec)
-    path, filesystem = storage_location(storage_path)
-    # One worker needs no process group: V2's plain data-parallel trainer skips the
-    # torch.distributed set-up and starts the worker about a second sooner.
-    trainer_class = TorchTrainer if spec.train.num_workers > 1 else DataParallelTrainer
-    trainer = trainer_class(
-        _train_worker,
-        train_loop_config=request.as_config(),
-        scaling_config=scaling_for(spec),
-        run_config=RunConfig(
-            name=f"{spec.grid}-{spec.job_key}",
-            storage_path=path,
-            storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=spec.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    value = dict(result.return_value or {})
-    if "failed" in value:
-        raise JobFailedError(value["failed"])
-    return value
-
-
-class JobFailedError(RuntimeError):
-    """The job stopped for a reason a restart cannot fix (e.g. a NaN loss)."""
+    pool = JobPool(scaling_for(spec), storage_path, slots=1, name=f"{spec.grid}-{spec.job_key}-{uuid.uuid4().hex[:6]}")
+    try:
+        return pool.run(request)
+    finally:
+        pool.close()

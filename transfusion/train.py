@@ -83,6 +83,10 @@ class TrainingResult:
     train_seconds: float
     final_metrics: dict[str, float]
     val_history: list[tuple[int, float]] = field(default_factory=list)
+    # Fixed costs around the loop: model build + step-0 probe/evaluation, and the final
+    # probe + test evaluation + weights upload (what a job pays besides training).
+    setup_seconds: float = 0.0
+    finish_seconds: float = 0.0
 
 
 def normalize(
@@ -361,7 +365,8 @@ def run_training(
         if checkpoint_now:
             hooks.checkpoint(state(), step=step, metrics=metrics)
 
-    train_seconds = time.perf_counter() - loop_started
+    loop_ended = time.perf_counter()
+    train_seconds = loop_ended - loop_started
     final: dict[str, float] = {}
     if is_chief:
         probe(f"step-{step}")
@@ -375,4 +380,11 @@ def run_training(
         weights = artifacts / "model.pt"
         torch.save(_unwrap(model).state_dict(), weights)
         hooks.log_artifact(weights, "checkpoint")
-    return TrainingResult(steps=step, train_seconds=train_seconds, final_metrics=final, val_history=val_history)
+    return TrainingResult(
+        steps=step,
+        train_seconds=train_seconds,
+        final_metrics=final,
+        val_history=val_history,
+        setup_seconds=loop_started - started,
+        finish_seconds=time.perf_counter() - loop_ended,
+    )

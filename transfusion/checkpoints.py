@@ -1,0 +1,86 @@
+"""Training-state checkpoints of one job, kept under the storage path (a folder or ``s3://``).
+
+Each job owns ``<storage>/jobs/<grid>-<job_key>/``, so a job continues from its latest
+state whichever process, Ray worker or grid run picks it up again: a restarted worker
+after a crash, or a re-run of a grid whose flow process died. Objects are written whole
+(to a temporary name, then renamed, on local disks), so a reader never sees half a state.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs
+import torch
+
+STATE_NAME = re.compile(r"state-(\d{8})\.pt$")
+
+
+def storage_filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """(filesystem, path inside it) for a folder or ``s3://bucket/prefix``.
+
+    S3 takes credentials from the usual AWS variables; only the endpoint of an
+    S3-compatible server (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``) is passed on.
+    """
+    if not path.startswith("s3://"):
+        return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        options.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
+    return pyarrow.fs.S3FileSystem(**options), path.removeprefix("s3://")
+
+
+@dataclass(frozen=True)
+class JobCheckpoints:
+    """The latest ``keep`` training states of one job."""
+
+    storage_path: str
+    job_name: str
+    keep: int = 2
+
+    @property
+    def _location(self) -> tuple[pyarrow.fs.FileSystem, str]:
+        filesystem, root = storage_filesystem(self.storage_path)
+        return filesystem, f"{root.rstrip('/')}/jobs/{self.job_name}"
+
+    def _steps(self) -> tuple[pyarrow.fs.FileSystem, str, list[int]]:
+        filesystem, folder = self._location
+        selector = pyarrow.fs.FileSelector(folder, allow_not_found=True)
+        names = (STATE_NAME.search(info.path) for info in filesystem.get_file_info(selector))
+        steps = sorted(int(m.group(1)) for m in names if m)
+        return filesystem, folder, steps
+
+    def save(self, state: dict[str, Any], *, step: int) -> str:
+        """Stores ``state`` as the state at ``step`` and drops all but the newest ``keep``."""
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        filesystem, folder = self._location
+        filesystem.create_dir(folder, recursive=True)
+        target = f"{folder}/state-{step:08d}.pt"
+        if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+            partial = f"{target}.partial-{os.getpid()}"
+            with filesystem.open_output_stream(partial) as stream:
+                stream.write(buffer.getvalue())
+            os.replace(partial, target)
+        else:
+            with filesystem.open_output_stream(target) as stream:
+                stream.write(buffer.getvalue())
+        _, _, steps = self._steps()
+        for old in steps[: -self.keep] if self.keep > 0 else []:
+            filesystem.delete_file(f"{folder}/state-{old:08d}.pt")
+        return target
+
+    def latest(self) -> dict[str, Any] | None:
+        """The newest stored state, or None when the job has none yet."""
+        filesystem, folder, steps = self._steps()
+        if not steps:
+            return None
+        with filesystem.open_input_file(f"{folder}/state-{steps[-1]:08d}.pt") as stream:
+            return torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)

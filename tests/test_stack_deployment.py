@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -80,7 +81,11 @@ def test_deployment_run_trains_into_mlflow_and_s3(stack):
     for child in children:
         assert any(child.info.run_id in key and key.endswith("model.pt") for key in artifact_keys), artifact_keys[:10]
     checkpoint_keys = [o["Key"] for o in s3.list_objects_v2(Bucket="transfusion-checkpoints").get("Contents", [])]
-    assert any(key.endswith("state.pt") for key in checkpoint_keys), checkpoint_keys[:10]
+    # Each job's training state, in its own folder of the checkpoint bucket.
+    for child in children:
+        job_key = child.data.tags["job_key"]
+        state = re.compile(rf"jobs/[^/]+-{job_key}/state-\d{{8}}\.pt$")
+        assert any(state.search(key) for key in checkpoint_keys), checkpoint_keys
 
 
 def test_server_rejects_a_bad_grid_before_any_run(stack):

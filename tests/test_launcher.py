@@ -20,12 +20,12 @@ from transfusion.launcher import (
 pytestmark = pytest.mark.slow
 
 
-def _spec(seed: int, *, steps: int = 6, max_failures: int = 1) -> JobSpec:
+def _spec(seed: int, *, steps: int = 6, max_failures: int = 1, num_workers: int = 1) -> JobSpec:
     return JobSpec(
         grid="launcher-test", model="cbr-tiny", init="random", dataset="synthetic-retina", data_size=120, seed=seed,
         dataset_options={"train": 240, "val": 64, "test": 64},
         train=TrainSettings(steps=steps, batch_size=16, eval_every=3, resolution=32, probe_size=16,
-                            max_failures=max_failures),
+                            max_failures=max_failures, num_workers=num_workers),
     )  # fmt: skip
 
 
@@ -84,6 +84,22 @@ def test_pool_runs_jobs_on_warm_members_and_outlives_a_failed_job(mlflow_server,
     # Four jobs, at most two at a time, on two Ray Train runs: members took jobs one after another.
     member_runs = sorted(p.name for p in storage.iterdir() if p.name.startswith("pool-test-m"))
     assert member_runs == ["pool-test-m0", "pool-test-m1"]
+
+
+def test_two_worker_jobs_share_one_process_group_one_after_another(mlflow_server, ray_cluster, tiny_retina, tmp_path):
+    # Both workers of the member get each job from rank 0 and train it with DDP (gloo on CPU).
+    storage = tmp_path / "ray"
+    specs = [_spec(seed, num_workers=2) for seed in (7, 8)]
+    pool = JobPool(scaling_for(specs[0]), str(storage), slots=1, name="ddp-test")
+    try:
+        results = [pool.run(_request(spec, tiny_retina.root)) for spec in specs]
+    finally:
+        pool.close()
+    assert [r["steps"] for r in results] == [6, 6]
+    assert results[0]["test/auc"] != results[1]["test/auc"]  # different seeds, different models
+    assert sorted(p.name for p in storage.iterdir() if p.name.startswith("ddp-test")) == ["ddp-test-m0"]
+    for spec in specs:
+        assert checkpoints_for(spec, str(storage)).latest()["step"] == 6
 
 
 @pytest.fixture()

@@ -194,31 +194,43 @@ def _from_rank_zero(fetch, *, rank: int, world_size: int):
     return broadcast_from_rank_zero(fetch() if rank == 0 else None)
 
 
+_BROKER_GONE = "broker-gone"
+
+
 def _serve_jobs(config: dict) -> dict:
     """Train function of a pool member: runs the broker's jobs until none comes for a while."""
     broker, member, storage_path = config["broker"], config["member"], config["storage_path"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     served = 0
+
+    def ask(method: str, *args):
+        try:
+            return ray.get(getattr(broker, method).remote(member, *args))
+        except ray.exceptions.RayActorError:
+            return _BROKER_GONE  # the pool was closed under a running job: nobody waits for results
+
     # After a restart the broker hands back the job this member was running.
-    request = _from_rank_zero(lambda: ray.get(broker.resume.remote(member)), rank=rank, world_size=world_size)
+    request = _from_rank_zero(lambda: ask("resume"), rank=rank, world_size=world_size)
     while True:
         if request is None:
-            request = _from_rank_zero(lambda: ray.get(broker.next_job.remote(member)), rank=rank, world_size=world_size)
-        if request is None:
+            request = _from_rank_zero(lambda: ask("next_job"), rank=rank, world_size=world_size)
+        if request is None or request == _BROKER_GONE:
             return {"member": member, "jobs": served}
         picked_at = time.time()
         try:
             result = _run_job(LaunchRequest(**request), storage_path=storage_path, rank=rank, world_size=world_size)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            retry = ray.get(broker.job_error.remote(member, reason)) if rank == 0 else True
+            retry = ask("job_error", reason) if rank == 0 else True
+            if retry == _BROKER_GONE:
+                return {"member": member, "jobs": served}
             if retry or world_size > 1:
                 raise  # Ray Train restarts the worker group; the job continues from its checkpoint
             request = None  # the broker failed the job; this process is healthy, so take the next
             continue
         if rank == 0:
-            ray.get(broker.finish.remote(member, {**result, "_picked_at": picked_at, "_returned_at": time.time()}))
+            ask("finish", {**result, "_picked_at": picked_at, "_returned_at": time.time()})
         served += 1
         request = None
         gc.collect()

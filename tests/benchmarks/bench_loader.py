@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args(argv)
 
+    load_before = os.getloadavg()[0]
     loader: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         for resolution, count in ((224, args.images_224), (587, args.images_587)):
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         [
             f"Measured {datetime.date.today().isoformat()} on {os.cpu_count()} CPUs "
             f"({cpu_model()}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            "no GPU; the machine was shared with other jobs, so expect ±30 %.",
+            f"no GPU; 1-minute load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after "
+            "(other work on the machine lowers every figure; the ratios move less).",
             "",
             "Command: `.venv/bin/python tests/benchmarks/bench_loader.py --write`",
             "",

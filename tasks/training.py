@@ -60,6 +60,12 @@ def storage_path() -> str:
     return os.environ.get("TRANSFUSION_STORAGE_PATH") or str(transfusion_home() / "ray")
 
 
+# Flows of one process that started compute and have not stopped it: the warm workers
+# they share go when the last one stops.
+_COMPUTE_USERS = [0]
+_COMPUTE_USERS_LOCK = threading.Lock()
+
+
 @task(name="start-compute", cache_policy=None)
 def start_compute_task(grid: GridSpec) -> int:
     """Starts (or joins) Ray; returns how many of the grid's jobs may run at once.
@@ -80,14 +86,20 @@ def start_compute_task(grid: GridSpec) -> int:
         slots = grid.max_concurrent if os.environ.get("RAY_ADDRESS") else min(slots, grid.max_concurrent)
     slots = max(1, slots)
     JOB_SLOTS.configure(slots)
+    with _COMPUTE_USERS_LOCK:
+        _COMPUTE_USERS[0] += 1
     return slots
 
 
 @task(name="stop-compute", cache_policy=None)
 def stop_compute_task() -> None:
-    """Lets this process's warm Ray Train workers go (Ray itself stays up)."""
+    """Lets this process's warm Ray Train workers go once no flow uses them (Ray stays up)."""
     from transfusion.launcher import close_pools
 
+    with _COMPUTE_USERS_LOCK:
+        _COMPUTE_USERS[0] = max(0, _COMPUTE_USERS[0] - 1)
+        if _COMPUTE_USERS[0]:
+            return
     close_pools()
 
 

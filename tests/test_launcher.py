@@ -136,3 +136,16 @@ def test_broker_hands_out_resumes_gives_up_retires_and_closes(broker):
     call("close")
     assert call("result", "d") == {"failed": "the job pool was closed before the job started"}
     assert call("next_job", 1) is None
+
+
+def test_warm_workers_go_when_the_last_flow_using_them_stops(monkeypatch):
+    import tasks.training as training
+    import transfusion.launcher as launcher
+
+    closed = []
+    monkeypatch.setattr(launcher, "close_pools", lambda: closed.append(True))
+    monkeypatch.setattr(training, "_COMPUTE_USERS", [2])  # two flows of this process started compute
+    training.stop_compute_task.fn()
+    assert closed == []  # the other flow's jobs keep their workers
+    training.stop_compute_task.fn()
+    assert closed == [True]

@@ -35,21 +35,31 @@ class JobOutcome:
 
 
 class JobSlots:
-    """Bounds how many jobs run at once in this process (jobs beyond wait their turn)."""
+    """Bounds how many jobs run at once in this process (jobs beyond wait their turn).
+
+    The bound can change while jobs run (another flow of the process configures it):
+    running jobs keep their slot, waiting ones see the new bound.
+    """
 
     def __init__(self) -> None:
         self.count = 1
-        self._semaphore = threading.BoundedSemaphore(1)
+        self._running = 0
+        self._changed = threading.Condition()
 
     def configure(self, count: int) -> None:
-        self.count = max(1, count)
-        self._semaphore = threading.BoundedSemaphore(self.count)
+        with self._changed:
+            self.count = max(1, count)
+            self._changed.notify_all()
 
     def __enter__(self) -> None:
-        self._semaphore.acquire()
+        with self._changed:
+            self._changed.wait_for(lambda: self._running < self.count)
+            self._running += 1
 
     def __exit__(self, *exc) -> None:
-        self._semaphore.release()
+        with self._changed:
+            self._running -= 1
+            self._changed.notify_all()
 
 
 JOB_SLOTS = JobSlots()
@@ -96,11 +106,10 @@ def stop_compute_task() -> None:
     """Lets this process's warm Ray Train workers go once no flow uses them (Ray stays up)."""
     from transfusion.launcher import close_pools
 
-    with _COMPUTE_USERS_LOCK:
+    with _COMPUTE_USERS_LOCK:  # held while closing: a flow starting meanwhile waits for it
         _COMPUTE_USERS[0] = max(0, _COMPUTE_USERS[0] - 1)
-        if _COMPUTE_USERS[0]:
-            return
-    close_pools()
+        if not _COMPUTE_USERS[0]:
+            close_pools()
 
 
 REUSE_WORKERS_ENV = "TRANSFUSION_REUSE_WORKERS"
@@ -182,8 +191,8 @@ def _resume_candidate(experiment_id: str, spec: JobSpec):
 
 # Where a job's time goes besides training (logged with time/total_s): waiting for a
 # worker (seconds only when one had to start), model build + step-0 evaluation, final
-# evaluation + uploads, and the result's trip back.
-JOB_TIMINGS = ("time/launch_s", "time/setup_s", "time/finish_s", "time/handoff_s")
+# evaluation + uploads.
+JOB_TIMINGS = ("time/launch_s", "time/setup_s", "time/finish_s")
 
 
 @task(name="train-job", cache_policy=None, task_run_name="train-{spec.model}-{spec.init}-{spec.data_size}-s{spec.seed}")

@@ -45,13 +45,11 @@ def test_one_job_through_ray_train(mlflow_server, ray_cluster, tiny_retina, tmp_
     assert metrics["time/launch_s"] > 0 and metrics["time/setup_s"] > 0 and metrics["time/finish_s"] > 0
     assert tracking.metric_history(request.run_id, "val/auc")[-1][0] == 6
     assert tracking.client().get_run(request.run_id).data.metrics["test/auc"] == pytest.approx(metrics["test/auc"])
-    # A checkpoint at each evaluation (steps 3 and 6), in the job's own folder, tagged with its run.
-    state = checkpoints_for(spec, str(tmp_path / "ray")).latest()
+    # A checkpoint at each evaluation (steps 3 and 6), in the folder of this run of the job.
+    state = checkpoints_for(spec, str(tmp_path / "ray"), request.run_id).latest()
     assert state["step"] == 6 and state["run_id"] == request.run_id
-    assert sorted(p.name for p in (tmp_path / "ray" / "jobs").rglob("state-*.pt")) == [
-        "state-00000003.pt",
-        "state-00000006.pt",
-    ]
+    folder = tmp_path / "ray" / "jobs" / f"{spec.grid}-{spec.job_key}" / request.run_id
+    assert sorted(p.name for p in folder.iterdir()) == ["state-00000003.pt", "state-00000006.pt"]
 
 
 def test_pool_runs_jobs_on_warm_members_and_outlives_a_failed_job(mlflow_server, ray_cluster, tiny_retina, tmp_path):
@@ -87,19 +85,24 @@ def test_pool_runs_jobs_on_warm_members_and_outlives_a_failed_job(mlflow_server,
 
 
 def test_two_worker_jobs_share_one_process_group_one_after_another(mlflow_server, ray_cluster, tiny_retina, tmp_path):
-    # Both workers of the member get each job from rank 0 and train it with DDP (gloo on CPU).
+    # Both workers of the member get each job from rank 0 and train it with DDP (gloo on CPU);
+    # a NaN loss stops both ranks together and the member goes on to the next job.
     storage = tmp_path / "ray"
-    specs = [_spec(seed, num_workers=2) for seed in (7, 8)]
+    specs = [_spec(seed, num_workers=2) for seed in (7, 8, 9)]
+    requests = [_request(spec, tiny_retina.root, **({"fault_at_step": 2} if spec.seed == 8 else {})) for spec in specs]
     pool = JobPool(scaling_for(specs[0]), str(storage), slots=1, name="ddp-test")
     try:
-        results = [pool.run(_request(spec, tiny_retina.root)) for spec in specs]
+        first = pool.run(requests[0])
+        with pytest.raises(JobFailedError, match="NonFiniteLossError"):
+            pool.run(requests[1])
+        last = pool.run(requests[2])
     finally:
         pool.close()
-    assert [r["steps"] for r in results] == [6, 6]
-    assert results[0]["test/auc"] != results[1]["test/auc"]  # different seeds, different models
+    assert first["steps"] == last["steps"] == 6
+    assert first["test/auc"] != last["test/auc"]  # different seeds, different models
     assert sorted(p.name for p in storage.iterdir() if p.name.startswith("ddp-test")) == ["ddp-test-m0"]
-    for spec in specs:
-        assert checkpoints_for(spec, str(storage)).latest()["step"] == 6
+    for spec, request in zip(specs[::2], requests[::2], strict=True):
+        assert checkpoints_for(spec, str(storage), request.run_id).latest()["step"] == 6
 
 
 @pytest.fixture()
@@ -117,25 +120,43 @@ def test_broker_hands_out_resumes_gives_up_retires_and_closes(broker):
     call = lambda method, *args: ray.get(getattr(broker, method).remote(*args))  # noqa: E731
     assert call("submit", _job("a")) == [0]  # a member must start for the first job
     assert call("submit", _job("b")) == []  # one slot: b waits for member 0
-    assert call("resume", 0) is None  # first start: nothing to resume
-    assert call("next_job", 0)["run_id"] == "a"
-    assert call("resume", 0)["run_id"] == "a"  # restarted mid-job: continues a (1 failure <= 1)
-    assert call("resume", 0) is None  # a second failure: a is given up
+    assert call("resume", 0) == (1, None)  # first start: nothing to resume
+    stale = broker.next_job.remote(0, 1)  # start 1 takes a ...
+    assert ray.get(stale)["run_id"] == "a"
+    assert call("resume", 0) == (2, _job("a"))  # restarted mid-job: continues a (1 failure <= 1)
+    assert call("resume", 0) == (3, None)  # a second failure: a is given up
     assert "gave up after 2 failures" in call("result", "a")["failed"]
-    assert call("next_job", 0)["run_id"] == "b"
-    assert call("job_error", 0, "ValueError: bad") is True  # one restart left
-    assert call("resume", 0)["run_id"] == "b"
-    assert call("job_error", 0, "ValueError: bad") is False  # none left: failed now
+    assert call("next_job", 0, 1) is None  # a wait from an older start takes nothing
+    assert call("next_job", 0, 3)["run_id"] == "b"
+    assert call("job_error", 0, 3, "ValueError: bad") is True  # one restart left
+    assert call("resume", 0) == (4, _job("b"))
+    assert call("job_error", 0, 4, "ValueError: bad") is False  # none left: failed now
     assert call("result", "b") == {"failed": "ValueError: bad (after 1 restarts)"}
-    assert call("next_job", 0) is None  # idle past the timeout: member 0 retires ...
+    assert call("next_job", 0, 4) is None  # idle past the timeout: member 0 retires ...
     assert call("submit", _job("c")) == [1]  # ... so a new job starts a new member
-    assert call("next_job", 1)["run_id"] == "c"
-    call("finish", 1, {"steps": 6.0})
-    assert call("result", "c") == {"steps": 6.0}
+    assert call("resume", 1) == (1, None)
+    assert call("next_job", 1, 1)["run_id"] == "c"
+    call("finish", 1, 1, {"steps": 6.0})
+    finished = call("result", "c")
+    assert finished["steps"] == 6.0 and finished["time/launch_s"] >= 0
     assert call("submit", _job("d")) == []  # member 1 is idle and takes it
+    assert call("next_job", 1, 1)["run_id"] == "d"
+    # Its Ray Train run ends under d: d has a restart left, so it is queued again for a new member.
+    assert call("member_gone", 1, "WorkerGroupError: lost") == [2]
+    assert call("submit", _job("e")) == []  # one slot, member 2 pending
     call("close")
     assert call("result", "d") == {"failed": "the job pool was closed before the job started"}
-    assert call("next_job", 1) is None
+    assert call("result", "e") == {"failed": "the job pool was closed before the job started"}
+    assert call("next_job", 2, 0) is None
+
+
+def test_members_that_never_take_a_job_stop_being_replaced(broker):
+    call = lambda method, *args: ray.get(getattr(broker, method).remote(*args))  # noqa: E731
+    assert call("submit", _job("a")) == [0]
+    assert call("member_gone", 0, "RuntimeError: cannot start") == [1]
+    assert call("member_gone", 1, "RuntimeError: cannot start") == [2]
+    assert call("member_gone", 2, "RuntimeError: cannot start") == []  # the third in a row: give up
+    assert "3 pool members in a row failed before taking a job" in call("result", "a")["failed"]
 
 
 def test_warm_workers_go_when_the_last_flow_using_them_stops(monkeypatch):

@@ -84,7 +84,7 @@ def test_deployment_run_trains_into_mlflow_and_s3(stack):
     # Each job's training state, in its own folder of the checkpoint bucket.
     for child in children:
         job_key = child.data.tags["job_key"]
-        state = re.compile(rf"jobs/[^/]+-{job_key}/state-\d{{8}}\.pt$")
+        state = re.compile(rf"jobs/[^/]+-{job_key}/{child.info.run_id}/state-\d{{8}}\.pt$")
         assert any(state.search(key) for key in checkpoint_keys), checkpoint_keys
 
 

@@ -1,8 +1,9 @@
 """Training-state checkpoints of one job, kept under the storage path (a folder or ``s3://``).
 
-Each job owns ``<storage>/jobs/<grid>-<job_key>/``, so a job continues from its latest
-state whichever process, Ray worker or grid run picks it up again: a restarted worker
-after a crash, or a re-run of a grid whose flow process died. Objects are written whole
+Each run of a job owns ``<storage>/jobs/<grid>-<job_key>/<run_id>/``, so a job continues
+from its latest state whichever process or Ray worker picks it up again: a restarted
+worker after a crash, or a re-run of a grid whose flow process died (which continues the
+same MLflow run). Objects are written whole
 (to a temporary name, then renamed, on local disks), so a reader never sees half a state.
 """
 
@@ -30,7 +31,8 @@ def storage_filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
     if not path.startswith("s3://"):
         return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    options: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    options: dict[str, Any] = {"region": region}
     if endpoint:
         parsed = urlparse(endpoint)
         options.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")

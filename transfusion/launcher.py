@@ -33,6 +33,7 @@ import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from transfusion.checkpoints import JobCheckpoints, storage_filesystem
 from transfusion.config import JobSpec
@@ -118,8 +119,9 @@ def storage_location(path: str) -> tuple[str, Any]:
     return inner, filesystem
 
 
-def checkpoints_for(spec: JobSpec, storage_path: str) -> JobCheckpoints:
-    return JobCheckpoints(storage_path, f"{spec.grid}-{spec.job_key}")
+def checkpoints_for(spec: JobSpec, storage_path: str, run_id: str) -> JobCheckpoints:
+    """One folder per (job, MLflow run): states another run of the job left never mix in."""
+    return JobCheckpoints(storage_path, f"{spec.grid}-{spec.job_key}/{run_id}")
 
 
 # --- the worker side ------------------------------------------------------------------
@@ -133,10 +135,8 @@ def _run_job(request: LaunchRequest, *, storage_path: str, rank: int, world_size
 
     spec = JobSpec.model_validate(request.spec)
     torch.set_num_threads(max(1, spec.train.threads or int(spec.train.cpus_per_job)))
-    checkpoints = checkpoints_for(spec, storage_path)
+    checkpoints = checkpoints_for(spec, storage_path, request.run_id)
     resume = checkpoints.latest()
-    if resume is not None and resume.get("run_id") != request.run_id:
-        resume = None  # left by another run of the same job (e.g. one deleted from MLflow)
 
     def save_checkpoint(state: dict, *, step: int, metrics: dict[str, float]) -> None:
         if rank == 0:
@@ -211,18 +211,23 @@ def _serve_jobs(config: dict) -> dict:
             return _BROKER_GONE  # the pool was closed under a running job: nobody waits for results
 
     # After a restart the broker hands back the job this member was running.
-    request = _from_rank_zero(lambda: ask("resume"), rank=rank, world_size=world_size)
+    resumed = _from_rank_zero(lambda: ask("resume"), rank=rank, world_size=world_size)
+    if resumed == _BROKER_GONE:
+        return {"member": member, "jobs": served}
+    start, request = resumed
     while True:
+        gc.collect()  # what the last job left, before the next one allocates
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         if request is None:
-            request = _from_rank_zero(lambda: ask("next_job"), rank=rank, world_size=world_size)
+            request = _from_rank_zero(lambda: ask("next_job", start), rank=rank, world_size=world_size)
         if request is None or request == _BROKER_GONE:
             return {"member": member, "jobs": served}
-        picked_at = time.time()
         try:
             result = _run_job(LaunchRequest(**request), storage_path=storage_path, rank=rank, world_size=world_size)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            retry = ask("job_error", reason) if rank == 0 else True
+            retry = ask("job_error", start, reason) if rank == 0 else True
             if retry == _BROKER_GONE:
                 return {"member": member, "jobs": served}
             if retry or world_size > 1:
@@ -230,18 +235,17 @@ def _serve_jobs(config: dict) -> dict:
             request = None  # the broker failed the job; this process is healthy, so take the next
             continue
         if rank == 0:
-            ask("finish", {**result, "_picked_at": picked_at, "_returned_at": time.time()})
+            ask("finish", start, result)
         served += 1
         request = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 @dataclass
 class _QueuedJob:
     request: dict
     future: asyncio.Future
+    submitted: float  # broker clock, like every time below
+    picked: float | None = None  # first hand-out
     failures: int = 0
     reason: str | None = None
 
@@ -253,7 +257,13 @@ class _QueuedJob:
 @dataclass
 class _Member:
     job: str | None = None  # run_id of the job it is running
-    starts: int = 0
+    starts: int = 0  # (re)starts of its worker group: a call from an older start is stale
+    served: int = 0
+
+
+# Members in a row whose Ray Train run ended before they took any job: then the queued
+# jobs fail instead of starting members forever (e.g. workers that cannot even start).
+BARREN_MEMBER_LIMIT = 3
 
 
 @ray.remote(num_cpus=0)
@@ -267,6 +277,7 @@ class JobBroker:
         self._jobs: dict[str, _QueuedJob] = {}
         self._members: dict[int, _Member] = {}
         self._next_member = 0
+        self._barren = 0
         self._closed = False
         self._changed = asyncio.Condition()
 
@@ -283,42 +294,80 @@ class JobBroker:
             self._next_member += 1
         return started
 
-    def _fail_job_of(self, member: _Member, reason: str) -> None:
-        job = self._jobs.get(member.job) if member.job else None
-        member.job = None
+    def _fail(self, run_id: str | None, reason: str) -> None:
+        job = self._jobs.get(run_id) if run_id else None
         if job is not None and not job.future.done():
             job.future.set_result({"failed": reason})
+
+    def _fail_job_of(self, member: _Member, reason: str) -> None:
+        run_id, member.job = member.job, None
+        self._fail(run_id, reason)
+
+    def _current(self, member: int, start: int) -> _Member | None:
+        state = self._members.get(member)
+        return state if state is not None and state.starts == start else None
 
     async def submit(self, request: dict) -> list[int]:
         """Queues a job; returns the members the caller must start for it."""
         if self._closed:
             raise RuntimeError("the job pool is closed")
         run_id = request["run_id"]
-        self._jobs[run_id] = _QueuedJob(request, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        self._jobs[run_id] = _QueuedJob(request, loop.create_future(), submitted=loop.time())
         self._queue.append(run_id)
         async with self._changed:
             self._changed.notify_all()
         return self._members_to_start()
 
     async def result(self, run_id: str) -> dict:
+        """The job's final metrics (or ``{"failed": reason}``), with ``time/launch_s`` added."""
+        job = self._jobs[run_id]
         try:
-            return await self._jobs[run_id].future
+            value = dict(await job.future)
         finally:
             self._jobs.pop(run_id, None)
+        if job.picked is not None and "failed" not in value:
+            value["time/launch_s"] = job.picked - job.submitted
+        return value
 
-    async def next_job(self, member: int) -> dict | None:
-        """The next queued job for ``member``; None (and the member retires) when idle too long."""
+    async def resume(self, member: int) -> tuple[int, dict | None]:
+        """Called at each (re)start of a member: (its start number, the job to continue)."""
+        state = self._members.get(member)
+        if state is None:
+            return 0, None
+        state.starts += 1
+        if state.starts == 1 or state.job is None:
+            return state.starts, None
+        job = self._jobs[state.job]
+        job.failures += 1
+        if job.failures > job.max_failures:
+            reason = job.reason or "the worker process died"
+            self._fail_job_of(state, f"gave up after {job.failures} failures: {reason}")
+            return state.starts, None
+        return state.starts, job.request
+
+    async def next_job(self, member: int, start: int) -> dict | None:
+        """The next queued job for ``member``; None (and the member retires) when idle too long.
+
+        A wait left by a worker group that has since restarted (``start`` is old) gets
+        None without taking a job: its caller is gone.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._idle_timeout_s
         async with self._changed:
             while True:
-                state = self._members.get(member)
-                if state is None or self._closed:
+                state = self._current(member, start)
+                if state is None:
+                    return None
+                if self._closed:
                     self._members.pop(member, None)
                     return None
                 if self._queue:
                     state.job = self._queue.popleft()
-                    return self._jobs[state.job].request
+                    job = self._jobs[state.job]
+                    job.picked = job.picked if job.picked is not None else loop.time()
+                    self._barren = 0
+                    return job.request
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     # Retiring here, with the queue empty, is atomic: a job queued later
@@ -330,25 +379,11 @@ class JobBroker:
                 except TimeoutError:
                     pass
 
-    async def resume(self, member: int) -> dict | None:
-        """Called at each (re)start of a member: the job to continue, if it was running one."""
-        state = self._members.get(member)
-        if state is None:
-            return None
-        state.starts += 1
-        if state.starts == 1 or state.job is None:
-            return None
-        job = self._jobs[state.job]
-        job.failures += 1
-        if job.failures > job.max_failures:
-            reason = job.reason or "the worker process died"
-            self._fail_job_of(state, f"gave up after {job.failures} failures: {reason}")
-            return None
-        return job.request
-
-    async def job_error(self, member: int, reason: str) -> bool:
+    async def job_error(self, member: int, start: int, reason: str) -> bool:
         """Records why a job raised; True if it has a restart left, else the job fails now."""
-        state = self._members[member]
+        state = self._current(member, start)
+        if state is None or state.job is None:
+            return False
         job = self._jobs[state.job]
         job.reason = reason
         if job.failures + 1 > job.max_failures:
@@ -357,18 +392,35 @@ class JobBroker:
             return False
         return True
 
-    async def finish(self, member: int, result: dict) -> None:
-        state = self._members[member]
-        job = self._jobs.get(state.job)
-        state.job = None
+    async def finish(self, member: int, start: int, result: dict) -> None:
+        state = self._current(member, start)
+        if state is None:
+            return
+        run_id, state.job = state.job, None
+        state.served += 1
+        job = self._jobs.get(run_id) if run_id else None
         if job is not None and not job.future.done():
             job.future.set_result(result)
 
     async def member_gone(self, member: int, reason: str | None) -> list[int]:
-        """A member's Ray Train run ended; fails its job if it had one, returns members to start."""
+        """A member's Ray Train run ended: its job goes back to the queue if it has a
+        restart left (else it fails); returns the members to start."""
         state = self._members.pop(member, None)
-        if state is not None:
-            self._fail_job_of(state, f"the Ray Train worker group stopped: {reason or 'no reason given'}")
+        if state is not None and state.job is not None:
+            job = self._jobs[state.job]
+            job.failures += 1
+            job.reason = job.reason or f"the Ray Train worker group stopped: {reason or 'no reason given'}"
+            if job.failures <= job.max_failures and not self._closed:
+                self._queue.appendleft(state.job)
+            else:
+                self._fail_job_of(state, f"gave up after {job.failures} failures: {job.reason}")
+        elif state is not None and state.served == 0 and reason is not None:
+            self._barren += 1
+            if self._barren >= BARREN_MEMBER_LIMIT:
+                for run_id in self._queue:
+                    self._fail(run_id, f"{self._barren} pool members in a row failed before taking a job: {reason}")
+                self._queue.clear()
+                self._barren = 0
         return self._members_to_start()
 
     async def set_slots(self, slots: int) -> None:
@@ -377,9 +429,7 @@ class JobBroker:
     async def close(self) -> None:
         self._closed = True
         for run_id in self._queue:
-            job = self._jobs.get(run_id)
-            if job is not None and not job.future.done():
-                job.future.set_result({"failed": "the job pool was closed before the job started"})
+            self._fail(run_id, "the job pool was closed before the job started")
         self._queue.clear()
         async with self._changed:
             self._changed.notify_all()
@@ -390,9 +440,8 @@ class JobPool:
     """Up to ``slots`` warm Ray Train runs that train submitted jobs one after another.
 
     ``run(request)`` blocks until the job is done (call it from several threads to run
-    jobs side by side) and returns its final metrics plus ``time/launch_s`` (queued to
-    picked up by a worker: seconds only when a member had to start) and
-    ``time/handoff_s`` (worker done to result here).
+    jobs side by side) and returns its final metrics plus ``time/launch_s`` (queued until
+    a worker first picked it up: seconds only when a member had to start).
     """
 
     scaling: ScalingConfig
@@ -401,13 +450,23 @@ class JobPool:
     name: str = field(default_factory=lambda: f"pool-{uuid.uuid4().hex[:8]}")
     idle_timeout_s: float = MEMBER_IDLE_TIMEOUT_S
     _broker: Any = field(default=None, init=False, repr=False)
+    _closed: bool = field(default=False, init=False, repr=False)
     _threads: list[threading.Thread] = field(default_factory=list, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        # Workers resolve a relative folder against their own working directory.
+        if not self.storage_path.startswith("s3://"):
+            self.storage_path = os.path.abspath(self.storage_path)
+
     def _ensure_broker(self):
         with self._lock:
+            if self._closed:
+                raise RuntimeError(f"job pool {self.name} is closed")
             if self._broker is None:
-                self._broker = JobBroker.options(max_concurrency=10_000).remote(
+                # On the driver's node: it lives as long as this process, not an autoscaled worker node.
+                here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+                self._broker = JobBroker.options(max_concurrency=10_000, scheduling_strategy=here).remote(
                     slots=self.slots, idle_timeout_s=self.idle_timeout_s
                 )
             return self._broker
@@ -419,14 +478,10 @@ class JobPool:
 
     def run(self, request: LaunchRequest) -> dict[str, float]:
         broker = self._ensure_broker()
-        submitted = time.time()
         self._start_members(ray.get(broker.submit.remote(request.as_config())))
         value = dict(ray.get(broker.result.remote(request.run_id)))
-        received = time.time()
         if "failed" in value:
             raise JobFailedError(value["failed"])
-        value["time/launch_s"] = value.pop("_picked_at") - submitted
-        value["time/handoff_s"] = received - value.pop("_returned_at")
         return value
 
     def _start_members(self, members: list[int]) -> None:
@@ -470,16 +525,18 @@ class JobPool:
 
     def close(self, *, timeout: float = 60.0) -> None:
         """Lets idle members finish, fails jobs still queued, and stops the broker."""
-        if self._broker is None:
+        with self._lock:
+            self._closed = True
+            broker, self._broker = self._broker, None
+        if broker is None:
             return
         try:
-            ray.get(self._broker.close.remote())
+            ray.get(broker.close.remote())
             deadline = time.monotonic() + timeout
             for thread in list(self._threads):
                 thread.join(max(0.0, deadline - time.monotonic()))
         finally:
-            ray.kill(self._broker)
-            self._broker = None
+            ray.kill(broker)
 
 
 _POOLS: dict[tuple, JobPool] = {}

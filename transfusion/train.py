@@ -215,6 +215,15 @@ def make_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _finite_on_every_rank(loss: torch.Tensor, world_size: int) -> bool:
+    """Whether the loss is finite on all ranks: a rank alone stopping would leave the
+    others waiting in DDP's next all-reduce."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32)
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
@@ -338,7 +347,7 @@ def run_training(
                 loss = loss + 0.4 * loss_fn(aux, y)
         if fault_at_step is not None and step == fault_at_step:
             loss = loss * float("nan")
-        if not torch.isfinite(loss):
+        if not _finite_on_every_rank(loss, world_size):
             raise NonFiniteLossError(f"loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -8,8 +8,8 @@
    and once on warm pool members (the default), in the same process. Where the time goes:
    ``time/launch_s`` (queued until a worker picks the job up), ``time/setup_s`` (model
    build, FLOPs count, step-0 probe and evaluation), ``time/finish_s`` (final probe, test
-   evaluation, weights upload), ``time/handoff_s`` (result back to the task); the rest is
-   the task's own MLflow calls (find/create/tag the run, end it).
+   evaluation, weights upload); the rest is the task's own MLflow calls (find/create/tag
+   the run, end it) and the result's trip back.
 2. Wrapper cost: training throughput (images/s of the loop) inside the Ray Train job
    vs the bare loop on the same model, batch and data: the ratio should be >= 0.95.
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.benchmarks.common import machine_info, write_section  # noqa: E402
 
-PARTS = ("time/launch_s", "time/setup_s", "time/finish_s", "time/handoff_s")
+PARTS = ("time/launch_s", "time/setup_s", "time/finish_s")
 
 
 def _run_grid(name: str, jobs: int, train: dict, *, reuse: bool) -> tuple[list[dict], float]:
@@ -126,8 +126,7 @@ Where the overhead goes (seconds, medians; "first warm-pool job" starts the memb
 {row("`time/launch_s`: queued → picked up (controller, worker group, imports)", "time/launch_s")}
 {row("`time/setup_s`: model build, FLOPs, step-0 probe + evaluation", "time/setup_s")}
 {row("`time/finish_s`: final probe, test evaluation, weights upload", "time/finish_s")}
-{row("`time/handoff_s`: result back to the task", "time/handoff_s")}
-{row("rest: the task's MLflow calls (find, create, tag, end the run)", "tracking")}
+{row("rest: the task's MLflow calls (find, create, tag, end the run), result back", "tracking")}
 
 The fresh mode also starts a broker actor per job and waits for its Ray Train run to end, so it
 costs more than the code before the pool did (one `TorchTrainer.fit()` per job: 11.3 s median on

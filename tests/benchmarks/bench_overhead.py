@@ -29,6 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.benchmarks.common import machine_info, write_section  # noqa: E402
 
 PARTS = ("time/launch_s", "time/setup_s", "time/finish_s")
+REST_LABEL = (
+    "rest: the task's MLflow calls (find, create, tag, end the run), "
+    "the broker actor's start (first job), result back"
+)
 
 
 def _run_grid(name: str, jobs: int, train: dict, *, reuse: bool) -> tuple[list[dict], float]:
@@ -126,7 +130,7 @@ Where the overhead goes (seconds, medians; "first warm-pool job" starts the memb
 {row("`time/launch_s`: queued → picked up (controller, worker group, imports)", "time/launch_s")}
 {row("`time/setup_s`: model build, FLOPs, step-0 probe + evaluation", "time/setup_s")}
 {row("`time/finish_s`: final probe, test evaluation, weights upload", "time/finish_s")}
-{row("rest: the task's MLflow calls (find, create, tag, end the run), result back", "tracking")}
+{row(REST_LABEL, "tracking")}
 
 The fresh mode also starts a broker actor per job and waits for its Ray Train run to end, so it
 costs more than the code before the pool did (one `TorchTrainer.fit()` per job: 11.3 s median on

@@ -9,6 +9,7 @@ same MLflow run). Objects are written whole
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -47,17 +48,16 @@ class JobCheckpoints:
     job_name: str
     keep: int = 2
 
-    @property
+    @functools.cached_property
     def _location(self) -> tuple[pyarrow.fs.FileSystem, str]:
         filesystem, root = storage_filesystem(self.storage_path)
         return filesystem, f"{root.rstrip('/')}/jobs/{self.job_name}"
 
-    def _steps(self) -> tuple[pyarrow.fs.FileSystem, str, list[int]]:
+    def _steps(self) -> list[int]:
         filesystem, folder = self._location
         selector = pyarrow.fs.FileSelector(folder, allow_not_found=True)
         names = (STATE_NAME.search(info.path) for info in filesystem.get_file_info(selector))
-        steps = sorted(int(m.group(1)) for m in names if m)
-        return filesystem, folder, steps
+        return sorted(int(m.group(1)) for m in names if m)
 
     def save(self, state: dict[str, Any], *, step: int) -> str:
         """Stores ``state`` as the state at ``step`` and drops all but the newest ``keep``."""
@@ -74,14 +74,14 @@ class JobCheckpoints:
         else:
             with filesystem.open_output_stream(target) as stream:
                 stream.write(buffer.getvalue())
-        _, _, steps = self._steps()
-        for old in steps[: -self.keep] if self.keep > 0 else []:
+        for old in self._steps()[: -self.keep] if self.keep > 0 else []:
             filesystem.delete_file(f"{folder}/state-{old:08d}.pt")
         return target
 
     def latest(self) -> dict[str, Any] | None:
         """The newest stored state, or None when the job has none yet."""
-        filesystem, folder, steps = self._steps()
+        filesystem, folder = self._location
+        steps = self._steps()
         if not steps:
             return None
         with filesystem.open_input_file(f"{folder}/state-{steps[-1]:08d}.pt") as stream:

@@ -197,12 +197,11 @@ def _from_rank_zero(fetch, *, rank: int, world_size: int):
 _BROKER_GONE = "broker-gone"
 
 
-def _serve_jobs(config: dict) -> dict:
+def _serve_jobs(config: dict) -> None:
     """Train function of a pool member: runs the broker's jobs until none comes for a while."""
     broker, member, storage_path = config["broker"], config["member"], config["storage_path"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    served = 0
 
     def ask(method: str, *args):
         try:
@@ -213,7 +212,7 @@ def _serve_jobs(config: dict) -> dict:
     # After a restart the broker hands back the job this member was running.
     resumed = _from_rank_zero(lambda: ask("resume"), rank=rank, world_size=world_size)
     if resumed == _BROKER_GONE:
-        return {"member": member, "jobs": served}
+        return
     start, request = resumed
     while True:
         gc.collect()  # what the last job left, before the next one allocates
@@ -222,21 +221,20 @@ def _serve_jobs(config: dict) -> dict:
         if request is None:
             request = _from_rank_zero(lambda: ask("next_job", start), rank=rank, world_size=world_size)
         if request is None or request == _BROKER_GONE:
-            return {"member": member, "jobs": served}
+            return
         try:
             result = _run_job(LaunchRequest(**request), storage_path=storage_path, rank=rank, world_size=world_size)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             retry = ask("job_error", start, reason) if rank == 0 else True
             if retry == _BROKER_GONE:
-                return {"member": member, "jobs": served}
+                return
             if retry or world_size > 1:
                 raise  # Ray Train restarts the worker group; the job continues from its checkpoint
             request = None  # the broker failed the job; this process is healthy, so take the next
             continue
         if rank == 0:
             ask("finish", start, result)
-        served += 1
         request = None
 
 

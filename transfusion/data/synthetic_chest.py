@@ -20,14 +20,13 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageFilter
 
+from transfusion.data.seeds import derived_seed
+from transfusion.data.seeds import stream as _stream
+
 GENERATOR_VERSION = "1"
 LABEL_NAMES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 LABEL_PREVALENCE = (0.3, 0.25, 0.25, 0.25, 0.3)
 SYNTHETIC_CHEST_DEFAULTS = {"train": 3000, "val": 400, "test": 800, "seed": 0}
-
-
-def _stream(*keys: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(k) for k in keys]))
 
 
 def _soft(signed_distance: np.ndarray, edge: float) -> np.ndarray:
@@ -181,8 +180,8 @@ def generate_chest_split(resolution: int, count: int, *, seed: int, split_id: in
     for i in range(count):
         images[i] = render_chest(
             resolution,
-            scene_seed=int(np.random.SeedSequence([seed, split_id, i, 1]).generate_state(1)[0]),
+            scene_seed=derived_seed(seed, split_id, i, 1),
             labels=labels[i],
-            lesion_seed=int(np.random.SeedSequence([seed, split_id, i, 2]).generate_state(1)[0]),
+            lesion_seed=derived_seed(seed, split_id, i, 2),
         )
     return images, labels

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from transfusion.data.seeds import derived_seed
+from transfusion.data.seeds import stream as _stream
+
 GRADE_NAMES = ("none", "mild", "moderate", "severe", "proliferative")
 # Grade frequencies loosely follow EyePACS, with the rare grades boosted so that
 # small training subsets still hold every grade.
@@ -46,10 +49,6 @@ _EXUDATE = (0.009, np.array([1.00, 0.92, 0.45]), 0.70)
 # Pigment spots: lesion-sized, darker and browner, in every grade's scenes, so that
 # "count the dark dots" is not enough: the colour and shape of a spot matter.
 _PIGMENT = (0.011, np.array([0.22, 0.12, 0.06]), 0.65)
-
-
-def _stream(*keys: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(k) for k in keys]))
 
 
 def render_scene(resolution: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -172,8 +171,8 @@ def generate_split(resolution: int, count: int, *, seed: int, split_id: int) -> 
     for i in range(count):
         images[i] = render_fundus(
             resolution,
-            scene_seed=int(np.random.SeedSequence([seed, split_id, i, 1]).generate_state(1)[0]),
+            scene_seed=derived_seed(seed, split_id, i, 1),
             grade=int(grades[i]),
-            lesion_seed=int(np.random.SeedSequence([seed, split_id, i, 2]).generate_state(1)[0]),
+            lesion_seed=derived_seed(seed, split_id, i, 2),
         )
     return images, grades

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from transfusion.data.seeds import stream
+
 SHAPES = ("disc", "square", "triangle", "star", "ring", "cross", "bar", "crescent")
 FILLS = ("solid", "striped")
 CLASS_NAMES = tuple(f"{shape}-{fill}" for shape in SHAPES for fill in FILLS)
@@ -103,9 +105,9 @@ def render_shape_image(resolution: int, label: int, rng: np.random.Generator) ->
 
 
 def generate_shapes_split(resolution: int, count: int, *, seed: int, split_id: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(np.random.SeedSequence([seed, split_id, 17]))
+    rng = stream(seed, split_id, 17)
     labels = rng.integers(0, len(CLASS_NAMES), size=count)
     images = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
     for i in range(count):
-        images[i] = render_shape_image(resolution, int(labels[i]), np.random.default_rng([seed, split_id, i, 23]))
+        images[i] = render_shape_image(resolution, int(labels[i]), stream(seed, split_id, i, 23))
     return images, labels

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from prefect import flow
 from prefect.futures import as_completed
@@ -33,6 +33,9 @@ from transfusion.analysis.tables import ResultRow, to_markdown
 from transfusion.config import GridSpec, PresetName, load_grid
 from transfusion.data import transfusion_home
 from transfusion.services import tracking_service
+
+if TYPE_CHECKING:
+    from transfusion.tracking import GridRun
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,49 @@ def _describe(outcome: JobOutcome) -> str:
     return f"{name}: test/auc {auc:.3f} ({when})"
 
 
+def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSummary) -> list[JobOutcome]:
+    """The training stages: resolve pretrained sources, then every job (skipping finished ones)."""
+    dataset_root = prepare_dataset_task(grid)
+    # Ray starts only when there is something to train: a re-run of a done grid is quick.
+    pending = pending_jobs_task(grid, grid_run) if stage != "pretrain" else 1
+    slots = start_compute_task(grid) if pending else 0
+    try:
+        sources = {}
+        if grid.pretrained and pending:
+            for model in grid.models:
+                sources[model] = resolve_pretrained_task.submit(model, grid.pretrained, grid.train.resolution)
+        if stage == "pretrain":
+            summary.pretrained = {model: future.result() for model, future in sources.items()}
+            for model, uri in summary.pretrained.items():
+                _progress(f"{model}: {uri}")
+            return []
+        jobs = grid.jobs()
+        _progress(
+            f"grid {grid.name}: {len(jobs)} jobs, {pending} to train, up to {max(slots, 1)} at a time; "
+            f"tracking at {summary.tracking_uri}"
+        )
+        futures = [
+            train_job_task.submit(
+                spec, grid_run, dataset_root, sources.get(spec.model) if spec.pretrained else None, grid.max_retries
+            )
+            for spec in jobs
+        ]
+        outcomes = []
+        for done, future in enumerate(as_completed(futures), start=1):
+            try:
+                outcome = future.result()
+            except Exception as exc:  # e.g. pretrained weights could not be resolved
+                spec = jobs[futures.index(future)]
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                outcome = JobOutcome(spec.job_key, spec, "FAILED", None, reason=reason)
+            outcomes.append(outcome)
+            _progress(f"[{done}/{len(jobs)}] {_describe(outcome)}")
+        return outcomes
+    finally:
+        if slots:
+            stop_compute_task()  # the warm workers go before the analyses
+
+
 @flow(name="transfusion", task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=False)
 def transfusion(grid: GridSpec | PresetName, stage: Stage = "all", report_dir: str | None = None) -> GridSummary:
     """Trains every job of ``grid`` (skipping finished ones), then analyses the grid."""
@@ -79,50 +125,7 @@ def transfusion(grid: GridSpec | PresetName, stage: Stage = "all", report_dir: s
         preflight_task(grid)
         grid_run = open_grid_run_task(grid)
         summary = GridSummary(grid.name, tracking_uri, grid_run.experiment_id, grid_run.run_id)
-        outcomes: list[JobOutcome] = []
-        slots = 0
-        try:
-            if stage in ("all", "train", "pretrain"):
-                dataset_root = prepare_dataset_task(grid)
-                # Ray starts only when there is something to train: a re-run of a done grid is quick.
-                pending = pending_jobs_task(grid, grid_run) if stage != "pretrain" else 1
-                slots = start_compute_task(grid) if pending else 0
-                sources = {}
-                if grid.pretrained and pending:
-                    for model in grid.models:
-                        sources[model] = resolve_pretrained_task.submit(model, grid.pretrained, grid.train.resolution)
-                if stage == "pretrain":
-                    summary.pretrained = {model: future.result() for model, future in sources.items()}
-                    for model, uri in summary.pretrained.items():
-                        _progress(f"{model}: {uri}")
-                else:
-                    jobs = grid.jobs()
-                    _progress(
-                        f"grid {grid.name}: {len(jobs)} jobs, {pending} to train, up to {max(slots, 1)} at a time; "
-                        f"tracking at {tracking_uri}"
-                    )
-                    futures = [
-                        train_job_task.submit(
-                            spec,
-                            grid_run,
-                            dataset_root,
-                            sources.get(spec.model) if spec.pretrained else None,
-                            grid.max_retries,
-                        )
-                        for spec in jobs
-                    ]
-                    for done, future in enumerate(as_completed(futures), start=1):
-                        try:
-                            outcome = future.result()
-                        except Exception as exc:  # e.g. pretrained weights could not be resolved
-                            spec = jobs[futures.index(future)]
-                            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                            outcome = JobOutcome(spec.job_key, spec, "FAILED", None, reason=reason)
-                        outcomes.append(outcome)
-                        _progress(f"[{done}/{len(jobs)}] {_describe(outcome)}")
-        finally:
-            if slots:
-                stop_compute_task()  # the warm workers go before the analyses
+        outcomes = _train_jobs(grid, grid_run, stage, summary) if stage in ("all", "train", "pretrain") else []
         if stage in ("all", "analysis"):
             records = collect_records_task(grid)
             summary.rows = results_table_task(grid, grid_run, records)

@@ -70,18 +70,6 @@ def stop_process_group(process: subprocess.Popen, *, timeout: float = 10.0) -> N
         process.wait(timeout=timeout)
 
 
-@dataclass
-class MlflowServer:
-    """A running ``mlflow server`` process."""
-
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def stop(self) -> None:
-        stop_process_group(self.process)
-
-
 def start_mlflow_server(
     home: Path,
     *,
@@ -90,36 +78,33 @@ def start_mlflow_server(
     backend_uri: str | None = None,
     artifacts_destination: str | None = None,
     timeout: float = 90.0,
-) -> MlflowServer:
+) -> ServiceProcess:
     """Starts ``mlflow server`` (SQLite at ``home/mlflow.db``, artifacts under ``home/artifacts``)."""
     home.mkdir(parents=True, exist_ok=True)
     if port is None:
         port = free_port(host)
     elif port_is_taken(host, port):
         raise RuntimeError(f"port {port} on {host} is already taken; choose another with --port")
-    backend_uri = backend_uri or f"sqlite:///{home / 'mlflow.db'}"
-    artifacts_destination = artifacts_destination or str(home / "artifacts")
-    log_path = home / "logs" / f"mlflow-{port}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", backend_uri,
-        "--artifacts-destination", artifacts_destination,
+        "--backend-store-uri", backend_uri or f"sqlite:///{home / 'mlflow.db'}",
+        "--artifacts-destination", artifacts_destination or str(home / "artifacts"),
         "--host", host,
         "--port", str(port),
         "--workers", "1",
     ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://{host}:{port}"
-    try:
-        wait_for_http(f"{url}/health", timeout=timeout, process=process, log_path=log_path)
-    except BaseException:
-        stop_process_group(process)
-        raise
-    log.info("MLflow server at %s (log %s)", url, log_path)
-    return MlflowServer(url=url, process=process, log_path=log_path)
+    server = start_service(
+        f"mlflow-{port}",
+        command,
+        health_url=f"{url}/health",
+        url=url,
+        log_dir=home / "logs",
+        env={"MLFLOW_TRACKING_URI": ""},  # the server must not act as a client of another one
+        timeout=timeout,
+    )
+    log.info("MLflow server at %s (log %s)", url, server.log_path)
+    return server
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import ray
 
 from transfusion import tracking
 from transfusion.config import JobSpec, TrainSettings
+from transfusion.job_broker import AfterError, JobStatus, Restart
 from transfusion.launcher import (
     JobBroker,
     JobFailedError,
@@ -107,7 +108,7 @@ def test_two_worker_jobs_share_one_process_group_one_after_another(mlflow_server
 
 @pytest.fixture()
 def broker(ray_cluster):
-    handle = JobBroker.options(max_concurrency=100).remote(slots=1, idle_timeout_s=0.5)
+    handle = JobBroker.options(max_concurrency=100).remote(slots=1, idle_timeout_s=3.0)
     yield handle
     ray.kill(handle)
 
@@ -116,47 +117,23 @@ def _job(run_id: str, max_failures: int = 1) -> dict:
     return {"run_id": run_id, "spec": {"train": {"max_failures": max_failures}}}
 
 
-def test_broker_hands_out_resumes_gives_up_retires_and_closes(broker):
+def test_broker_actor_forwards_to_its_rules_and_wakes_waiting_members(broker):
+    # The rules themselves are tested without Ray in test_job_broker.py; here only the waiting.
     call = lambda method, *args: ray.get(getattr(broker, method).remote(*args))  # noqa: E731
-    assert call("submit", _job("a")) == [0]  # a member must start for the first job
-    assert call("submit", _job("b")) == []  # one slot: b waits for member 0
-    assert call("resume", 0) == (1, None)  # first start: nothing to resume
-    stale = broker.next_job.remote(0, 1)  # start 1 takes a ...
-    assert ray.get(stale)["run_id"] == "a"
-    assert call("resume", 0) == (2, _job("a"))  # restarted mid-job: continues a (1 failure <= 1)
-    assert call("resume", 0) == (3, None)  # a second failure: a is given up
-    assert "gave up after 2 failures" in call("result", "a")["failed"]
-    assert call("next_job", 0, 1) is None  # a wait from an older start takes nothing
-    assert call("next_job", 0, 3)["run_id"] == "b"
-    assert call("job_error", 0, 3, "ValueError: bad") is True  # one restart left
-    assert call("resume", 0) == (4, _job("b"))
-    assert call("job_error", 0, 4, "ValueError: bad") is False  # none left: failed now
-    assert call("result", "b") == {"failed": "ValueError: bad (after 1 restarts)"}
-    assert call("next_job", 0, 4) is None  # idle past the timeout: member 0 retires ...
-    assert call("submit", _job("c")) == [1]  # ... so a new job starts a new member
-    assert call("resume", 1) == (1, None)
-    assert call("next_job", 1, 1)["run_id"] == "c"
-    call("finish", 1, 1, {"steps": 6.0})
-    finished = call("result", "c")
-    assert finished["steps"] == 6.0 and finished["time/launch_s"] >= 0
-    assert call("submit", _job("d")) == []  # member 1 is idle and takes it
-    assert call("next_job", 1, 1)["run_id"] == "d"
-    # Its Ray Train run ends under d: d has a restart left, so it is queued again for a new member.
-    assert call("member_gone", 1, "WorkerGroupError: lost") == [2]
-    assert call("submit", _job("e")) == []  # one slot, member 2 pending
-    call("close")
-    assert call("result", "d") == {"failed": "the job pool was closed before the job started"}
-    assert call("result", "e") == {"failed": "the job pool was closed before the job started"}
-    assert call("next_job", 2, 0) is None
-
-
-def test_members_that_never_take_a_job_stop_being_replaced(broker):
-    call = lambda method, *args: ray.get(getattr(broker, method).remote(*args))  # noqa: E731
+    assert call("resume", 0) == Restart(0)  # an unknown member has nothing to resume
     assert call("submit", _job("a")) == [0]
-    assert call("member_gone", 0, "RuntimeError: cannot start") == [1]
-    assert call("member_gone", 1, "RuntimeError: cannot start") == [2]
-    assert call("member_gone", 2, "RuntimeError: cannot start") == []  # the third in a row: give up
-    assert "3 pool members in a row failed before taking a job" in call("result", "a")["failed"]
+    assert call("resume", 0) == Restart(1)
+    outcome = broker.result.remote("a")  # waits until the job ends
+    assert call("next_job", 0, 1)["run_id"] == "a"
+    waiting = broker.next_job.remote(0, 1)  # nothing queued: waits ...
+    call("finish", 0, 1, {"steps": 6.0})
+    end = ray.get(outcome)
+    assert end.status is JobStatus.FINISHED and end.metrics == {"steps": 6.0} and end.launch_s >= 0
+    assert call("submit", _job("b")) == []  # ... and wakes for the next job
+    assert ray.get(waiting)["run_id"] == "b"
+    assert call("job_error", 0, 1, "ValueError: bad", False) is AfterError.NEXT_JOB
+    assert ray.get(broker.result.remote("b")).reason == "ValueError: bad"
+    assert call("next_job", 0, 1) is None  # idle past the timeout: the member retires
 
 
 def test_warm_workers_go_when_the_last_flow_using_them_stops(monkeypatch):

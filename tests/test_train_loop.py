@@ -6,7 +6,7 @@ import torch
 
 from transfusion.config import JobSpec, TrainSettings
 from transfusion.probes import load_probe
-from transfusion.train import NonFiniteLossError, RecordingHooks, batch_indices, run_training
+from transfusion.train import FaultInjection, NonFiniteLossError, RecordingHooks, batch_indices, run_training
 
 SETTINGS = TrainSettings(steps=8, batch_size=16, eval_every=4, resolution=32, probe_size=16, eval_batch_size=64)
 
@@ -65,7 +65,7 @@ def test_batches_are_a_function_of_seed_and_step():
 
 def test_nan_loss_stops_the_job(tiny_retina):
     with pytest.raises(NonFiniteLossError, match="at step 2"):
-        run_training(_spec(), tiny_retina, hooks=RecordingHooks(), fault_at_step=2)
+        run_training(_spec(), tiny_retina, hooks=FaultInjection(RecordingHooks(), nan_at_step=2))
 
 
 def test_loop_trains_any_prepared_dataset_multilabel_grey(session_home):

@@ -17,14 +17,13 @@ model goes through ``prepare_model`` when there are several workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
-import signal
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,11 +31,12 @@ import ray
 import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from transfusion.checkpoints import JobCheckpoints, storage_filesystem
 from transfusion.config import JobSpec
+from transfusion.errors import first_line
+from transfusion.job_broker import AfterError, JobBrokerState, JobEnd, Restart
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> d
             "include_dashboard": False,
         }
         if not os.environ.get("RAY_ADDRESS"):
-            kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus)
+            # "local": a Ray of our own, never another user's cluster found by process scan.
+            kwargs.update(address="local", num_cpus=num_cpus, num_gpus=num_gpus)
         else:
             kwargs.pop("include_dashboard")
         ray.init(**kwargs)
@@ -131,7 +132,7 @@ def _run_job(request: LaunchRequest, *, storage_path: str, rank: int, world_size
     """One job in this worker: resume from its checkpoint if it has one, train, log."""
     from transfusion.data.prepared import PreparedDataset
     from transfusion.tracking import MlflowHooks
-    from transfusion.train import NonFiniteLossError, run_training
+    from transfusion.train import FaultInjection, run_training
 
     spec = JobSpec.model_validate(request.spec)
     torch.set_num_threads(max(1, spec.train.threads or int(spec.train.cpus_per_job)))
@@ -153,30 +154,20 @@ def _run_job(request: LaunchRequest, *, storage_path: str, rank: int, world_size
 
             log_params(request.run_id, {"pretrained_sha256": loaded.sha256}, uri=request.tracking_uri)
 
-    def crash_once(step: int) -> None:
-        # Fault injection: SIGKILL this worker once (the marker survives the restart).
-        if step == request.kill_at_step and request.kill_marker and not os.path.exists(request.kill_marker):
-            open(request.kill_marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
-
     hooks = MlflowHooks(request.run_id, uri=request.tracking_uri, checkpoint=save_checkpoint)
-    dataset = PreparedDataset.open(request.dataset_root)
-    try:
-        result = run_training(
-            spec,
-            dataset,
-            hooks=hooks,
-            source_state=source_state,
-            resume=resume,
-            prepare_model=ray.train.torch.prepare_model if world_size > 1 else None,
-            rank=rank,
-            world_size=world_size,
-            fault_at_step=request.fault_at_step,
-            on_step=crash_once if request.kill_at_step is not None else None,
-        )
-    except NonFiniteLossError as exc:
-        # Deterministic: a restart would diverge again, so report instead of raising.
-        return {"failed": f"NonFiniteLossError: {exc}"}
+    if request.fault_at_step is not None or request.kill_at_step is not None:
+        hooks = FaultInjection(hooks, nan_at_step=request.fault_at_step, kill_at_step=request.kill_at_step,
+                               kill_marker=request.kill_marker)  # fmt: skip
+    result = run_training(
+        spec,
+        PreparedDataset.open(request.dataset_root),
+        hooks=hooks,
+        source_state=source_state,
+        resume=resume,
+        prepare_model=ray.train.torch.prepare_model if world_size > 1 else None,
+        rank=rank,
+        world_size=world_size,
+    )
     return {
         "steps": float(result.steps),
         **result.final_metrics,
@@ -185,252 +176,156 @@ def _run_job(request: LaunchRequest, *, storage_path: str, rank: int, world_size
     }
 
 
+class BrokerGoneError(RuntimeError):
+    """The pool was closed under a running member: nobody waits for its results."""
+
+
 def _from_rank_zero(fetch, *, rank: int, world_size: int):
-    """``fetch()`` on rank 0, the same value on every rank (jobs are shared by the group)."""
+    """``fetch()`` on rank 0, the same value on every rank (jobs are shared by the group).
+
+    A :class:`BrokerGoneError` on rank 0 is raised on every rank, so the group stops together.
+    """
     if world_size == 1:
         return fetch()
     from ray.train.collective import broadcast_from_rank_zero
 
-    return broadcast_from_rank_zero(fetch() if rank == 0 else None)
-
-
-_BROKER_GONE = "broker-gone"
+    value = None
+    if rank == 0:
+        try:
+            value = fetch()
+        except BrokerGoneError as exc:
+            value = exc
+    value = broadcast_from_rank_zero(value)
+    if isinstance(value, BrokerGoneError):
+        raise value
+    return value
 
 
 def _serve_jobs(config: dict) -> None:
     """Train function of a pool member: runs the broker's jobs until none comes for a while."""
-    broker, member, storage_path = config["broker"], config["member"], config["storage_path"]
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-
-    def ask(method: str, *args):
-        try:
-            return ray.get(getattr(broker, method).remote(member, *args))
-        except ray.exceptions.RayActorError:
-            return _BROKER_GONE  # the pool was closed under a running job: nobody waits for results
-
-    # After a restart the broker hands back the job this member was running.
-    resumed = _from_rank_zero(lambda: ask("resume"), rank=rank, world_size=world_size)
-    if resumed == _BROKER_GONE:
+    try:
+        _MemberLoop(config["broker"], config["member"], config["storage_path"]).run()
+    except BrokerGoneError:
         return
-    start, request = resumed
-    while True:
-        gc.collect()  # what the last job left, before the next one allocates
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if request is None:
-            request = _from_rank_zero(lambda: ask("next_job", start), rank=rank, world_size=world_size)
-        if request is None or request == _BROKER_GONE:
-            return
+
+
+class _MemberLoop:
+    """One worker of a pool member: asks the broker for jobs and reports how each ended."""
+
+    def __init__(self, broker, member: int, storage_path: str) -> None:
+        context = ray.train.get_context()
+        self.broker, self.member, self.storage_path = broker, member, storage_path
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    def ask(self, method: str, *args):
         try:
-            result = _run_job(LaunchRequest(**request), storage_path=storage_path, rank=rank, world_size=world_size)
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            retry = ask("job_error", start, reason) if rank == 0 else True
-            if retry == _BROKER_GONE:
+            return ray.get(getattr(self.broker, method).remote(self.member, *args))
+        except ray.exceptions.RayActorError as exc:
+            raise BrokerGoneError(str(exc)) from exc
+
+    def shared(self, method: str, *args):
+        return _from_rank_zero(lambda: self.ask(method, *args), rank=self.rank, world_size=self.world_size)
+
+    def run(self) -> None:
+        # After a restart the broker hands back the job this member was running.
+        restart = self.shared("resume")
+        request = restart.request
+        while True:
+            gc.collect()  # what the last job left, before the next one allocates
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if request is None:
+                request = self.shared("next_job", restart.start)
+            if request is None:
                 return
-            if retry or world_size > 1:
+            self.run_one(request, restart.start)
+            request = None
+
+    def run_one(self, request: dict, start: int) -> None:
+        from transfusion.train import NonFiniteLossError
+
+        try:
+            result = _run_job(
+                LaunchRequest(**request), storage_path=self.storage_path, rank=self.rank, world_size=self.world_size
+            )
+        except NonFiniteLossError as exc:
+            # Deterministic, and seen by every rank together: a restart would diverge again.
+            if self.rank == 0:
+                self.ask("job_error", start, first_line(exc), False)
+            return
+        except Exception as exc:
+            after = self.ask("job_error", start, first_line(exc), True) if self.rank == 0 else AfterError.RESTART
+            if after is AfterError.RESTART or self.world_size > 1:
                 raise  # Ray Train restarts the worker group; the job continues from its checkpoint
-            request = None  # the broker failed the job; this process is healthy, so take the next
-            continue
-        if rank == 0:
-            ask("finish", start, result)
-        request = None
-
-
-@dataclass
-class _QueuedJob:
-    request: dict
-    future: asyncio.Future
-    submitted: float  # broker clock, like every time below
-    picked: float | None = None  # first hand-out
-    failures: int = 0
-    reason: str | None = None
-
-    @property
-    def max_failures(self) -> int:
-        return int(self.request["spec"]["train"]["max_failures"])
-
-
-@dataclass
-class _Member:
-    job: str | None = None  # run_id of the job it is running
-    starts: int = 0  # (re)starts of its worker group: a call from an older start is stale
-    served: int = 0
-
-
-# Members in a row whose Ray Train run ended before they took any job: then the queued
-# jobs fail instead of starting members forever (e.g. workers that cannot even start).
-BARREN_MEMBER_LIMIT = 3
+            return  # the broker failed the job; this process is healthy, so take the next
+        if self.rank == 0:
+            self.ask("finish", start, result)
 
 
 @ray.remote(num_cpus=0)
 class JobBroker:
-    """Hands queued jobs to pool members and their results back (one asyncio loop, no races)."""
+    """The Ray actor around :class:`JobBrokerState`: forwards each call and adds the waiting
+    (one asyncio loop, so each call is one atomic step of the state)."""
 
     def __init__(self, *, slots: int, idle_timeout_s: float) -> None:
-        self._slots = slots
+        self._state = JobBrokerState(slots=slots)
         self._idle_timeout_s = idle_timeout_s
-        self._queue: deque[str] = deque()
-        self._jobs: dict[str, _QueuedJob] = {}
-        self._members: dict[int, _Member] = {}
-        self._next_member = 0
-        self._barren = 0
-        self._closed = False
         self._changed = asyncio.Condition()
 
-    def _members_to_start(self) -> list[int]:
-        """New member ids so that every queued job has a member, up to ``slots``."""
-        if self._closed:
-            return []
-        busy = sum(m.job is not None for m in self._members.values())
-        wanted = min(self._slots, busy + len(self._queue))
-        started = []
-        while len(self._members) < wanted:
-            self._members[self._next_member] = _Member()
-            started.append(self._next_member)
-            self._next_member += 1
-        return started
-
-    def _fail(self, run_id: str | None, reason: str) -> None:
-        job = self._jobs.get(run_id) if run_id else None
-        if job is not None and not job.future.done():
-            job.future.set_result({"failed": reason})
-
-    def _fail_job_of(self, member: _Member, reason: str) -> None:
-        run_id, member.job = member.job, None
-        self._fail(run_id, reason)
-
-    def _current(self, member: int, start: int) -> _Member | None:
-        state = self._members.get(member)
-        return state if state is not None and state.starts == start else None
+    async def _changed_now(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
     async def submit(self, request: dict) -> list[int]:
         """Queues a job; returns the members the caller must start for it."""
-        if self._closed:
-            raise RuntimeError("the job pool is closed")
-        run_id = request["run_id"]
-        loop = asyncio.get_running_loop()
-        self._jobs[run_id] = _QueuedJob(request, loop.create_future(), submitted=loop.time())
-        self._queue.append(run_id)
+        started = self._state.submit(request, max_failures=int(request["spec"]["train"]["max_failures"]))
+        await self._changed_now()
+        return started
+
+    async def result(self, run_id: str) -> JobEnd:
         async with self._changed:
-            self._changed.notify_all()
-        return self._members_to_start()
+            await self._changed.wait_for(lambda: self._state.outcome(run_id) is not None)
+        end = self._state.outcome(run_id)
+        self._state.forget(run_id)
+        return end
 
-    async def result(self, run_id: str) -> dict:
-        """The job's final metrics (or ``{"failed": reason}``), with ``time/launch_s`` added."""
-        job = self._jobs[run_id]
-        try:
-            value = dict(await job.future)
-        finally:
-            self._jobs.pop(run_id, None)
-        if job.picked is not None and "failed" not in value:
-            value["time/launch_s"] = job.picked - job.submitted
-        return value
-
-    async def resume(self, member: int) -> tuple[int, dict | None]:
-        """Called at each (re)start of a member: (its start number, the job to continue)."""
-        state = self._members.get(member)
-        if state is None:
-            return 0, None
-        state.starts += 1
-        if state.starts == 1 or state.job is None:
-            return state.starts, None
-        job = self._jobs[state.job]
-        job.failures += 1
-        if job.failures > job.max_failures:
-            reason = job.reason or "the worker process died"
-            self._fail_job_of(state, f"gave up after {job.failures} failures: {reason}")
-            return state.starts, None
-        return state.starts, job.request
+    async def resume(self, member: int) -> Restart:
+        restart = self._state.restart(member)
+        await self._changed_now()
+        return restart
 
     async def next_job(self, member: int, start: int) -> dict | None:
-        """The next queued job for ``member``; None (and the member retires) when idle too long.
-
-        A wait left by a worker group that has since restarted (``start`` is old) gets
-        None without taking a job: its caller is gone.
-        """
+        """The next queued job for ``member``; None when it is to stop (idle too long, stale, closed)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._idle_timeout_s
         async with self._changed:
             while True:
-                state = self._current(member, start)
-                if state is None:
-                    return None
-                if self._closed:
-                    self._members.pop(member, None)
-                    return None
-                if self._queue:
-                    state.job = self._queue.popleft()
-                    job = self._jobs[state.job]
-                    job.picked = job.picked if job.picked is not None else loop.time()
-                    self._barren = 0
-                    return job.request
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    # Retiring here, with the queue empty, is atomic: a job queued later
-                    # sees one member fewer and has the caller start a new one.
-                    del self._members[member]
-                    return None
-                try:
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-                except TimeoutError:
-                    pass
+                handout = self._state.take(member, start, idle_expired=loop.time() >= deadline)
+                if not handout.waiting:
+                    return handout.request
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
 
-    async def job_error(self, member: int, start: int, reason: str) -> bool:
-        """Records why a job raised; True if it has a restart left, else the job fails now."""
-        state = self._current(member, start)
-        if state is None or state.job is None:
-            return False
-        job = self._jobs[state.job]
-        job.reason = reason
-        if job.failures + 1 > job.max_failures:
-            suffix = f" (after {job.failures} restarts)" if job.failures else ""
-            self._fail_job_of(state, reason + suffix)
-            return False
-        return True
+    async def job_error(self, member: int, start: int, reason: str, retryable: bool) -> AfterError:
+        after = self._state.job_error(member, start, reason, retryable=retryable)
+        await self._changed_now()
+        return after
 
-    async def finish(self, member: int, start: int, result: dict) -> None:
-        state = self._current(member, start)
-        if state is None:
-            return
-        run_id, state.job = state.job, None
-        state.served += 1
-        job = self._jobs.get(run_id) if run_id else None
-        if job is not None and not job.future.done():
-            job.future.set_result(result)
+    async def finish(self, member: int, start: int, metrics: dict) -> None:
+        self._state.finish(member, start, metrics)
+        await self._changed_now()
 
     async def member_gone(self, member: int, reason: str | None) -> list[int]:
-        """A member's Ray Train run ended: its job goes back to the queue if it has a
-        restart left (else it fails); returns the members to start."""
-        state = self._members.pop(member, None)
-        if state is not None and state.job is not None:
-            job = self._jobs[state.job]
-            job.failures += 1
-            job.reason = job.reason or f"the Ray Train worker group stopped: {reason or 'no reason given'}"
-            if job.failures <= job.max_failures and not self._closed:
-                self._queue.appendleft(state.job)
-            else:
-                self._fail_job_of(state, f"gave up after {job.failures} failures: {job.reason}")
-        elif state is not None and state.served == 0 and reason is not None:
-            self._barren += 1
-            if self._barren >= BARREN_MEMBER_LIMIT:
-                for run_id in self._queue:
-                    self._fail(run_id, f"{self._barren} pool members in a row failed before taking a job: {reason}")
-                self._queue.clear()
-                self._barren = 0
-        return self._members_to_start()
+        started = self._state.member_gone(member, reason)
+        await self._changed_now()
+        return started
 
     async def set_slots(self, slots: int) -> None:
-        self._slots = slots
+        self._state.slots = slots
 
     async def close(self) -> None:
-        self._closed = True
-        for run_id in self._queue:
-            self._fail(run_id, "the job pool was closed before the job started")
-        self._queue.clear()
-        async with self._changed:
-            self._changed.notify_all()
+        self._state.close()
+        await self._changed_now()
 
 
 @dataclass
@@ -477,10 +372,10 @@ class JobPool:
     def run(self, request: LaunchRequest) -> dict[str, float]:
         broker = self._ensure_broker()
         self._start_members(ray.get(broker.submit.remote(request.as_config())))
-        value = dict(ray.get(broker.result.remote(request.run_id)))
-        if "failed" in value:
-            raise JobFailedError(value["failed"])
-        return value
+        end: JobEnd = ray.get(broker.result.remote(request.run_id))
+        if end.failed:
+            raise JobFailedError(end.reason)
+        return {**end.metrics, "time/launch_s": end.launch_s}
 
     def _start_members(self, members: list[int]) -> None:
         for member in members:
@@ -492,12 +387,11 @@ class JobPool:
 
     def _serve_member(self, member: int) -> None:
         path, filesystem = storage_location(self.storage_path)
-        # One worker needs no process group: V2's plain data-parallel trainer skips the
-        # torch.distributed set-up and starts the worker about a second sooner.
-        trainer_class = TorchTrainer if self.scaling.num_workers > 1 else DataParallelTrainer
         reason = None
         try:
-            trainer = trainer_class(
+            # Public API only: even one worker gets its (1-rank) process group; members are
+            # warm, so that second is paid once per member, not per job.
+            trainer = TorchTrainer(
                 _serve_jobs,
                 train_loop_config={"broker": self._broker, "member": member, "storage_path": self.storage_path},
                 scaling_config=self.scaling,
@@ -510,11 +404,10 @@ class JobPool:
             )
             result = trainer.fit()
             if result.error is not None:
-                reason = f"{type(result.error).__name__}: {result.error}"
+                reason = first_line(result.error)
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = first_line(exc)
         if reason:
-            reason = reason.splitlines()[0][:500]
             log.warning("pool member %s stopped: %s", member, reason)
         try:
             self._start_members(ray.get(self._broker.member_gone.remote(member, reason)))

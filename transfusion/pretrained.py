@@ -38,16 +38,11 @@ from urllib.parse import unquote, urlparse
 
 import torch
 
+from transfusion.constants import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD
 from transfusion.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# The Google Inception-v3 weights expect inputs scaled to [-1, 1]; torchvision gets
-# there with ``transform_input=True``, which our model turns off.
-INCEPTION_MEAN = (0.5, 0.5, 0.5)
-INCEPTION_STD = (0.5, 0.5, 0.5)
 
 DOWNLOAD_TIMEOUT_S = 60
 _CHUNK = 1 << 20

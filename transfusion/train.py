@@ -1,9 +1,20 @@
 """The training loop: plain PyTorch, runs with or without Ray.
 
+In the shape of torchvision's ``references/classification/train.py``: one
+:class:`LoopState` built once (``model_without_ddp`` set there), then small functions
+over it — :func:`train_one_step`, :func:`validate`, :func:`probe`, :func:`checkpoint` —
+and :func:`run_training` calling them in order.
+
 Ray (or a test) plugs in through :class:`TrainingHooks` — where metrics, artifacts and
-checkpoints go — and through ``prepare_model``. Batches are a pure function of
-``(seed, step)``, so a job resumed from a checkpoint sees exactly the batches the
-uninterrupted job would have seen.
+checkpoints go — and through ``prepare_model`` (the DDP wrapper). Batches are a pure
+function of ``(seed, step)``, so a job resumed from a checkpoint sees exactly the
+batches the uninterrupted job would have seen.
+
+One job also runs on its own, without Ray or a tracking server (metrics to stdout and a
+CSV file), in a debugger or under ``torchrun`` for DDP::
+
+    python -m transfusion.train spec.yaml --output-dir runs/one
+    torchrun --nproc_per_node 2 -m transfusion.train spec.yaml --output-dir runs/ddp
 """
 
 from __future__ import annotations
@@ -11,8 +22,11 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from transfusion.config import JobSpec
+from transfusion.constants import IMAGENET_MEAN, IMAGENET_STD
 from transfusion.data.prepared import PreparedDataset
 from transfusion.metrics import classification_scores
 from transfusion.models import create_model
@@ -30,8 +45,8 @@ from transfusion.probes import capture_activations, save_probe
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's Inception-v3 reference weights the aux head's loss by 0.4.
+AUX_LOSS_WEIGHT = 0.4
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,6 +61,40 @@ class TrainingHooks(Protocol):
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None: ...
 
     def checkpoint(self, state: dict[str, Any], *, step: int, metrics: dict[str, float]) -> None: ...
+
+
+class FaultInjection:
+    """Test-only faults, as hooks wrapped around the real ones: the loss turns NaN at
+    ``nan_at_step``, or this process is SIGKILLed once after ``kill_at_step`` (the
+    ``kill_marker`` file, created just before, survives the restart)."""
+
+    def __init__(
+        self,
+        hooks: TrainingHooks,
+        *,
+        nan_at_step: int | None = None,
+        kill_at_step: int | None = None,
+        kill_marker: str | None = None,
+    ) -> None:
+        self.hooks = hooks
+        self.nan_at_step, self.kill_at_step, self.kill_marker = nan_at_step, kill_at_step, kill_marker
+
+    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
+        self.hooks.log_metrics(metrics, step=step)
+
+    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
+        self.hooks.log_artifact(local_path, artifact_path)
+
+    def checkpoint(self, state: dict[str, Any], *, step: int, metrics: dict[str, float]) -> None:
+        self.hooks.checkpoint(state, step=step, metrics=metrics)
+
+    def corrupt_loss(self, loss: torch.Tensor, *, step: int) -> torch.Tensor:
+        return loss * float("nan") if step == self.nan_at_step else loss
+
+    def after_step(self, step: int) -> None:
+        if step == self.kill_at_step and self.kill_marker and not os.path.exists(self.kill_marker):
+            open(self.kill_marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RecordingHooks:
@@ -132,11 +181,11 @@ def batch_indices(pool: np.ndarray, *, seed: int, step: int, batch_size: int) ->
 def load_images(
     dataset: PreparedDataset, index: np.ndarray, device: torch.device, model: nn.Module | None = None
 ) -> torch.Tensor:
-    """A normalised batch of ``dataset`` images (for ``model``'s input statistics)."""
+    """A normalised batch of ``dataset`` images (for ``model``'s input statistics; pass
+    the model itself, not its DDP wrapper)."""
     stats = {}
     if model is not None:
-        inner = _unwrap(model)
-        stats = {"mean": getattr(inner, "input_mean", IMAGENET_MEAN), "std": getattr(inner, "input_std", IMAGENET_STD)}
+        stats = {"mean": getattr(model, "input_mean", IMAGENET_MEAN), "std": getattr(model, "input_std", IMAGENET_STD)}
     # uint8 crosses to the device (4x less traffic than float); normalising happens there.
     batch = torch.from_numpy(np.ascontiguousarray(dataset.images[index])).to(device, non_blocking=True)
     return normalize(batch, **stats)
@@ -215,6 +264,7 @@ def make_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+
 def _finite_on_every_rank(loss: torch.Tensor, world_size: int) -> bool:
     """Whether the loss is finite on all ranks: a rank alone stopping would leave the
     others waiting in DDP's next all-reduce."""
@@ -224,36 +274,93 @@ def _finite_on_every_rank(loss: torch.Tensor, world_size: int) -> bool:
     return bool(finite.item())
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
+class TrainingForward(nn.Module):
+    """The training forward as one module: ``(logits, aux_logits or None)``.
+
+    DDP synchronises gradients only through its wrapped module's ``forward``; calling
+    ``model.module.forward_with_aux`` would bypass it. So the module DDP wraps is this
+    one, and Inception's aux logits come out of the wrapped call too.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if hasattr(self.model, "forward_with_aux"):
+            return self.model.forward_with_aux(x)
+        return self.model(x), None
 
 
-def run_training(
+def _freeze_unfed_aux_head(model: nn.Module, resolution: int) -> None:
+    """An aux head the input is too small to feed gets no gradient; frozen, DDP does not
+    wait for one (its reducer expects a gradient for every trainable parameter)."""
+    aux = getattr(model, "AuxLogits", None)
+    if aux is not None and resolution < getattr(model, "aux_min_input_size", 0):
+        aux.requires_grad_(False)
+
+
+@dataclass
+class LoopState:
+    """Everything one job's loop reads and updates."""
+
+    spec: JobSpec
+    dataset: PreparedDataset
+    hooks: TrainingHooks
+    model: nn.Module  # the training forward, DDP-wrapped under DDP: forward/backward only
+    model_without_ddp: nn.Module  # the model itself: weights, evaluation, probes, checkpoints
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    workdir: Path  # artifacts before upload; removed when the job ends
+    rank: int = 0
+    world_size: int = 1
+    step: int = 0
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        t, data = self.spec.train, self.dataset
+        self.pool = data.training_subset(self.spec.data_size_or_none, seed=self.spec.seed)
+        self.val_index = data.indices("val")[: t.val_limit or None]
+        self.probe_index = data.indices("val")[: t.probe_size]
+        self.policy = data.meta.get("augment", "fundus") if t.augment else "none"
+        self.loss_fn: Callable = multiclass_ce if data.meta.get("task") == "multiclass" else masked_bce
+        self.faults = self.hooks if isinstance(self.hooks, FaultInjection) else None
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model_without_ddp.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "spec": self.spec.model_dump(mode="json"),
+        }
+
+
+def setup(
     spec: JobSpec,
     dataset: PreparedDataset,
     *,
     hooks: TrainingHooks,
+    workdir: Path,
     source_state: dict[str, torch.Tensor] | None = None,
     resume: dict[str, Any] | None = None,
-    prepare_model=None,
-    device: torch.device | str | None = None,
+    prepare_model: Callable[[nn.Module], nn.Module] | None = None,
+    device: torch.device,
     rank: int = 0,
     world_size: int = 1,
-    fault_at_step: int | None = None,
-    on_step=None,
-) -> TrainingResult:
-    """Trains ``spec`` on ``dataset``; returns the final metrics.
-
-    ``resume`` is a state from :meth:`TrainingHooks.checkpoint`; ``prepare_model`` wraps
-    the model (Ray's DDP); ``fault_at_step`` makes the loss NaN at that step and
-    ``on_step(step)`` runs after every optimiser step (both for fault injection).
-    """
-    t = spec.train
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_gpu = device.type == "cuda"
-    started = time.perf_counter()
-
+) -> LoopState:
+    """The model (initialised, or restored from ``resume``), its optimiser and the loop state."""
     model = build_model(spec, dataset, source_state=source_state if resume is None else None)
+    _freeze_unfed_aux_head(model, dataset.resolution)
     model = model.to(device=device, memory_format=torch.channels_last)
     optimizer, scheduler = make_optimizer(spec, model)
     step = 0
@@ -263,137 +370,267 @@ def run_training(
         scheduler.load_state_dict(resume["scheduler"])
         step = int(resume["step"])
         log.info("resuming %s at step %d", spec.job_key, step)
+    forward = TrainingForward(model)
     if prepare_model is not None:
-        model = prepare_model(model)
+        forward = prepare_model(forward)
+    return LoopState(spec, dataset, hooks, forward, model, optimizer, scheduler, device, workdir,
+                     rank=rank, world_size=world_size, step=step)  # fmt: skip
 
-    pool = dataset.training_subset(spec.data_size_or_none, seed=spec.seed)
-    val_index = dataset.indices("val")
-    if t.val_limit:
-        val_index = val_index[: t.val_limit]
-    probe_index = dataset.indices("val")[: t.probe_size]
-    policy = dataset.meta.get("augment", "fundus") if t.augment else "none"
-    loss_fn = multiclass_ce if dataset.meta.get("task") == "multiclass" else masked_bce
-    is_chief = rank == 0
-    val_history: list[tuple[int, float]] = []
-    artifacts = Path(tempfile.mkdtemp(prefix="transfusion-job-"))
 
-    def probe(tag: str) -> None:
-        if not (is_chief and len(probe_index)):
-            return
-        activations = capture_activations(
-            _unwrap(model), load_images(dataset, probe_index, device, model), spatial=t.probe_spatial
-        )
-        hooks.log_artifact(save_probe(artifacts / f"{tag}.npz", activations), "probes")
-        first_conv = next((m for m in _unwrap(model).modules() if isinstance(m, nn.Conv2d)), None)
-        if first_conv is not None:
-            filters = first_conv.weight.detach().to("cpu", torch.float32).numpy()
-            path = artifacts / "filters" / f"{tag}.npy"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path, filters)
-            hooks.log_artifact(path, "filters")
+def train_one_step(state: LoopState) -> float:
+    """One optimiser step on this rank's share of the step's batch; returns its loss."""
+    spec, data, device = state.spec, state.dataset, state.device
+    index = batch_indices(state.pool, seed=spec.seed, step=state.step, batch_size=spec.train.batch_size)
+    index = index[state.rank :: state.world_size]
+    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + state.step)
+    x = augment(load_images(data, index, device, state.model_without_ddp), policy=state.policy, generator=generator)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.from_numpy(data.targets[index]).to(device)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=state.on_gpu):
+        logits, aux = state.model(x)
+        loss = state.loss_fn(logits, y)
+        if aux is not None:
+            loss = loss + AUX_LOSS_WEIGHT * state.loss_fn(aux, y)
+    if state.faults is not None:
+        loss = state.faults.corrupt_loss(loss, step=state.step)
+    if not _finite_on_every_rank(loss, state.world_size):
+        raise NonFiniteLossError(f"loss is {loss.item()} at step {state.step}")
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    state.scheduler.step()
+    state.step += 1
+    if state.faults is not None:
+        state.faults.after_step(state.step)
+    return float(loss.detach())
 
-    def validate() -> dict[str, float]:
-        metrics = evaluate(
-            _unwrap(model), dataset, val_index, prefix="val", batch_size=t.eval_batch_size, device=device
-        )
-        val_history.append((step, metrics["val/auc"]))
-        return metrics
 
-    def state() -> dict[str, Any]:
-        return {
-            "model": _unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "spec": spec.model_dump(mode="json"),
-        }
+def validate(state: LoopState) -> dict[str, float]:
+    """Validation metrics at the current step (chief only), kept in ``val_history``."""
+    t = state.spec.train
+    metrics = evaluate(state.model_without_ddp, state.dataset, state.val_index, prefix="val",
+                       batch_size=t.eval_batch_size, device=state.device)  # fmt: skip
+    state.val_history.append((state.step, metrics["val/auc"]))
+    return metrics
 
-    if is_chief and resume is None:
-        from transfusion.cost import forward_flops, training_flops
 
-        inner = _unwrap(model)
-        flops = forward_flops(inner, in_channels=dataset.in_channels, resolution=dataset.resolution)
-        hooks.log_metrics(
-            {
-                "cost/params": float(sum(p.numel() for p in inner.parameters())),
-                "cost/forward_flops": float(flops),
-                "cost/train_flops": training_flops(flops, steps=t.steps, batch_size=t.batch_size),
-            },
-            step=0,
-        )
-    if resume is None:
-        probe("step-0")
-        if is_chief:
-            hooks.log_metrics(validate(), step=0)
+def probe(state: LoopState, tag: str) -> None:
+    """Saves the probe set's activations and the first conv's filters as artifacts."""
+    if not (state.is_chief and len(state.probe_index)):
+        return
+    model, t = state.model_without_ddp, state.spec.train
+    images = load_images(state.dataset, state.probe_index, state.device, model)
+    activations = capture_activations(model, images, spatial=t.probe_spatial)
+    state.hooks.log_artifact(save_probe(state.workdir / f"{tag}.npz", activations), "probes")
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None:
+        path = state.workdir / "filters" / f"{tag}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, first_conv.weight.detach().to("cpu", torch.float32).numpy())
+        state.hooks.log_artifact(path, "filters")
 
-    loop_started = time.perf_counter()
+
+def checkpoint(state: LoopState, metrics: dict[str, float]) -> None:
+    """Hands the training state to the hooks (every rank calls; the hooks decide who writes)."""
+    state.hooks.checkpoint(state.state_dict(), step=state.step, metrics=metrics)
+
+
+def log_costs(state: LoopState) -> None:
+    from transfusion.cost import forward_flops, training_flops
+
+    t, model = state.spec.train, state.model_without_ddp
+    flops = forward_flops(model, in_channels=state.dataset.in_channels, resolution=state.dataset.resolution)
+    state.hooks.log_metrics(
+        {
+            "cost/params": float(sum(p.numel() for p in model.parameters())),
+            "cost/forward_flops": float(flops),
+            "cost/train_flops": training_flops(flops, steps=t.steps, batch_size=t.batch_size),
+        },
+        step=0,
+    )
+
+
+def train_until_done(state: LoopState) -> None:
+    """Steps until ``train.steps``: logs the running loss, validates and checkpoints on schedule."""
+    t = state.spec.train
     running_loss, running_count = 0.0, 0
-    model.train()
-    while step < t.steps:
-        index = batch_indices(pool, seed=spec.seed, step=step, batch_size=t.batch_size)[rank::world_size]
-        generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + step)
-        x = augment(load_images(dataset, index, device, model), policy=policy, generator=generator)
-        x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.from_numpy(dataset.targets[index]).to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            inner = _unwrap(model)
-            if hasattr(inner, "forward_with_aux") and inner is model:
-                logits, aux = inner.forward_with_aux(x)
-            else:
-                logits, aux = model(x), None
-            loss = loss_fn(logits, y)
-            if aux is not None:
-                # torchvision's Inception-v3 reference weights the aux head by 0.4.
-                loss = loss + 0.4 * loss_fn(aux, y)
-        if fault_at_step is not None and step == fault_at_step:
-            loss = loss * float("nan")
-        if not _finite_on_every_rank(loss, world_size):
-            raise NonFiniteLossError(f"loss is {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        running_loss += float(loss.detach())
+    state.model.train()
+    while state.step < t.steps:
+        running_loss += train_one_step(state)
         running_count += 1
-        if on_step is not None:
-            on_step(step)
-
-        log_now = step % max(1, t.eval_every // 5) == 0 or step == t.steps
+        step = state.step
         evaluate_now = step % t.eval_every == 0 or step == t.steps
-        if is_chief and log_now:
-            hooks.log_metrics(
-                {"train/loss": running_loss / running_count, "train/lr": scheduler.get_last_lr()[0]}, step=step
-            )
+        if state.is_chief and (step % max(1, t.eval_every // 5) == 0 or step == t.steps):
+            lr = state.scheduler.get_last_lr()[0]
+            state.hooks.log_metrics({"train/loss": running_loss / running_count, "train/lr": lr}, step=step)
             running_loss, running_count = 0.0, 0
         metrics: dict[str, float] = {}
-        if is_chief and evaluate_now:
-            metrics = validate()
-            hooks.log_metrics(metrics, step=step)
-        checkpoint_now = evaluate_now or (t.checkpoint_every and step % t.checkpoint_every == 0)
-        if checkpoint_now:
-            hooks.checkpoint(state(), step=step, metrics=metrics)
+        if state.is_chief and evaluate_now:
+            metrics = validate(state)
+            state.hooks.log_metrics(metrics, step=step)
+        if evaluate_now or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            checkpoint(state, metrics)
 
-    loop_ended = time.perf_counter()
-    train_seconds = loop_ended - loop_started
-    final: dict[str, float] = {}
-    if is_chief:
-        probe(f"step-{step}")
-        final = evaluate(
-            _unwrap(model), dataset, dataset.indices("test"), prefix="test", batch_size=t.eval_batch_size, device=device
-        )
-        final["time/train_s"] = train_seconds
-        final["time/gpu_s"] = train_seconds * (spec.train.gpus_per_job * world_size if on_gpu else 0.0)
-        final["time/job_s"] = time.perf_counter() - started
-        hooks.log_metrics(final, step=step)
-        weights = artifacts / "model.pt"
-        torch.save(_unwrap(model).state_dict(), weights)
-        hooks.log_artifact(weights, "checkpoint")
+
+def finish(state: LoopState, *, train_seconds: float, started: float) -> dict[str, float]:
+    """Final probe, test metrics and the trained weights (chief only); the final metrics."""
+    if not state.is_chief:
+        return {}
+    probe(state, f"step-{state.step}")
+    t = state.spec.train
+    final = evaluate(state.model_without_ddp, state.dataset, state.dataset.indices("test"), prefix="test",
+                     batch_size=t.eval_batch_size, device=state.device)  # fmt: skip
+    final["time/train_s"] = train_seconds
+    final["time/gpu_s"] = train_seconds * (t.gpus_per_job * state.world_size if state.on_gpu else 0.0)
+    final["time/job_s"] = time.perf_counter() - started
+    state.hooks.log_metrics(final, step=state.step)
+    weights = state.workdir / "model.pt"
+    torch.save(state.model_without_ddp.state_dict(), weights)
+    state.hooks.log_artifact(weights, "checkpoint")
+    return final
+
+
+def run_training(
+    spec: JobSpec,
+    dataset: PreparedDataset,
+    *,
+    hooks: TrainingHooks,
+    source_state: dict[str, torch.Tensor] | None = None,
+    resume: dict[str, Any] | None = None,
+    prepare_model: Callable[[nn.Module], nn.Module] | None = None,
+    device: torch.device | str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> TrainingResult:
+    """Trains ``spec`` on ``dataset``; returns the final metrics.
+
+    ``resume`` is a state from :meth:`TrainingHooks.checkpoint`; ``prepare_model`` wraps
+    the training forward for DDP. Wrap ``hooks`` in :class:`FaultInjection` to inject faults.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="transfusion-job-") as workdir:
+        state = setup(spec, dataset, hooks=hooks, workdir=Path(workdir), source_state=source_state, resume=resume,
+                      prepare_model=prepare_model, device=device, rank=rank, world_size=world_size)  # fmt: skip
+        if resume is None:
+            if state.is_chief:
+                log_costs(state)
+            probe(state, "step-0")
+            if state.is_chief:
+                hooks.log_metrics(validate(state), step=0)
+        loop_started = time.perf_counter()
+        train_until_done(state)
+        loop_ended = time.perf_counter()
+        final = finish(state, train_seconds=loop_ended - loop_started, started=started)
     return TrainingResult(
-        steps=step,
-        train_seconds=train_seconds,
+        steps=state.step,
+        train_seconds=loop_ended - loop_started,
         final_metrics=final,
-        val_history=val_history,
+        val_history=state.val_history,
         setup_seconds=loop_started - started,
         finish_seconds=time.perf_counter() - loop_ended,
     )
+
+
+# --- one job on its own: ``python -m transfusion.train spec.yaml`` (or under torchrun) ---
+
+
+class CsvHooks:
+    """Metrics to stdout and ``metrics.csv``, artifacts and checkpoints under ``output_dir``
+    (checkpoints only from rank 0)."""
+
+    def __init__(self, output_dir: Path, *, rank: int = 0) -> None:
+        from transfusion.checkpoints import JobCheckpoints
+
+        self.output_dir, self.rank = output_dir, rank
+        self.checkpoints = JobCheckpoints(str(output_dir), "standalone")
+        self.csv_path = output_dir / "metrics.csv"
+
+    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
+        new = not self.csv_path.exists()
+        with self.csv_path.open("a") as csv:
+            if new:
+                csv.write("step,key,value\n")
+            for key, value in metrics.items():
+                csv.write(f"{step},{key},{float(value)!r}\n")
+        print(f"step {step}: " + "  ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()), flush=True)
+
+    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
+        target = self.output_dir / (artifact_path or "") / local_path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(local_path.read_bytes())
+
+    def checkpoint(self, state: dict[str, Any], *, step: int, metrics: dict[str, float]) -> None:
+        if self.rank == 0:
+            self.checkpoints.save(state, step=step)
+
+
+def _source_state(spec: JobSpec) -> dict[str, torch.Tensor] | None:
+    """The spec's pretrained weights: a registered source name or a URI/path."""
+    if not spec.pretrained:
+        return None
+    from transfusion.pretrained import PRETRAINED, load_state_dict_from_uri
+
+    uri = PRETRAINED.get(spec.pretrained).uri if spec.pretrained in PRETRAINED.names() else spec.pretrained
+    return load_state_dict_from_uri(uri).state_dict
+
+
+def _distributed_from_env() -> tuple[int, int, torch.device, Callable[[nn.Module], nn.Module] | None]:
+    """(rank, world size, device, DDP wrapper) from torchrun's variables; one process without them."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    on_gpu = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if on_gpu else "cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if on_gpu else "gloo")
+
+    def wrap(module: nn.Module) -> nn.Module:
+        return nn.parallel.DistributedDataParallel(module, device_ids=[local_rank] if on_gpu else None)
+
+    return torch.distributed.get_rank(), world_size, device, wrap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Trains the job of a spec file (a :class:`JobSpec` as YAML or JSON) without Ray or MLflow."""
+    import argparse
+
+    import yaml
+
+    from transfusion.data import prepare_dataset
+
+    parser = argparse.ArgumentParser(prog="python -m transfusion.train", description=main.__doc__)
+    parser.add_argument("spec", type=Path, help="a JobSpec file (YAML or JSON)")
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: runs/<grid>-<job_key>")
+    args = parser.parse_args(argv)
+    if not args.spec.is_file():
+        raise SystemExit(f"error: spec file {args.spec} does not exist")
+    spec = JobSpec.model_validate(yaml.safe_load(args.spec.read_text()))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank, world_size, device, wrap = _distributed_from_env()
+    try:
+        output_dir = args.output_dir or Path("runs") / f"{spec.grid}-{spec.job_key}"
+        output_dir.mkdir(parents=True, exist_ok=True)
+        prepare = lambda: prepare_dataset(spec.dataset, source=spec.dataset_source,  # noqa: E731
+                                          resolution=spec.train.resolution, options=spec.dataset_options)  # fmt: skip
+        dataset = prepare() if rank == 0 else None
+        if world_size > 1:
+            torch.distributed.barrier()  # rank 0 prepared the data; the others open it
+        hooks = CsvHooks(output_dir, rank=rank)
+        resume = hooks.checkpoints.latest()
+        result = run_training(spec, dataset or prepare(), hooks=hooks, resume=resume,
+                              source_state=None if resume else _source_state(spec), prepare_model=wrap,
+                              device=device, rank=rank, world_size=world_size)  # fmt: skip
+    finally:
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(f"done: {result.steps} steps, test/auc {result.final_metrics.get('test/auc', float('nan')):.4f}; "
+              f"metrics in {hooks.csv_path}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

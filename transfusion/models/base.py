@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from transfusion.constants import IMAGENET_MEAN, IMAGENET_STD
+
 
 class CaptureModel(nn.Module):
     """A classifier whose representations have uniform names.
@@ -17,8 +19,8 @@ class CaptureModel(nn.Module):
     classifier_name: str = "fc"
     # Input normalisation the architecture's pretrained weights expect (ImageNet
     # statistics; TF-Slim Inception weights want [-1, 1]).
-    input_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    input_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    input_mean: tuple[float, float, float] = IMAGENET_MEAN
+    input_std: tuple[float, float, float] = IMAGENET_STD
     min_input_size: int = 32
     default_resolution: int = 224
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torchvision.models.inception import BasicConv2d, Inception3
 
+from transfusion.constants import INCEPTION_MEAN, INCEPTION_STD
 from transfusion.models import register_model
 from transfusion.models.base import CaptureModel
 
@@ -58,8 +59,8 @@ class InceptionV3(CaptureModel, Inception3):
     (0.4, as torchvision's reference script does) when the aux logits are not ``None``.
     """
 
-    input_mean = (0.5, 0.5, 0.5)
-    input_std = (0.5, 0.5, 0.5)
+    input_mean = INCEPTION_MEAN
+    input_std = INCEPTION_STD
 
     classifier_name = "fc"
     min_input_size = 75

@@ -49,7 +49,7 @@ def collect_records_task(grid: GridSpec, *, with_probes: bool = True) -> list[Jo
     if experiment_id is None:
         return records
     for spec in grid.jobs():
-        run = tracking.find_finished_run(experiment_id, spec.job_key)
+        run = tracking.find_finished_run(experiment_id, spec.lookup_keys)
         if run is None:
             continue
         records.append(

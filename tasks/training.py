@@ -173,7 +173,7 @@ def preflight_task(grid: GridSpec) -> None:
 @task(name="pending-jobs", cache_policy=None)
 def pending_jobs_task(grid: GridSpec, grid_run: tracking.GridRun) -> int:
     """How many of the grid's jobs have no FINISHED run yet (0: nothing to train)."""
-    return sum(tracking.find_finished_run(grid_run.experiment_id, s.job_key) is None for s in grid.jobs())
+    return sum(tracking.find_finished_run(grid_run.experiment_id, s.lookup_keys) is None for s in grid.jobs())
 
 
 @task(name="open-grid-run", cache_policy=None)
@@ -207,7 +207,7 @@ def train_job_task(
     from transfusion.launcher import LaunchRequest, fit_job, shared_pool
 
     started = time.perf_counter()
-    done = tracking.find_finished_run(grid_run.experiment_id, spec.job_key)
+    done = tracking.find_finished_run(grid_run.experiment_id, spec.lookup_keys)
     if done is not None:
         return JobOutcome(spec.job_key, spec, "SKIPPED", done.info.run_id, dict(done.data.metrics))
     with JOB_SLOTS:

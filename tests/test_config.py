@@ -27,6 +27,30 @@ def test_job_key_is_deterministic_and_sensitive_to_every_field():
     assert _job(grid="a").job_key == _job(grid="b").job_key
 
 
+def test_job_key_ignores_placement_and_fault_policy_but_not_the_experiment():
+    base = _job().job_key
+    placed = TrainSettings(
+        threads=3, cpus_per_job=4, gpus_per_job=0.25, num_workers=2, max_failures=5, eval_batch_size=7
+    )
+    assert _job(train=placed).job_key == base
+    assert _job(train=TrainSettings(steps=7)).job_key != base
+    assert _job(train=TrainSettings(lr=0.5)).job_key != base
+    assert _job(dataset_options={"train": 10}).job_key != base
+
+
+def test_legacy_key_is_the_one_version_1_wrote():
+    # Pinned from the code that wrote stores before placement left the key (commit 38ebbba):
+    # those stores tag their runs with these keys.
+    spec = JobSpec(
+        grid="g", model="cbr-tiny", init="random", dataset="synthetic-retina", data_size=1000, seed=2,
+        train=TrainSettings(steps=40, resolution=32, cpus_per_job=2),
+    )  # fmt: skip
+    assert spec.legacy_job_keys == ("67c85b535ca74d5c",)
+    assert spec.lookup_keys == (spec.job_key, "67c85b535ca74d5c")
+    transfer = JobSpec(grid="g", model="cbr-small", init="imagenet", pretrained="synthetic", dataset="synthetic-retina")
+    assert transfer.model_copy(update={"seed": 1}).legacy_job_keys == ("9736b92490a522a3",)
+
+
 def test_grid_is_the_cartesian_product_in_stable_order():
     grid = GridSpec(
         name="g", dataset="synthetic-retina", models=["cbr-tiny", "cbr-small"],

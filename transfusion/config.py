@@ -90,6 +90,31 @@ class TrainSettings(_Frozen):
     max_failures: Annotated[int, Field(ge=0, description="Ray Train restarts per job")] = 1
 
 
+# Where and how robustly a job runs, not what it computes: excluded from ``job_key``.
+# ``num_workers`` is here on purpose: the global batch and its sample sequence are the
+# same for any number of DDP workers (each takes its share of every batch) and gradients
+# are averaged, so only batch-norm statistics, computed per worker's share, differ -- as
+# with any data-parallel run without SyncBN. Scaling a job out is placement, not a new
+# experiment.
+PLACEMENT_FIELDS = ("threads", "cpus_per_job", "gpus_per_job", "num_workers", "max_failures", "eval_batch_size")
+
+# The fields job_key version 1 hashed (all of them, placement included).
+_V1_JOB_FIELDS = frozenset(
+    {"model", "init", "init_options", "pretrained", "dataset", "dataset_source", "dataset_options", "data_size"}
+    | {"seed", "train"}
+)
+_V1_TRAIN_FIELDS = frozenset(
+    {"steps", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "warmup_steps", "eval_every"}
+    | {"checkpoint_every", "resolution", "eval_batch_size", "val_limit", "probe_size", "probe_spatial", "augment"}
+    | {"threads", "cpus_per_job", "gpus_per_job", "num_workers", "max_failures"}
+)
+
+
+def _short_hash(payload: dict[str, Any]) -> str:
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 class JobSpec(_Frozen):
     """One training run: a model, an init, a data regime and a seed."""
 
@@ -107,10 +132,38 @@ class JobSpec(_Frozen):
 
     @property
     def job_key(self) -> str:
-        """Deterministic 16-hex-digit key of everything that defines the job but the grid name."""
+        """Deterministic 16-hex-digit key of the experiment: what changes the job's results.
+
+        Placement and fault policy (:data:`PLACEMENT_FIELDS`) and the grid's name are
+        left out, so moving a finished grid from CPUs to GPUs, or raising
+        ``max_failures`` for spot nodes, finds its runs instead of retraining them.
+        """
+        payload = self.model_dump(mode="json", exclude={"grid": True, "train": set(PLACEMENT_FIELDS)})
+        return _short_hash(payload)
+
+    @property
+    def legacy_job_keys(self) -> tuple[str, ...]:
+        """Keys earlier versions gave this job, so stores they wrote are found, not retrained.
+
+        Version 1 hashed every field but ``grid``, placement included; a job with a
+        field that version did not have, set away from its default, never had a v1 key.
+        """
         payload = self.model_dump(mode="json", exclude={"grid"})
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        defaults = JobSpec.model_construct(model=self.model, init=self.init, dataset=self.dataset).model_dump(
+            mode="json"
+        )
+        for field in set(payload) - _V1_JOB_FIELDS:
+            if payload.pop(field) != defaults[field]:
+                return ()
+        for field in set(payload["train"]) - _V1_TRAIN_FIELDS:
+            if payload["train"].pop(field) != defaults["train"][field]:
+                return ()
+        return (_short_hash(payload),)
+
+    @property
+    def lookup_keys(self) -> tuple[str, ...]:
+        """``job_key`` first, then :attr:`legacy_job_keys`: every key a finished run of this job may carry."""
+        return (self.job_key, *(k for k in self.legacy_job_keys if k != self.job_key))
 
     @property
     def init_label(self) -> str:

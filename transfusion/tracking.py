@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -107,10 +107,13 @@ def find_job_runs(experiment_id: str, job_key: str, *, uri: str | None = None) -
     )
 
 
-def find_finished_run(experiment_id: str, job_key: str, *, uri: str | None = None):
-    for run in find_job_runs(experiment_id, job_key, uri=uri):
-        if run.info.status == "FINISHED":
-            return run
+def find_finished_run(experiment_id: str, job_keys: str | Sequence[str], *, uri: str | None = None):
+    """The newest FINISHED run under the first of ``job_keys`` that has one (``JobSpec.lookup_keys``:
+    the current key, then the keys older versions gave the same job)."""
+    for job_key in [job_keys] if isinstance(job_keys, str) else job_keys:
+        for run in find_job_runs(experiment_id, job_key, uri=uri):
+            if run.info.status == "FINISHED":
+                return run
     return None
 
 

@@ -52,7 +52,7 @@ def _run_grid(name: str, jobs: int, train: dict, *, reuse: bool) -> tuple[list[d
     summary = transfusion(grid, stage="train")
     wall = time.perf_counter() - started
     with tracking_service(transfusion_home()):
-        runs = [tracking.find_finished_run(summary.experiment_id, spec.job_key) for spec in grid.jobs()]
+        runs = [tracking.find_finished_run(summary.experiment_id, spec.lookup_keys) for spec in grid.jobs()]
     # In the order the jobs ran: the first one pays for starting the first worker.
     runs.sort(key=lambda run: run.info.start_time)
     return [dict(run.data.metrics) for run in runs], wall

@@ -1,0 +1,87 @@
+"""The data plane: publish a prepared dataset / weight file once, fetch it once per node, verified."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from transfusion.data import node_cache
+from transfusion.data.node_cache import (
+    dataset_for_node,
+    fetch_dataset,
+    fetch_weights,
+    publish_dataset,
+    publish_weights,
+)
+
+pytest_plugins = ("s3_server",)
+
+
+def _assert_same_dataset(a, b):
+    assert a.meta == b.meta
+    for name in ("images", "targets", "split"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)))
+
+
+def test_published_dataset_is_fetched_once_per_node_and_reads_the_same(tiny_retina, tmp_path, monkeypatch):
+    published = publish_dataset(tiny_retina, to=str(tmp_path / "store"))
+    assert set(published.files) >= {"images.npy", "targets.npy", "split.npy", "meta.json"}
+    downloads = []
+    real = node_cache._download_verified
+    monkeypatch.setattr(node_cache, "_download_verified", lambda *a, **k: downloads.append(a[1]) or real(*a, **k))
+    cache = tmp_path / "node"
+    copies = []
+    def one_job():
+        copies.append(fetch_dataset(published.uri, cache=cache))
+
+    threads = [threading.Thread(target=one_job) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(copies) == 3 and len({str(c.root) for c in copies}) == 1
+    assert len(downloads) == len(published.files)  # three concurrent jobs, one download
+    _assert_same_dataset(copies[0], tiny_retina)
+    assert not [p for p in (cache / "datasets").iterdir() if p.name.startswith(".") and p.is_dir()]
+    # Publishing again uploads nothing new and names the same copy.
+    assert publish_dataset(tiny_retina, to=str(tmp_path / "store")) == published
+
+
+def test_a_damaged_published_file_is_refused_and_leaves_no_partial_copy(tiny_retina, tmp_path):
+    published = publish_dataset(tiny_retina, to=str(tmp_path / "store"))
+    images = tmp_path / "store" / "datasets" / published.key / "targets.npy"
+    data = bytearray(images.read_bytes())
+    data[-1] ^= 0xFF
+    images.write_bytes(bytes(data))
+    cache = tmp_path / "node"
+    with pytest.raises(ValueError, match="targets.npy: downloaded .* the published copy is damaged"):
+        fetch_dataset(published.uri, cache=cache)
+    assert [p.name for p in (cache / "datasets").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_node_sharing_the_drivers_disk_reads_in_place(tiny_retina):
+    assert dataset_for_node(str(tiny_retina.root), "s3://nowhere/datasets/x").root == tiny_retina.root
+
+
+def test_dataset_and_weights_through_the_real_s3_server(s3_server, tiny_retina, tmp_path, monkeypatch):
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    s3_server.create_bucket("transfusion-data")
+    published = publish_dataset(tiny_retina, to="s3://transfusion-data/plane")
+    assert published.uri == f"s3://transfusion-data/plane/datasets/{published.key}"
+    # A node that cannot see the driver's path fetches the published copy into its cache.
+    monkeypatch.setenv("TRANSFUSION_NODE_CACHE", str(tmp_path / "node"))
+    fetched = dataset_for_node(str(tmp_path / "driver-only" / "dataset"), published.uri)
+    assert fetched.root == tmp_path / "node" / "datasets" / published.key
+    _assert_same_dataset(fetched, tiny_retina)
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"\x00weights" * 1000)
+    uri = publish_weights(weights, to="s3://transfusion-data/plane")
+    assert uri.startswith("s3://transfusion-data/plane/weights/") and uri.endswith(".pt")
+    local = fetch_weights(uri)
+    assert local.parent == tmp_path / "node" / "weights"
+    assert local.read_bytes() == weights.read_bytes()
+    assert fetch_weights(uri) == local

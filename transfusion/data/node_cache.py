@@ -1,0 +1,238 @@
+"""The data plane: prepared datasets and weight files go to object storage once, and every
+node copies them into its own local cache before its first job there.
+
+A Ray worker on another machine cannot open a path on the driver's disk, and random
+reads of a memory-mapped array over a network volume starve a GPU. So the driver
+*publishes* what jobs read to a data path (``$TRANSFUSION_DATA_PATH``, default the
+storage path; ``s3://bucket/prefix`` in the cloud):
+
+- a prepared dataset under ``<data path>/datasets/<name>-<version>-r<resolution>/``:
+  its files plus ``manifest.json`` (size and sha256 of each file), written last, so a
+  reader never takes a half-published dataset for a whole one;
+- a weight file under ``<data path>/weights/<sha256>.pt``: content-addressed.
+
+A worker calls :func:`fetch_dataset` / :func:`fetch_weights`: the first job on a node
+downloads into ``$TRANSFUSION_NODE_CACHE`` (default ``$TRANSFUSION_HOME/node-cache``),
+hashing while it streams, under a file lock so concurrent jobs on the node wait for one
+download instead of racing; the copy is renamed into place only after every checksum
+matched. Later jobs on the node find it and read locally.
+
+The embedded single-machine default publishes nothing: with a local data path, driver
+and workers share the disk and read the prepared dataset where it is.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs
+
+from transfusion.checkpoints import storage_filesystem
+from transfusion.data.prepared import PreparedDataset
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_CHUNK = 8 << 20
+
+
+def data_path() -> str:
+    """Where published datasets and weights live: ``$TRANSFUSION_DATA_PATH``, else the storage path."""
+    explicit = os.environ.get("TRANSFUSION_DATA_PATH")
+    if explicit:
+        return explicit
+    storage = os.environ.get("TRANSFUSION_STORAGE_PATH")
+    if storage:
+        return storage
+    return str(Path(os.environ.get("TRANSFUSION_HOME", ".transfusion")).resolve() / "ray")
+
+
+def node_cache_root() -> Path:
+    """This node's cache: ``$TRANSFUSION_NODE_CACHE``, else ``$TRANSFUSION_HOME/node-cache``."""
+    explicit = os.environ.get("TRANSFUSION_NODE_CACHE")
+    if explicit:
+        return Path(explicit).resolve()
+    return Path(os.environ.get("TRANSFUSION_HOME", ".transfusion")).resolve() / "node-cache"
+
+
+def is_object_store(path: str) -> bool:
+    return path.startswith("s3://")
+
+
+@dataclass(frozen=True)
+class PublishedDataset:
+    """A prepared dataset in object storage: where it is and what it must hash to."""
+
+    uri: str
+    key: str
+    files: dict[str, dict[str, int | str]]
+
+
+def dataset_key(dataset: PreparedDataset) -> str:
+    """``<name>-<version>-r<resolution>``: one published copy per prepared form."""
+    version = str(dataset.meta.get("version", "unversioned"))
+    return f"{dataset.name}-{version}-r{dataset.resolution}"
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_json(filesystem: pyarrow.fs.FileSystem, path: str) -> dict | None:
+    info = filesystem.get_file_info(path)
+    if info.type != pyarrow.fs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return json.loads(stream.read().decode())
+
+
+def _upload(filesystem: pyarrow.fs.FileSystem, local: Path, remote: str) -> None:
+    with local.open("rb") as source, filesystem.open_output_stream(remote) as sink:
+        while chunk := source.read(_CHUNK):
+            sink.write(chunk)
+
+
+def publish_dataset(dataset: PreparedDataset, *, to: str | None = None) -> PublishedDataset:
+    """Uploads ``dataset`` to ``<to>/datasets/<key>/`` unless a complete copy is there already.
+
+    The manifest goes up last: its presence is what marks a published copy complete.
+    """
+    base = to or data_path()
+    key = dataset_key(dataset)
+    filesystem, root = storage_filesystem(base)
+    folder = f"{root.rstrip('/')}/datasets/{key}"
+    uri = f"{base.rstrip('/')}/datasets/{key}"
+    existing = _read_json(filesystem, f"{folder}/{MANIFEST}")
+    if existing is not None and existing.get("meta", {}).get("version") == dataset.meta.get("version"):
+        return PublishedDataset(uri=uri, key=key, files=existing["files"])
+    files = {
+        path.name: {"size": path.stat().st_size, "sha256": _sha256_of(path)}
+        for path in sorted(Path(dataset.root).iterdir())
+        if path.is_file()
+    }
+    filesystem.create_dir(folder, recursive=True)
+    for name in files:
+        _upload(filesystem, Path(dataset.root) / name, f"{folder}/{name}")
+    manifest = {"key": key, "meta": dataset.meta, "files": files}
+    with filesystem.open_output_stream(f"{folder}/{MANIFEST}") as stream:
+        stream.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+    log.info("published dataset %s to %s (%d files)", key, uri, len(files))
+    return PublishedDataset(uri=uri, key=key, files=files)
+
+
+@contextmanager
+def _node_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock shared by every process of this node (not across nodes: each has its own cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _download_verified(filesystem: pyarrow.fs.FileSystem, remote: str, local: Path, *, size: int, sha256: str) -> None:
+    digest = hashlib.sha256()
+    written = 0
+    with filesystem.open_input_stream(remote) as source, local.open("wb") as sink:
+        while chunk := source.read(_CHUNK):
+            digest.update(chunk)
+            sink.write(chunk)
+            written += len(chunk)
+    if written != size or digest.hexdigest() != sha256:
+        raise ValueError(
+            f"{remote}: downloaded {written} bytes with sha256 {digest.hexdigest()[:12]}..., expected {size} bytes"
+            f" with {sha256[:12]}...; the published copy is damaged: delete it and run again to republish"
+        )
+
+
+def fetch_dataset(uri: str, *, cache: Path | None = None) -> PreparedDataset:
+    """This node's verified copy of the dataset published at ``uri``, downloading it once per node."""
+    cache = cache or node_cache_root()
+    key = uri.rstrip("/").rsplit("/", 1)[-1]
+    target = cache / "datasets" / key
+    if (target / MANIFEST).is_file():
+        return PreparedDataset.open(target)
+    filesystem, folder = storage_filesystem(uri)
+    with _node_lock(cache / "datasets" / f".{key}.lock"):
+        if (target / MANIFEST).is_file():  # another job on this node fetched it while we waited
+            return PreparedDataset.open(target)
+        manifest = _read_json(filesystem, f"{folder.rstrip('/')}/{MANIFEST}")
+        if manifest is None:
+            raise ValueError(f"no published dataset at {uri} (no {MANIFEST}); publish it from the driver first")
+        partial = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+        try:
+            for name, entry in manifest["files"].items():
+                _download_verified(
+                    filesystem,
+                    f"{folder.rstrip('/')}/{name}",
+                    partial / name,
+                    size=int(entry["size"]),
+                    sha256=str(entry["sha256"]),
+                )
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            os.replace(partial, target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    log.info("fetched dataset %s into %s", key, target)
+    return PreparedDataset.open(target)
+
+
+def publish_weights(path: Path, *, to: str | None = None) -> str:
+    """Uploads a weight file under its sha256 (once) and returns its URI."""
+    base = to or data_path()
+    sha256 = _sha256_of(Path(path))
+    filesystem, root = storage_filesystem(base)
+    remote = f"{root.rstrip('/')}/weights/{sha256}.pt"
+    if filesystem.get_file_info(remote).type != pyarrow.fs.FileType.File:
+        filesystem.create_dir(f"{root.rstrip('/')}/weights", recursive=True)
+        _upload(filesystem, Path(path), remote)
+    return f"{base.rstrip('/')}/weights/{sha256}.pt"
+
+
+def fetch_weights(uri: str, *, cache: Path | None = None) -> Path:
+    """This node's verified copy of a weight file published by :func:`publish_weights`."""
+    cache = cache or node_cache_root()
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    sha256 = name.removesuffix(".pt")
+    target = cache / "weights" / name
+    if target.is_file():
+        return target
+    filesystem, remote = storage_filesystem(uri)
+    with _node_lock(cache / "weights" / f".{name}.lock"):
+        if target.is_file():
+            return target
+        size = filesystem.get_file_info(remote).size
+        if size is None:
+            raise ValueError(f"no published weights at {uri}")
+        partial = target.with_name(f".{name}.partial-{os.getpid()}")
+        try:
+            _download_verified(filesystem, remote, partial, size=int(size), sha256=sha256)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
+
+
+def dataset_for_node(driver_root: str, published_uri: str | None) -> PreparedDataset:
+    """The dataset a job on this node reads: the driver's copy when this node shares its
+    disk (same version there), else this node's cached copy of the published one."""
+    root = Path(driver_root)
+    if (root / "meta.json").is_file() or published_uri is None:
+        return PreparedDataset.open(root)
+    return fetch_dataset(published_uri)

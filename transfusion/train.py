@@ -26,7 +26,7 @@ from transfusion.config import JobSpec
 from transfusion.data.prepared import PreparedDataset
 from transfusion.metrics import classification_scores
 from transfusion.models import create_model
-from transfusion.probes import capture_activations, save_probe
+from transfusion.probes import ProbeSampling, capture_activations, save_probe
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,9 @@ def run_training(
         if not (is_chief and len(probe_index)):
             return
         activations = capture_activations(
-            _unwrap(model), load_images(dataset, probe_index, device, model), spatial=t.probe_spatial
+            _unwrap(model),
+            load_images(dataset, probe_index, device, model),
+            sampling=ProbeSampling(rows_per_channel=t.probe_rows_per_channel, seed=t.probe_seed),
         )
         hooks.log_artifact(save_probe(artifacts / f"{tag}.npz", activations), "probes")
         first_conv = next((m for m in _unwrap(model).modules() if isinstance(m, nn.Conv2d)), None)

@@ -12,10 +12,13 @@ import torch
 from transfusion.similarity import (
     SIMILARITIES,
     CCAResult,
+    ChanceLevel,
     CKAResult,
     PreparedRepresentation,
+    _broken_correspondence,  # private, tested directly: how rows are paired for a chance level
     _lower_gram,  # private, tested directly: public calls reach it past 1 024 features
     cca,
+    chance_level,
     flatten_conv,
     get_similarity,
     linear_cka,
@@ -145,8 +148,8 @@ def test_pwcca_matches_google_on_whitened_input() -> None:
     np.testing.assert_allclose(result.weights, GOLDEN_PWCCA_WEIGHTS, atol=REFERENCE_TOL)
 
 
-def test_pwcca_matches_its_definition() -> None:
-    """Weight_i = sum_j |corr(canonical variate i of x, neuron j of x)|, normalised."""
+def test_pwcca_correlation_weighting_matches_its_definition() -> None:
+    """weighting="correlation": weight_i = sum_j |corr(canonical variate i of x, neuron j of x)|, normalised."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((300, 6)) @ rng.standard_normal((6, 6)) + 1.0
     y = x @ rng.standard_normal((6, 9)) + 3.0 * rng.standard_normal((300, 9))
@@ -159,10 +162,159 @@ def test_pwcca_matches_its_definition() -> None:
     weights = np.abs(corr).sum(axis=1)
     weights /= weights.sum()
 
-    result = pwcca(x, y)
+    result = pwcca(x, y, weighting="correlation")
     np.testing.assert_allclose(result.weights, weights, atol=1e-10)
     assert result.score == pytest.approx(float(weights @ rho), abs=1e-10)
     assert result.weights.sum() == pytest.approx(1.0)
+
+
+def _inverse_sqrt(cov: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(cov)
+    return (v / np.sqrt(w)) @ v.T
+
+
+def _published_pwcca(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """From-scratch reference of PWCCA as Morcos et al. publish it (examples x features).
+
+    Covariance CCA: SVD of Sxx^-1/2 Sxy Syy^-1/2. The side with fewer non-constant
+    features gives the directions: its singular vectors applied to its centred
+    features, feature i's mean added to direction i, orthonormalised in order by
+    QR, then |projections| onto that side's uncentred features summed per direction.
+    The sign of each singular vector is fixed so its largest entry is positive.
+    """
+    x, y = x[:, x.std(axis=0) > 0], y[:, y.std(axis=0) > 0]
+    mx, my = x.mean(axis=0), y.mean(axis=0)
+    xc, yc = x - mx, y - my
+    n = len(x)
+    sxx, syy, sxy = xc.T @ xc / (n - 1), yc.T @ yc / (n - 1), xc.T @ yc / (n - 1)
+    u, rho, vt = np.linalg.svd(_inverse_sqrt(sxx) @ sxy @ _inverse_sqrt(syy))
+    if x.shape[1] <= y.shape[1]:
+        coef, acts, centred, means = u.T, x, xc, mx
+    else:
+        coef, acts, centred, means = vt, y, yc, my
+    coef = coef[: len(rho)]
+    coef = coef * np.sign(coef[np.arange(len(coef)), np.abs(coef).argmax(axis=1)])[:, None]
+    directions = coef @ centred.T + means[: len(rho), None]
+    q, _ = np.linalg.qr(directions.T)
+    weights = np.abs(q.T @ acts).sum(axis=1)
+    weights /= weights.sum()
+    return float(weights @ rho), weights
+
+
+def _relu_like_pair(rng: np.random.Generator, n: int, wx: int, wy: int, dead: int) -> tuple[np.ndarray, np.ndarray]:
+    x = np.maximum(rng.standard_normal((n, wx)) @ rng.standard_normal((wx, wx)) + 0.7, 0.0)
+    x[:, :dead] = 0.0
+    y = np.maximum(x @ rng.standard_normal((wx, wy)) + rng.standard_normal((n, wy)), 0.0) + 2.0
+    return x, y
+
+
+@pytest.mark.parametrize(
+    ("widths", "dead"),
+    [((12, 12), 0), ((10, 17), 0), ((17, 10), 0), ((16, 24), 3), ((24, 16), 2)],
+    ids=["equal", "x-narrower", "y-narrower", "dead-in-narrower", "dead-in-wider"],
+)
+def test_pwcca_matches_published_reference(widths: tuple[int, int], dead: int) -> None:
+    rng = np.random.default_rng(sum(widths) + dead)
+    x, y = _relu_like_pair(rng, 3000, *widths, dead)
+    golden, golden_weights = _published_pwcca(x, y)
+    result = pwcca(x, y)
+    assert result.score == pytest.approx(golden, abs=REFERENCE_TOL)
+    np.testing.assert_allclose(result.weights, golden_weights, atol=REFERENCE_TOL)
+    # The side is picked by width, so the argument order matters only on a tie (then x).
+    if (x.std(axis=0) > 0).sum() != (y.std(axis=0) > 0).sum():
+        assert pwcca(y, x).score == pytest.approx(golden, abs=REFERENCE_TOL)
+
+
+def test_pwcca_published_differs_from_correlation_weighting_on_offsets() -> None:
+    x, y = _relu_like_pair(np.random.default_rng(11), 2000, 10, 14, 0)
+    published = pwcca(x, y).score
+    assert published == pytest.approx(_published_pwcca(x, y)[0], abs=REFERENCE_TOL)
+    assert abs(published - pwcca(x, y, weighting="correlation").score) > 1e-4
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        pwcca(x, y, weighting="both")
+
+
+# ---------------------------------------------------------------- chance levels
+
+
+def test_chance_level_of_independent_data_equals_the_measure() -> None:
+    """Unrelated data: permuting rows changes nothing, so the floor is the score itself."""
+    rng = np.random.default_rng(12)
+    x, z = rng.standard_normal((1280, 64)), rng.standard_normal((1280, 64))
+    for measure in ("svcca", "pwcca", "cca", "linear_cka"):
+        score = get_similarity(measure)(x, z).score
+        chance = chance_level(x, z, measure=measure, repeats=4)
+        assert isinstance(chance, ChanceLevel)
+        assert len(chance.scores) == 4
+        assert chance.mean == pytest.approx(score, rel=0.15), measure
+        assert chance.std < 0.1 * chance.mean
+
+
+def test_chance_level_is_far_below_the_measure_on_related_data() -> None:
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((1280, 32))
+    y = x @ rng.standard_normal((32, 48)) + 0.5 * rng.standard_normal((1280, 48))
+    for measure in ("svcca", "pwcca", "linear_cka", "rbf_cka"):
+        rows = 300 if measure == "rbf_cka" else 1280
+        score = get_similarity(measure)(x[:rows], y[:rows]).score
+        chance = chance_level(x[:rows], y[:rows], measure=measure, repeats=3)
+        assert score > 0.7, measure
+        assert chance.mean < 0.3 * score, measure
+
+
+def test_chance_level_groups_permute_whole_images() -> None:
+    """Rows are (image, position) and image content is shared by an image's positions.
+
+    The honest floor is two unrelated representations with that same structure
+    (few effective examples: the images). Permuting whole images reproduces it;
+    permuting single rows scatters each image's content and understates it.
+    """
+    rng = np.random.default_rng(14)
+    images, positions = 40, 16
+    groups = np.repeat(np.arange(images), positions)
+
+    def structured(content_dims: int) -> np.ndarray:
+        content = rng.standard_normal((images, content_dims))[groups]
+        return np.hstack([content, rng.standard_normal((len(groups), 16 - content_dims))])
+
+    x = structured(8)
+    y = x[:, :8] @ rng.standard_normal((8, 16)) + 0.3 * structured(8)
+    unrelated = np.mean([cca(x, structured(8)).score for _ in range(5)])
+    grouped = chance_level(x, y, measure="cca", groups=groups, seed=1)
+    by_rows = chance_level(x, y, measure="cca", seed=1)
+    assert grouped.grouped and not by_rows.grouped
+    assert grouped.mean == pytest.approx(unrelated, abs=0.04)
+    assert by_rows.mean < unrelated - 0.05
+    assert cca(x, y).score > grouped.mean + 0.2
+
+
+def test_grouped_permutation_maps_each_image_onto_one_other_image() -> None:
+    groups = np.repeat(np.array([7, 3, 5, 9, 1]), 4)
+    order = _broken_correspondence(len(groups), groups, np.random.default_rng(0))
+    assert sorted(order) == list(range(len(groups)))
+    for label in np.unique(groups):
+        partners = set(groups[order[groups == label]])
+        assert len(partners) == 1 and label not in partners
+    rows = _broken_correspondence(50, None, np.random.default_rng(0))
+    assert sorted(rows) == list(range(50)) and not np.any(rows == np.arange(50))
+
+
+def test_chance_level_reuses_prepared_representations_and_validates() -> None:
+    rng = np.random.default_rng(15)
+    x, y = rng.standard_normal((400, 10)), rng.standard_normal((400, 12))
+    px, py = prepare(x), prepare(y)
+    raw = chance_level(x, y, measure="pwcca", seed=3)
+    prepared = chance_level(px, py, measure="pwcca", seed=3)
+    np.testing.assert_allclose(prepared.scores, raw.scores, atol=1e-12)
+    assert chance_level(x, y, seed=3).scores != chance_level(x, y, seed=4).scores
+    with pytest.raises(ValueError, match="repeats must be a positive integer"):
+        chance_level(x, y, repeats=0)
+    with pytest.raises(ValueError, match="one label per row"):
+        chance_level(x, y, groups=np.zeros(3))
+    with pytest.raises(ValueError, match="single label"):
+        chance_level(x, y, groups=np.zeros(400))
+    with pytest.raises(ValueError, match="similarity measure"):
+        chance_level(x, y, measure="nope")
 
 
 # ------------------------------------------------------------------- cross-checks

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from transfusion.config import JobSpec, TrainSettings
-from transfusion.probes import load_probe
+from transfusion.probes import load_probe, probe_layers
 from transfusion.train import FaultInjection, NonFiniteLossError, RecordingHooks, batch_indices, run_training
 
 SETTINGS = TrainSettings(steps=8, batch_size=16, eval_every=4, resolution=32, probe_size=16, eval_batch_size=64)
@@ -34,10 +34,11 @@ def test_loop_logs_metrics_probes_and_checkpoints(tiny_retina, tmp_path):
     assert {"probes/step-0.npz", "probes/step-8.npz", "checkpoint/model.pt"} <= set(hooks.artifacts)
     start = load_probe(hooks.artifacts["probes/step-0.npz"])
     end = load_probe(hooks.artifacts["probes/step-8.npz"])
-    assert list(start) == ["conv1", "stage1", "stage2", "stage3", "pool", "logits"]
+    assert probe_layers(start) == ["conv1", "stage1", "stage2", "stage3", "pool", "logits"]
     assert start["conv1"].dtype == np.float16
-    # Conv maps are pooled to at most 4 x 4 positions; the probe set is 16 images.
-    assert start["conv1"].shape == (16, 32, 4, 4)
+    # Conv maps keep 10 x channels unpooled (image, position) rows: 20 of the 16 x 16 positions of each of 16 images.
+    assert start["conv1"].shape == (320, 32)
+    assert np.array_equal(start["conv1.rows"], end["conv1.rows"])
     assert start["pool"].shape == (16, 256) and start["logits"].shape == (16, 1)
     assert not np.allclose(start["stage3"], end["stage3"])
 

@@ -81,7 +81,10 @@ class TrainSettings(_Frozen):
     eval_batch_size: Annotated[int, Field(gt=0)] = 128
     val_limit: Annotated[int, Field(ge=0, description="0: whole validation split")] = 0
     probe_size: Annotated[int, Field(ge=0, description="validation images in the probe set")] = 128
-    probe_spatial: Annotated[int, Field(ge=1, description="conv maps pooled to at most s x s")] = 4
+    probe_rows_per_channel: Annotated[
+        int, Field(ge=1, description="conv maps: seeded (image, position) rows of the unpooled map per channel")
+    ] = 10
+    probe_seed: Annotated[int, Field(ge=0, description="seed of the probe's (image, position) rows")] = 0
     augment: bool = True
     threads: Annotated[int, Field(ge=0, description="torch threads per job, 0: auto")] = 0
     cpus_per_job: Annotated[float, Field(gt=0)] = 1.0

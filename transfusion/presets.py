@@ -23,7 +23,9 @@ def smoke_grid() -> dict:
     return {
         "name": "smoke",
         "dataset": "synthetic-retina",
-        "dataset_options": {"train": 240, "val": 64, "test": 64},
+        # val/resolution/probe_size: enough unpooled (image, position) rows for 10 per
+        # channel at cbr-tiny's top stage (256 channels, 4 x 4 at 64 px).
+        "dataset_options": {"train": 240, "val": 160, "test": 64},
         "models": ["cbr-tiny"],
         "inits": ["random"],
         "data_sizes": [160],
@@ -32,8 +34,8 @@ def smoke_grid() -> dict:
             "steps": 6,
             "batch_size": 16,
             "eval_every": 3,
-            "resolution": 32,
-            "probe_size": 32,
+            "resolution": 64,
+            "probe_size": 160,
             "eval_batch_size": 64,
         },
     }
@@ -56,7 +58,8 @@ def demo_grid() -> dict:
             "lr": 2e-3,
             "eval_every": 20,
             "resolution": 40,
-            "probe_size": 128,
+            # stage3 has 256 channels on 3 x 3 positions: 2 560 rows need 285+ images.
+            "probe_size": 320,
             "val_limit": 400,
         },
     }
@@ -114,7 +117,8 @@ def full_grid_chexpert() -> dict:
         "pretrained": "imagenet",
         "data_sizes": ["full"],
         "seeds": 3,
-        "train": _paper_train(224, steps=30000, gpus=1.0),
+        # At 224 px Inception-v3's stage4 is 5 x 5: 20 480 rows need 820+ probe images.
+        "train": {**_paper_train(224, steps=30000, gpus=1.0), "probe_size": 1024},
     }
 
 

@@ -14,10 +14,16 @@ Measures (each returns a frozen result object with a float ``score``):
   CCA (Raghu, Gilmer, Yosinski & Sohl-Dickstein 2017, "SVCCA", arXiv:1706.05806).
 - :func:`pwcca`: projection-weighted CCA (Morcos, Raghu & Bengio 2018,
   "Insights on representational similarity in neural networks with canonical
-  correlation", arXiv:1806.05759).
+  correlation", arXiv:1806.05759), weighted as google/svcca
+  ``pwcca.compute_pwcca`` does (with its second branch fixed).
 - :func:`linear_cka`, :func:`rbf_cka`: centred kernel alignment (Kornblith,
   Norouzi, Lee & Hinton 2019, "Similarity of Neural Network Representations
   Revisited", arXiv:1905.00414).
+
+:func:`chance_level` scores a measure on pairs whose row correspondence is broken
+(rows of y permuted, whole images at a time when rows are (image, position)
+samples): what two unrelated representations of these shapes score. With rows
+close to features every CCA-family score is near 1 by chance alone.
 
 Raghu, Zhang, Kleinberg & Bengio 2019 ("Transfusion", arXiv:1902.07208) use
 (SV)CCA to compare layers of networks trained from random and pretrained inits.
@@ -42,7 +48,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -54,10 +60,12 @@ __all__ = [
     "SIMILARITIES",
     "CCAResult",
     "CKAResult",
+    "ChanceLevel",
     "PWCCAResult",
     "PreparedRepresentation",
     "SVCCAResult",
     "cca",
+    "chance_level",
     "flatten_conv",
     "get_similarity",
     "linear_cka",
@@ -72,8 +80,10 @@ logger = logging.getLogger(__name__)
 
 Array = np.ndarray | torch.Tensor
 Variance = Literal["squared", "mass"]
+Weighting = Literal["projection", "correlation"]
 
 _VARIANCE_CHOICES = ("squared", "mass")
+_WEIGHTING_CHOICES = ("projection", "correlation")
 _CKA_METHODS = ("auto", "gram", "features")
 _FLATTEN_METHODS = ("examples", "pool", "subsample")
 _EPS = float(torch.finfo(torch.float64).eps)
@@ -153,6 +163,10 @@ class PreparedRepresentation:
         constant_features: Columns dropped because they have zero variance.
         max_sq_norm: Largest centred sum of squares of a feature; the scale of
             the ``epsilon`` ridge, as google/svcca rescales covariances.
+        feature_means: (features kept,) mean of each non-constant feature;
+            published PWCCA projects onto uncentred activations.
+        feature_norms: (features kept,) centred norm of each non-constant
+            feature (``loadings * feature_norms`` is ``diag(s) V^T``).
     """
 
     basis: torch.Tensor
@@ -161,6 +175,8 @@ class PreparedRepresentation:
     num_features: int
     constant_features: int
     max_sq_norm: float
+    feature_means: torch.Tensor
+    feature_norms: torch.Tensor
 
     @property
     def num_examples(self) -> int:
@@ -174,6 +190,11 @@ class PreparedRepresentation:
     def directions(self) -> int:
         """Number of basis columns kept (k)."""
         return int(self.basis.shape[1])
+
+    @property
+    def varying_features(self) -> int:
+        """Features with non-zero variance: google/svcca's neuron count for PWCCA's side."""
+        return self.num_features - self.constant_features
 
     @property
     def truncated(self) -> bool:
@@ -418,6 +439,8 @@ def _prepare_tensor(
         num_features=int(p),
         constant_features=int(p - q),
         max_sq_norm=float((norms**2).max()),
+        feature_means=(means[0] if q == p else means[0, varying]).clone(),
+        feature_norms=norms,
     )
 
 
@@ -504,18 +527,20 @@ def _canonical(
     scale_x: float,
     scale_y: float,
     with_directions: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Canonical correlations and, if asked, (x-side, y-side) singular vectors of the basis cross product."""
     m = px.basis[:, :kx].T @ py.basis[:, :ky]
     if epsilon > 0:
         dx = _ridge_scale(px.singular_values[:kx], epsilon, scale_x)
         dy = _ridge_scale(py.singular_values[:ky], epsilon, scale_y)
         m = dx[:, None] * m * dy[None, :]
     if with_directions:
-        a, rho, _ = torch.linalg.svd(m, full_matrices=False)
+        a, rho, bt = torch.linalg.svd(m, full_matrices=False)
+        directions = (a, bt.T)
     else:
-        a, rho = None, torch.linalg.svdvals(m)
+        directions, rho = None, torch.linalg.svdvals(m)
     # Orthonormal bases bound every correlation by 1; rounding can overshoot.
-    return rho.clamp(0.0, 1.0), a
+    return rho.clamp(0.0, 1.0), directions
 
 
 # ------------------------------------------------------------------------ measures
@@ -634,43 +659,230 @@ def svcca(
 
 
 @SIMILARITIES.register("pwcca")
-def pwcca(x: Representation, y: Representation, *, epsilon: float = 0.0) -> PWCCAResult:
+def pwcca(
+    x: Representation,
+    y: Representation,
+    *,
+    epsilon: float = 0.0,
+    weighting: Weighting = "projection",
+) -> PWCCAResult:
     """Projection-weighted CCA (Morcos et al. 2018) of two representations.
 
-    Canonical correlations are computed as in :func:`cca`. Each canonical
-    direction i gets the weight ``sum_j |corr(h_i, x_j)|``, where ``h_i`` is the
-    i-th canonical variate of ``x`` (a unit vector over examples) and ``x_j``
-    runs over the non-constant features (columns) of ``x``; weights are
-    normalised to sum to 1 and the score is ``sum_i weight_i * rho_i``. Weights
-    come from the first argument only, so ``pwcca(x, y) != pwcca(y, x)`` in
-    general. (google/svcca's ``compute_pwcca`` uses raw inner products rather
-    than correlations and picks the side with fewer neurons; the two agree when
-    x is whitened and has no more neurons than y.)
+    Canonical correlations ``rho_i`` are computed as in :func:`cca`; the score
+    is ``sum_i weight_i * rho_i`` with weights summing to 1.
+
+    ``weighting="projection"`` (default) is the method as published and as
+    google/svcca ``compute_pwcca(x.T, y.T)`` computes it, with the bug of its
+    second branch fixed (it projects onto x where it means y): take the side
+    with fewer non-constant features (x on a tie), form its canonical
+    directions ``Xc u_i`` (u_i the left singular vectors of the whitened cross
+    covariance, the google ``coef_x``), add back feature i's mean to direction
+    i, orthonormalise the directions in order (QR), and weight direction i by
+    ``sum_j |<p_i, x_j>|`` over that side's uncentred non-constant features.
+    Adding the mean makes the weights depend on each direction's sign, which
+    google/svcca leaves to LAPACK; here the largest coefficient of each
+    direction over the features is positive (on centred inputs the sign does
+    not matter and the two agree exactly). Because the side is chosen by width,
+    ``pwcca(x, y) == pwcca(y, x)`` unless the widths tie.
+
+    ``weighting="correlation"`` is this project's earlier variant: weight_i =
+    ``sum_j |corr(h_i, x_j)|`` with h_i the canonical variates of x, always
+    from the first argument. It equals the published weights when x is
+    centred, whitened and not wider than y.
 
     Args:
         x: (examples, features) array/tensor or untruncated :func:`prepare`
-            result; the weights are computed from its features.
+            result.
         y: Same, on the same examples in the same order.
         epsilon: Ridge, as in :func:`cca`.
+        weighting: ``"projection"`` (published) or ``"correlation"``.
 
     Returns:
         :class:`PWCCAResult` with the weighted score, coefficients and weights.
 
     Raises:
-        ValueError: input errors as in :func:`cca`.
+        ValueError: input errors as in :func:`cca`, or an unknown weighting.
     """
-    px, py, rho, a = _full_canonical(x, y, epsilon=epsilon, measure="pwcca", with_directions=True)
-    if epsilon > 0:
-        # The ridge reweights basis directions; the variate is basis @ (d * a).
-        a = a * _ridge_scale(px.singular_values, epsilon, px.max_sq_norm)[:, None]
-    a = a / torch.linalg.vector_norm(a, dim=0, keepdim=True)
-    correlations = a.T @ px.loadings  # (directions, features)
-    weights = correlations.abs().sum(dim=1)
+    if weighting not in _WEIGHTING_CHOICES:
+        raise ValueError(f"weighting must be one of {_WEIGHTING_CHOICES}; got {weighting!r}")
+    px, py, rho, (a, b) = _full_canonical(x, y, epsilon=epsilon, measure="pwcca", with_directions=True)
+    if weighting == "projection":
+        if px.varying_features <= py.varying_features:
+            weights = _projection_weights(px, a)
+        else:
+            weights = _projection_weights(py, b)
+    else:
+        if epsilon > 0:
+            # The ridge reweights basis directions; the variate is basis @ (d * a).
+            a = a * _ridge_scale(px.singular_values, epsilon, px.max_sq_norm)[:, None]
+        a = a / torch.linalg.vector_norm(a, dim=0, keepdim=True)
+        correlations = a.T @ px.loadings  # (directions, features)
+        weights = correlations.abs().sum(dim=1)
     weights = weights / weights.sum()
     return PWCCAResult(
         score=float((weights * rho).sum()),
         coefficients=rho.cpu().numpy(),
         weights=weights.cpu().numpy(),
+    )
+
+
+def _projection_weights(p: PreparedRepresentation, directions: torch.Tensor) -> torch.Tensor:
+    """Unnormalised published PWCCA weights of one side, without an examples-sized QR.
+
+    The canonical directions ``U diag(s) A + 1 mu^T`` and the uncentred features
+    ``U diag(s) V^T + 1 mu^T`` all lie in the span of the orthonormal columns
+    ``[U, 1/sqrt(n)]`` (U is centred, so orthogonal to the constant vector);
+    orthonormalising and projecting in those (k + 1) coordinates gives the same
+    inner products as doing it over the n examples.
+    """
+    k, r = directions.shape
+    root_n = math.sqrt(p.num_examples)
+    means = p.feature_means.to(directions.dtype)
+    # diag(s) V^T; its row norms are s exactly, also on the refined (ill-conditioned) path.
+    scaled_vt = p.loadings * p.feature_norms[None, :]
+    s = torch.linalg.vector_norm(scaled_vt, dim=1)
+    # Adding feature i's mean to direction i makes the weights depend on each
+    # direction's sign, which google/svcca leaves to LAPACK. Fix it: the largest
+    # coefficient of each direction over the features (google's coef_x row) is
+    # positive, sklearn's svd_flip convention.
+    coefficients = (scaled_vt / s[:, None]).T @ directions  # (features, r)
+    largest = coefficients.abs().argmax(dim=0)
+    signs = torch.sign(coefficients[largest, torch.arange(r, device=directions.device)])
+    directions = directions * torch.where(signs == 0, torch.ones_like(signs), signs)[None, :]
+    direction_coords = torch.cat([s[:, None] * directions, root_n * means[None, :r]])
+    feature_coords = torch.cat([scaled_vt, root_n * means[None, :]])
+    q, _ = torch.linalg.qr(direction_coords)
+    return (q.T @ feature_coords).abs().sum(dim=1)
+
+
+# -------------------------------------------------------------------- chance level
+
+_PREPARABLE = ("cca", "svcca", "pwcca", "linear_cka")
+
+
+@dataclass(frozen=True, eq=False)
+class ChanceLevel:
+    """What a measure scores on unrelated pairs of representations of these shapes.
+
+    Attributes:
+        mean: Mean score over the permuted repeats.
+        std: Standard deviation over the repeats (ddof 0).
+        scores: The score of each repeat.
+        measure: Registered name of the measure.
+        grouped: Whether whole groups (images) were permuted together.
+    """
+
+    mean: float
+    std: float
+    scores: tuple[float, ...]
+    measure: str
+    grouped: bool
+
+
+def _derangement(count: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly drawn single cycle: ``out[i] != i`` for every i, so no row keeps its partner."""
+    order = rng.permutation(count)
+    out = np.empty(count, dtype=np.int64)
+    out[order] = np.roll(order, -1)
+    return out
+
+
+def _broken_correspondence(rows: int, groups: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """Row order of y against x's rows: rows deranged, or whole groups deranged.
+
+    With groups, x's rows taken group by group are paired with y's rows of the
+    deranged groups taken in the same order, so the positions of one image stay
+    together; with equal group sizes every image meets exactly one other image.
+    """
+    if groups is None:
+        return _derangement(rows, rng)
+    labels, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(labels))]
+    target = _derangement(len(labels), rng)
+    order = np.empty(rows, dtype=np.int64)
+    order[np.concatenate(members)] = np.concatenate([members[target[g]] for g in range(len(labels))])
+    return order
+
+
+def _permuted_rows(value: Representation, order: np.ndarray) -> Representation:
+    if isinstance(value, PreparedRepresentation):
+        # Centring, singular values and loadings do not change when rows are permuted.
+        return replace(value, basis=value.basis[torch.from_numpy(order).to(value.device)])
+    if isinstance(value, torch.Tensor):
+        return value[torch.from_numpy(order).to(value.device)]
+    return value[order]
+
+
+def _decomposed(value: Representation, name: str, device: torch.device) -> PreparedRepresentation:
+    if isinstance(value, PreparedRepresentation):
+        return value
+    return _prepare_tensor(_tensor_on(value, name, device), keep=1.0, variance="squared", dims=None, name=name)
+
+
+def chance_level(
+    x: Representation,
+    y: Representation,
+    *,
+    measure: str = "svcca",
+    repeats: int = 5,
+    seed: int = 0,
+    groups: Array | None = None,
+    options: dict | None = None,
+) -> ChanceLevel:
+    """The measure on pairs whose row correspondence is broken: its floor for these shapes.
+
+    Each repeat pairs the rows of ``x`` with a seeded derangement of the rows of
+    ``y`` (no row keeps its partner) and scores the pair with the registered
+    ``measure``. With ``groups`` (one label per row, e.g. the image a sampled
+    (image, position) row came from) whole groups are deranged together, so
+    spatial correlation within an image cannot leak into the floor. Raw inputs
+    of the CCA family and linear CKA are decomposed once (:func:`prepare`) and
+    only the basis rows of y are permuted per repeat; prepared inputs are reused
+    as they are.
+
+    Args:
+        x: (examples, features) array/tensor, or a prepared representation.
+        y: Same, on the same examples in the same order.
+        measure: A registered similarity name (:func:`list_similarities`).
+        repeats: Number of permutations, >= 1.
+        seed: Seed of the permutations.
+        groups: Optional (examples,) labels; needs at least two distinct labels.
+        options: Keyword options passed to the measure (e.g. ``{"keep": 0.99}``).
+
+    Returns:
+        :class:`ChanceLevel` with mean and std over the repeats.
+
+    Raises:
+        ValueError: unknown measure, repeats < 1, groups of the wrong length or
+            with a single label, or the measure's own input errors.
+    """
+    fn = get_similarity(measure)
+    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer; got {repeats!r}")
+    _check_rows(x, y)
+    rows = _num_rows(x, "x")
+    labels = None
+    if groups is not None:
+        labels = groups.cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
+        if labels.shape != (rows,):
+            raise ValueError(f"groups must hold one label per row: shape ({rows},); got {labels.shape}")
+        if len(np.unique(labels)) < 2:
+            raise ValueError("groups has a single label; permuting whole groups needs at least two")
+    options = dict(options or {})
+    if measure in _PREPARABLE and options.get("method", "auto") == "auto":
+        device = _common_device(x, y)
+        x, y = _decomposed(x, "x", device), _decomposed(y, "y", device)
+    rng = np.random.default_rng(seed)
+    scores = tuple(
+        float(fn(x, _permuted_rows(y, _broken_correspondence(rows, labels, rng)), **options).score)
+        for _ in range(int(repeats))
+    )
+    return ChanceLevel(
+        mean=float(np.mean(scores)),
+        std=float(np.std(scores)),
+        scores=scores,
+        measure=measure,
+        grouped=labels is not None,
     )
 
 

@@ -41,7 +41,7 @@ from transfusion.constants import IMAGENET_MEAN, IMAGENET_STD
 from transfusion.data.prepared import PreparedDataset
 from transfusion.metrics import classification_scores
 from transfusion.models import create_model
-from transfusion.probes import capture_activations, save_probe
+from transfusion.probes import ProbeSampling, capture_activations, save_probe
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +420,8 @@ def probe(state: LoopState, tag: str) -> None:
         return
     model, t = state.model_without_ddp, state.spec.train
     images = load_images(state.dataset, state.probe_index, state.device, model)
-    activations = capture_activations(model, images, spatial=t.probe_spatial)
+    sampling = ProbeSampling(rows_per_channel=t.probe_rows_per_channel, seed=t.probe_seed)
+    activations = capture_activations(model, images, sampling=sampling)
     state.hooks.log_artifact(save_probe(state.workdir / f"{tag}.npz", activations), "probes")
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is not None:

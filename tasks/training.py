@@ -195,7 +195,7 @@ def _resume_candidate(experiment_id: str, spec: JobSpec):
 JOB_TIMINGS = ("time/launch_s", "time/setup_s", "time/finish_s")
 
 
-@task(name="train-job", cache_policy=None, task_run_name="train-{spec.model}-{spec.init}-{spec.data_size}-s{spec.seed}")
+@task(name="train-job", cache_policy=None, task_run_name="train-{spec.run_name}")
 def train_job_task(
     spec: JobSpec,
     grid_run: tracking.GridRun,

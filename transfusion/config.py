@@ -128,6 +128,11 @@ class JobSpec(_Frozen):
         return f"{name}({opts})"
 
     @property
+    def run_name(self) -> str:
+        """``<model>-<init label>-<data size>-s<seed>``: the MLflow run name and the Prefect task-run name."""
+        return f"{self.model}-{self.init_label}-{self.data_size}-s{self.seed}"
+
+    @property
     def data_size_or_none(self) -> int | None:
         return None if self.data_size == "full" else int(self.data_size)
 
@@ -183,6 +188,11 @@ class GridSpec(_Frozen):
     train: TrainSettings = TrainSettings()
     max_concurrent: Annotated[int, Field(ge=0, description="jobs at once, 0: from CPUs/GPUs")] = 0
     max_retries: Annotated[int, Field(ge=0, description="re-runs of a FAILED job")] = 1
+    # Analysis only (not in grid_key): the same trained grid can be re-analysed at another threshold.
+    convergence_threshold: Annotated[
+        float, Field(gt=0, le=1, description="Figure 5: validation AUC to reach (absolute) or fraction of the best")
+    ] = 0.91
+    convergence_mode: Literal["absolute", "relative"] = "absolute"
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -233,8 +243,13 @@ class GridSpec(_Frozen):
 
     @property
     def grid_key(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        payload = self.model_dump(mode="json", exclude=ANALYSIS_ONLY_FIELDS)
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Grid fields that change how a finished grid is analysed, not what is trained.
+ANALYSIS_ONLY_FIELDS = {"convergence_threshold", "convergence_mode"}
 
 
 def _preset_names() -> list[str]:

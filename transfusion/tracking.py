@@ -93,7 +93,7 @@ def job_tags(spec: JobSpec) -> dict[str, str]:
         "data_size": str(spec.data_size),
         "seed": str(spec.seed),
         "dataset": spec.dataset,
-        "mlflow.runName": f"{spec.model}-{spec.init_label}-{spec.data_size}-s{spec.seed}",
+        "mlflow.runName": spec.run_name,
     }
 
 

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from transfusion.config import JobSpec
 from transfusion.data.prepared import PreparedDataset
-from transfusion.metrics import classification_scores
+from transfusion.metrics import classification_scores, save_test_predictions
 from transfusion.models import create_model
 from transfusion.probes import capture_activations, save_probe
 
@@ -170,12 +170,16 @@ def evaluate(
     prefix: str,
     batch_size: int,
     device: torch.device,
+    predictions_path: Path | None = None,
 ) -> dict[str, float]:
+    """Metrics of ``model`` on ``index``; ``predictions_path`` also keeps the scores (paired comparisons)."""
     scores = []
     for start in range(0, len(index), batch_size * 4):
         chunk = index[start : start + batch_size * 4]
         scores.append(predict(model, load_images(dataset, chunk, device, model), batch_size=batch_size))
     scores_all, targets = np.concatenate(scores), dataset.targets[index]
+    if predictions_path is not None:
+        save_test_predictions(predictions_path, index=index, scores=scores_all, targets=targets)
     result = classification_scores(scores_all, targets, dataset.label_names)
     if dataset.meta.get("task") == "multiclass":
         accuracy = float(np.mean(scores_all.argmax(axis=1) == targets.argmax(axis=1)))
@@ -379,9 +383,12 @@ def run_training(
     final: dict[str, float] = {}
     if is_chief:
         probe(f"step-{step}")
+        predictions = artifacts / "predictions" / "test.npz"
         final = evaluate(
-            _unwrap(model), dataset, dataset.indices("test"), prefix="test", batch_size=t.eval_batch_size, device=device
-        )
+            _unwrap(model), dataset, dataset.indices("test"), prefix="test", batch_size=t.eval_batch_size,
+            device=device, predictions_path=predictions,
+        )  # fmt: skip
+        hooks.log_artifact(predictions, "predictions")
         final["time/train_s"] = train_seconds
         final["time/gpu_s"] = train_seconds * (spec.train.gpus_per_job * world_size if on_gpu else 0.0)
         final["time/job_s"] = time.perf_counter() - started

@@ -20,6 +20,7 @@ class JobRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     val_curve: tuple[tuple[int, float], ...] = ()
     probe_dir: Path | None = None
+    predictions: Path | None = None  # test split scores (npz), for paired comparisons between runs
 
     @property
     def cell(self) -> tuple[str, str, str]:

@@ -86,7 +86,9 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
         sources = {}
         if grid.pretrained and pending:
             for model in grid.models:
-                sources[model] = resolve_pretrained_task.submit(model, grid.pretrained, grid.train.resolution)
+                sources[model] = resolve_pretrained_task.submit(
+                    model, grid.pretrained, grid.train.resolution, grid.weak_source
+                )
         if stage == "pretrain":
             summary.pretrained = {model: future.result() for model, future in sources.items()}
             for model, uri in summary.pretrained.items():
@@ -99,7 +101,12 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
         )
         futures = [
             train_job_task.submit(
-                spec, grid_run, dataset_root, sources.get(spec.model) if spec.pretrained else None, grid.max_retries
+                spec,
+                grid_run,
+                dataset_root,
+                sources.get(spec.model) if spec.pretrained else None,
+                grid.max_retries,
+                grid.weak_source,
             )
             for spec in jobs
         ]

@@ -17,6 +17,7 @@ from transfusion.analysis.tables import ResultRow, plot_results, results_table, 
 from transfusion.analysis.transfer_effect import transfer_effect_metrics
 from transfusion.config import GridSpec
 from transfusion.data import transfusion_home
+from transfusion.pretrained import WEAK
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ def collect_records_task(grid: GridSpec, *, with_probes: bool = True) -> list[Jo
                 val_curve=tuple(tracking.metric_history(run.info.run_id, "val/auc")),
                 probe_dir=fetch_probes(run.info.run_id) if with_probes else None,
                 predictions=fetch_test_predictions(run.info.run_id),
+                source=run.data.tags.get("source.description", ""),
+                source_weak=run.data.tags.get("source.quality") == WEAK,
             )
         )
     return records
@@ -125,7 +128,12 @@ def analyze_grid_task(
     notes = [
         f"{len(records)} finished runs of {len(grid.jobs())} jobs; dataset {grid.dataset}.",
         f"Convergence threshold: {convergence.describe()}.",
-    ]
+        "Test metrics at: " + ("the step of best validation AUC (select: best-val)" if grid.train.select == "best-val"
+                               else "the last step (select: last)")
+        + "; training subsets: " + ("drawn per seed" if grid.train.subset_seed is None
+                                    else f"one fixed subset for all seeds (subset_seed {grid.train.subset_seed})")
+        + ".",
+    ]  # fmt: skip
     if grid.pretrained == "synthetic":
         notes.append(
             "Transfer here is synthetic-source transfer (weights pretrained on procedural shapes), not ImageNet."

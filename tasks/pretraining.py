@@ -7,7 +7,9 @@ import logging
 from prefect import task
 
 from transfusion import tracking
-from transfusion.config import GridSpec, TrainSettings
+from transfusion.config import GridSpec, TrainSettings, WeakSourceSettings
+from transfusion.data import PreparedDataset
+from transfusion.pretrained import WEAK, SourceQuality, published_quality, quality_label
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +70,57 @@ def pretrain_and_register(grid: GridSpec, *, register_as: str) -> str:
         raise RuntimeError(f"pretraining {spec.model} on {grid.dataset} failed: {outcome.reason}")
     uri = tracking.register_model_weights(register_as, outcome.run_id, "checkpoint")
     label = "synthetic-source transfer" if grid.dataset == "synthetic-shapes" else "ImageNet-folder transfer"
-    tracking.set_tags(outcome.run_id, {"registered_as": uri, "transfer_label": label})
+    train_images = len(PreparedDataset.open(dataset_root).indices("train"))
+    quality = measured_quality(grid, outcome.metrics, train_images=train_images)
+    tags = source_tags(uri, quality, grid.weak_source)
+    tracking.set_model_version_tags(uri, tags)
+    tracking.set_tags(outcome.run_id, {"registered_as": uri, "transfer_label": label, **tags})
+    if tags["source.quality"] == WEAK:
+        log.warning("%s is a weak source (%s): transfer from it will be labelled weak", uri, quality.describe())
     tracking.end_run(grid_run.run_id, "FINISHED")
     log.info("registered %s", uri)
     return uri
 
 
+def measured_quality(grid: GridSpec, metrics: dict[str, float], *, train_images: int) -> SourceQuality:
+    """A pretraining job's quality: top-1/top-5 on its held-out images, epochs and images drawn."""
+    images_seen = int(metrics.get("steps", grid.train.steps)) * grid.train.batch_size
+    return SourceQuality(
+        dataset=grid.dataset,
+        top1=float(metrics.get("test/accuracy", float("nan"))),
+        top5=float(metrics.get("test/top5", float("nan"))),
+        epochs=images_seen / max(1, train_images),
+        images_seen=images_seen,
+    )
+
+
+def source_quality(uri: str) -> SourceQuality | None:
+    """What a source URI's registry says of its quality (None: never measured)."""
+    if uri.startswith("models:/"):
+        return SourceQuality.from_tags(tracking.model_version_tags(uri))
+    return published_quality(uri)
+
+
+def source_tags(uri: str, quality: SourceQuality | None, weak_source: WeakSourceSettings) -> dict[str, str]:
+    """Tags of a source (on its registered version, and on every run that transfers from it)."""
+    label = quality_label(quality, min_epochs=weak_source.min_epochs, min_top1=weak_source.min_top1)
+    tags = {"source.uri": uri, "source.quality": label, **(quality.as_tags() if quality else {})}
+    tags["source.description"] = f"{uri}: {quality.describe() if quality else 'accuracy not recorded'} ({label})"
+    if label == WEAK:
+        tags["source.description"] += (
+            f"; weak = under {weak_source.min_epochs:g} epochs or top-1 {100 * weak_source.min_top1:.0f} %"
+        )
+    return tags
+
+
 @task(name="resolve-pretrained", cache_policy=None, task_run_name="pretrained-{model}")
-def resolve_pretrained_task(model: str, pretrained: str, resolution: int) -> str:
-    """A loadable URI for ``model``'s pretrained weights named by a grid's ``pretrained``."""
+def resolve_pretrained_task(
+    model: str, pretrained: str, resolution: int, weak_source: WeakSourceSettings | None = None
+) -> str:
+    """A loadable URI for ``model``'s pretrained weights named by a grid's ``pretrained``.
+
+    A grid asking for ``imagenet`` whose registered source is weak gets one warning line.
+    """
     if pretrained == SYNTHETIC_SOURCE:
         name = registered_name(model, SYNTHETIC_SOURCE)
         existing = tracking.latest_model_version(name)
@@ -94,6 +138,9 @@ def resolve_pretrained_task(model: str, pretrained: str, resolution: int) -> str
                 f"'transfusion pretrain --model {model} --source PATH_OR_S3_URI_OF_IMAGENET' "
                 f"(registers {registered_name(model, 'imagenet')}), or use pretrained: synthetic"
             )
+        tags = source_tags(registered, source_quality(registered), weak_source or WeakSourceSettings())
+        if tags["source.quality"] == WEAK:
+            log.warning("pretrained: imagenet for %s is only a weak source, %s", model, tags["source.description"])
         return registered
     return pretrained
 

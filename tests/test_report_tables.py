@@ -105,3 +105,47 @@ def test_prefect_task_names_mlflow_run_names_and_report_labels_agree(preset):
         labels = {spec.init_label for spec in grid.jobs()}
         assert labels == {"random", "synthetic-transfer", "mean-var"}
         assert not any("imagenet" in train_job_task.task_run_name.format(spec=s) for s in grid.jobs())
+
+
+def test_source_quality_labels_weak_by_epochs_or_top1_and_round_trips_through_tags():
+    from tasks.pretraining import measured_quality, source_tags
+    from transfusion.config import WeakSourceSettings
+    from transfusion.pretrained import SourceQuality, published_quality, quality_label
+
+    settings = WeakSourceSettings(min_epochs=20, min_top1=0.3)
+    brief = SourceQuality("imagenet-folder", top1=0.6, top5=0.8, epochs=1.5, images_seen=4800)
+    poor = SourceQuality("imagenet-folder", top1=0.05, top5=0.2, epochs=90, images_seen=10**6)
+    assert quality_label(brief, min_epochs=20, min_top1=0.3) == "weak"
+    assert quality_label(poor, min_epochs=20, min_top1=0.3) == "weak"
+    assert quality_label(None, min_epochs=20, min_top1=0.3) == "unmeasured"
+    assert SourceQuality.from_tags(brief.as_tags()) == brief
+    resnet = published_quality("torchvision:resnet50/IMAGENET1K_V1")
+    assert quality_label(resnet, min_epochs=20, min_top1=0.3) == "ok" and resnet.top1 == pytest.approx(0.7613)
+
+    tags = source_tags("models:/transfusion-cbr-tiny-imagenet/1", brief, settings)
+    assert tags["source.quality"] == "weak" and tags["source.top1"] == "0.6" and tags["source.epochs"] == "1.5"
+    assert tags["source.description"].startswith("models:/transfusion-cbr-tiny-imagenet/1: imagenet-folder: top-1 60.0")
+    assert "(weak); weak = under 20 epochs or top-1 30 %" in tags["source.description"]
+
+    grid = load_grid({"name": "p", "dataset": "synthetic-shapes", "models": ["cbr-tiny"], "inits": ["random"],
+                      "train": {"steps": 10, "batch_size": 32}})  # fmt: skip
+    measured = measured_quality(grid, {"steps": 10, "test/accuracy": 0.5, "test/top5": 0.9}, train_images=640)
+    assert (measured.epochs, measured.images_seen, measured.top1) == (0.5, 320, 0.5)
+
+
+def test_weak_source_is_labelled_weak_in_the_report_and_loses_the_papers_imagenet_numbers(tmp_path):
+    source = "models:/transfusion-resnet50-imagenet/1: imagenet-folder: top-1 2.0 %, top-5 9.0 %, 0.2 epochs (weak)"
+    records = [_run("random", s) for s in (0, 1)] + [
+        JobRecord(f"i{s}", f"run-i{s}", "resnet50", "imagenet", "full", s, "FINISHED",
+                  metrics={"test/auc": 0.91, "test/auprc": 0.7}, source=source, source_weak=True)
+        for s in (0, 1)
+    ]  # fmt: skip
+    outputs = analyze_records(records, tmp_path, grid_name="w", dataset="retina-eyepacs")
+    text = write_report(outputs, title="w")[0].read_text()
+    transfer = text[text.index("## Does transfer help?") : text.index("## Tables 1–3")]
+    row = next(line for line in transfer.splitlines() if line.startswith("| resnet50 | full | imagenet (weak source)"))
+    assert f"| **weak**: {source} |" in row and "| – | 2 seeds" in row  # no paper ΔAUC beside a weak source
+    tables = text[text.index("## Tables 1–3") :]
+    weak_row = next(line for line in tables.splitlines() if "| imagenet (weak source) |" in line)
+    assert "| 96.7 |" not in weak_row
+    assert f"- imagenet: {source}" in tables

@@ -88,6 +88,19 @@ class TrainSettings(_Frozen):
     gpus_per_job: Annotated[float, Field(ge=0)] = 0.0
     num_workers: Annotated[int, Field(ge=1, description="Ray Train workers (DDP) per job")] = 1
     max_failures: Annotated[int, Field(ge=0, description="Ray Train restarts per job")] = 1
+    select: Literal["last", "best-val"] = Field(
+        default="last", description="test metrics of the last step, or of the step with the best validation AUC"
+    )
+    subset_seed: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="training subset drawn with this seed for every seed (None: each job's own seed)"
+    )
+
+
+class WeakSourceSettings(_Frozen):
+    """When a pretrained source counts as *weak*: labelled so on its runs, its registered version and reports."""
+
+    min_epochs: Annotated[float, Field(ge=0, description="fewer passes over the source set: weak")] = 20.0
+    min_top1: Annotated[float, Field(ge=0, le=1, description="lower top-1 on held-out source images: weak")] = 0.3
 
 
 class JobSpec(_Frozen):
@@ -109,6 +122,10 @@ class JobSpec(_Frozen):
     def job_key(self) -> str:
         """Deterministic 16-hex-digit key of everything that defines the job but the grid name."""
         payload = self.model_dump(mode="json", exclude={"grid"})
+        # Evaluation options added later enter the key only when set, so earlier jobs keep theirs.
+        for name, default in (("select", "last"), ("subset_seed", None)):
+            if payload["train"][name] == default:
+                del payload["train"][name]
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -193,6 +210,7 @@ class GridSpec(_Frozen):
         float, Field(gt=0, le=1, description="Figure 5: validation AUC to reach (absolute) or fraction of the best")
     ] = 0.91
     convergence_mode: Literal["absolute", "relative"] = "absolute"
+    weak_source: WeakSourceSettings = WeakSourceSettings()
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -248,8 +266,8 @@ class GridSpec(_Frozen):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# Grid fields that change how a finished grid is analysed, not what is trained.
-ANALYSIS_ONLY_FIELDS = {"convergence_threshold", "convergence_mode"}
+# Grid fields that change how a finished grid is analysed and labelled, not what is trained.
+ANALYSIS_ONLY_FIELDS = {"convergence_threshold", "convergence_mode", "weak_source"}
 
 
 def _preset_names() -> list[str]:

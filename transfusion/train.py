@@ -183,7 +183,10 @@ def evaluate(
     result = classification_scores(scores_all, targets, dataset.label_names)
     if dataset.meta.get("task") == "multiclass":
         accuracy = float(np.mean(scores_all.argmax(axis=1) == targets.argmax(axis=1)))
-        return {f"{prefix}/auc": result.auc, f"{prefix}/accuracy": accuracy}
+        # Top-5: the true class among the five highest scores (all classes when there are fewer).
+        top5 = np.argsort(-scores_all, axis=1)[:, :5]
+        top5_accuracy = float(np.mean((top5 == targets.argmax(axis=1)[:, None]).any(axis=1)))
+        return {f"{prefix}/auc": result.auc, f"{prefix}/accuracy": accuracy, f"{prefix}/top5": top5_accuracy}
     return result.as_metrics(prefix)
 
 
@@ -232,6 +235,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def training_pool(spec: JobSpec, dataset: PreparedDataset) -> np.ndarray:
+    """The job's training images: drawn with its own seed, or with ``train.subset_seed`` for every seed.
+
+    A fixed subset leaves only init and batch order to vary across seeds.
+    """
+    subset_seed = spec.seed if spec.train.subset_seed is None else spec.train.subset_seed
+    return dataset.training_subset(spec.data_size_or_none, seed=subset_seed)
+
+
 def run_training(
     spec: JobSpec,
     dataset: PreparedDataset,
@@ -270,7 +282,7 @@ def run_training(
     if prepare_model is not None:
         model = prepare_model(model)
 
-    pool = dataset.training_subset(spec.data_size_or_none, seed=spec.seed)
+    pool = training_pool(spec, dataset)
     val_index = dataset.indices("val")
     if t.val_limit:
         val_index = val_index[: t.val_limit]
@@ -296,11 +308,19 @@ def run_training(
             np.save(path, filters)
             hooks.log_artifact(path, "filters")
 
+    best: dict[str, Any] = {"step": None, "auc": -math.inf, "model": None}
+    if resume is not None and resume.get("best_val") is not None:
+        best.update(resume["best_val"])
+
     def validate() -> dict[str, float]:
         metrics = evaluate(
             _unwrap(model), dataset, val_index, prefix="val", batch_size=t.eval_batch_size, device=device
         )
         val_history.append((step, metrics["val/auc"]))
+        if t.select == "best-val" and (best["step"] is None or metrics["val/auc"] > best["auc"]):
+            # A CPU copy of the weights at the best validation AUC, tested in place of the last ones.
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
+            best.update(step=step, auc=metrics["val/auc"], model=weights)
         return metrics
 
     def state() -> dict[str, Any]:
@@ -310,6 +330,7 @@ def run_training(
             "scheduler": scheduler.state_dict(),
             "step": step,
             "spec": spec.model_dump(mode="json"),
+            "best_val": dict(best) if t.select == "best-val" else None,
         }
 
     if is_chief and resume is None:
@@ -383,12 +404,17 @@ def run_training(
     final: dict[str, float] = {}
     if is_chief:
         probe(f"step-{step}")
+        if t.select == "best-val" and best["model"] is not None:
+            _unwrap(model).load_state_dict(best["model"])
         predictions = artifacts / "predictions" / "test.npz"
         final = evaluate(
             _unwrap(model), dataset, dataset.indices("test"), prefix="test", batch_size=t.eval_batch_size,
             device=device, predictions_path=predictions,
         )  # fmt: skip
         hooks.log_artifact(predictions, "predictions")
+        # Which weights the test metrics are of: the last step, or the best validation step.
+        final["test/selected_step"] = float(best["step"] if t.select == "best-val" and best["model"] is not None
+                                            else step)  # fmt: skip
         final["time/train_s"] = train_seconds
         final["time/gpu_s"] = train_seconds * (spec.train.gpus_per_job * world_size if on_gpu else 0.0)
         final["time/job_s"] = time.perf_counter() - started

@@ -34,6 +34,8 @@ class ResultRow:
     params: float = float("nan")
     train_flops: float = float("nan")
     gpu_seconds: float = float("nan")
+    source: str = ""
+    source_weak: bool = False
 
     def auc_text(self) -> str:
         return _pm(self.auc_mean, self.auc_std)
@@ -75,6 +77,8 @@ def results_table(records: list[JobRecord]) -> list[ResultRow]:
                 params=mean_of("cost/params"),
                 train_flops=mean_of("cost/train_flops"),
                 gpu_seconds=mean_of("time/gpu_s"),
+                source=members[0].source,
+                source_weak=any(r.source_weak for r in members),
             )
         )  # fmt: skip
     return rows
@@ -194,6 +198,14 @@ def pathology_markdown(
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+WEAK_MARK = " (weak source)"
+
+
+def init_text(init: str, weak: bool) -> str:
+    """An init as tables print it: marked when its pretrained source is weak."""
+    return init + WEAK_MARK if weak else init
+
+
 def _si(value: float, unit: str = "") -> str:
     if math.isnan(value):
         return "–"
@@ -213,12 +225,18 @@ def paper_tables_markdown(rows: list[ResultRow], *, dataset: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        paper = paper_auc(r.model, r.init, r.data_size) if retina else None
+        # A weak source stands for no ImageNet: the paper's ImageNet column does not apply to it.
+        paper = paper_auc(r.model, r.init, r.data_size) if retina and not r.source_weak else None
         lines.append(
-            f"| {r.model} | {r.init} | {r.data_size} | {r.seeds} | {r.auc_text()} | {r.auprc_text()} | "
+            f"| {r.model} | {init_text(r.init, r.source_weak)} | {r.data_size} | {r.seeds} | {r.auc_text()} "
+            f"| {r.auprc_text()} | "
             f"{'–' if paper is None else f'{paper:.1f}'} | {_si(r.params)} | {_si(r.train_flops)} | "
             f"{r.train_seconds:.0f} | {0 if math.isnan(r.gpu_seconds) else r.gpu_seconds:.0f} |"
         )
+    sources = list(dict.fromkeys(f"{r.init}: {r.source}" for r in rows if r.source))
+    if sources:
+        lines += ["", "Pretrained sources (accuracy on their own held-out images):", ""]
+        lines += [f"- {text}" for text in sources]
     if retina:
         note = (
             "\nThe paper's column is from its private retina set (Tables 1 and 3), not EyePACS/APTOS: "
@@ -251,8 +269,8 @@ def to_markdown(rows: list[ResultRow], *, title: str | None = None) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.model} | {r.init} | {r.data_size} | {r.seeds} | {r.auc_text()} | {r.auprc_text()} "
-            f"| {r.train_seconds:.0f} |"
+            f"| {r.model} | {init_text(r.init, r.source_weak)} | {r.data_size} | {r.seeds} | {r.auc_text()} "
+            f"| {r.auprc_text()} | {r.train_seconds:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

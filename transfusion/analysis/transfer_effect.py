@@ -209,6 +209,8 @@ class TransferEffectRow:
     auc: EffectEstimate
     auprc: EffectEstimate
     test_images: int = 0
+    source: str = ""
+    source_weak: bool = False
 
 
 def _load_predictions(record: JobRecord) -> RunPredictions | None:
@@ -254,7 +256,11 @@ def transfer_effect_table(records: list[JobRecord], *, replicates: int = 1000) -
                 deltas = [d for d in deltas if not math.isnan(d)]
                 variances = None
             estimates[metric] = combine_seeds(deltas, variances)
-        rows.append(TransferEffectRow(model, size, init, estimates["auc"], estimates["auprc"], images))
+        runs_of_init = list(by_seed.values())
+        rows.append(TransferEffectRow(
+            model, size, init, estimates["auc"], estimates["auprc"], images,
+            source=runs_of_init[0].source, source_weak=any(r.source_weak for r in runs_of_init),
+        ))  # fmt: skip
     return rows
 
 
@@ -272,16 +278,19 @@ def transfer_effect_markdown(rows: list[TransferEffectRow], *, paper_delta=None)
     """The "Does transfer help?" table, AUC points (x100); ``paper_delta(model, init, size)`` adds the paper's Δ."""
     lines = [
         "| model | data size | init vs random | seeds | ΔAUC | 95% CI | verdict | ΔAUPRC | ΔAUPRC 95% CI "
-        "| AUPRC verdict | paper ΔAUC | CI covers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| AUPRC verdict | paper ΔAUC | CI covers | source |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        paper = paper_delta(r.model, r.init, r.data_size) if paper_delta else None
+        # A weak source stands for no ImageNet: the paper's ImageNet difference does not apply to it.
+        paper = paper_delta(r.model, r.init, r.data_size) if paper_delta and not r.source_weak else None
         covers = r.auc.basis + (f"; {r.test_images} test images" if r.test_images else "")
+        source = (f"**weak**: {r.source}" if r.source_weak else r.source) or UNDEFINED
+        init = f"{r.init} (weak source)" if r.source_weak else r.init
         lines.append(
-            f"| {r.model} | {r.data_size} | {r.init} | {r.auc.seeds} | {_points(r.auc.delta)} | {_interval(r.auc)} "
+            f"| {r.model} | {r.data_size} | {init} | {r.auc.seeds} | {_points(r.auc.delta)} | {_interval(r.auc)} "
             f"| {r.auc.verdict} | {_points(r.auprc.delta)} | {_interval(r.auprc)} | {r.auprc.verdict} "
-            f"| {UNDEFINED if paper is None else f'{paper:+.1f}'} | {covers} |"
+            f"| {UNDEFINED if paper is None else f'{paper:+.1f}'} | {covers} | {source} |"
         )
     note = (
         "\nΔ = init − random in AUC points (×100), mean over paired seeds. 95% CI from a paired bootstrap over the "

@@ -137,7 +137,10 @@ def command_pretrain(args: argparse.Namespace) -> int:
     MODELS.get(args.model)  # one clear line for an unknown name, before anything starts
     from flows.pretrain import pretrain
 
-    uri = pretrain(model=args.model, source=args.source, steps=args.steps, resolution=args.resolution, seed=args.seed)
+    uri = pretrain(
+        model=args.model, source=args.source, steps=args.steps, resolution=args.resolution, seed=args.seed,
+        epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus,
+    )  # fmt: skip
     print(f"registered {uri}")
     return 0
 
@@ -199,8 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="pretrain a model on a source set and register it in MLflow")
     pre.add_argument("--model", required=True)
     pre.add_argument("--source", default="synthetic", help="'synthetic' or an ImageNet-style folder path / s3:// URI")
-    pre.add_argument("--steps", type=int, default=150)
-    pre.add_argument("--resolution", type=int, default=40)
+    pre.add_argument("--steps", type=int, default=None, help="steps (synthetic: 120; a folder: from --epochs)")
+    pre.add_argument("--epochs", type=float, default=None, help="passes over an ImageNet folder (default 90)")
+    pre.add_argument("--resolution", type=int, default=None, help="default: synthetic 40; the model's standard size")
+    pre.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
+    pre.add_argument("--gpus", type=float, default=0.0, help="GPUs per worker")
     pre.add_argument("--seed", type=int, default=0)
     pre.set_defaults(func=command_pretrain)
 

@@ -149,3 +149,19 @@ def test_weak_source_is_labelled_weak_in_the_report_and_loses_the_papers_imagene
     weak_row = next(line for line in tables.splitlines() if "| imagenet (weak source) |" in line)
     assert "| 96.7 |" not in weak_row
     assert f"- imagenet: {source}" in tables
+
+
+def test_imagenet_folder_recipe_is_epochs_at_the_models_standard_resolution():
+    import torch
+
+    from tasks.pretraining import imagenet_recipe
+    from transfusion.train import multiclass_ce
+
+    recipe = imagenet_recipe("cbr-small", train_images=1000)
+    assert (recipe.resolution, recipe.steps, recipe.batch_size) == (224, 352, 256)  # ceil(90 x 1000 / 256)
+    assert recipe.warmup_steps == 5 * 4 and recipe.eval_every == 4  # 5 warm-up epochs of 4 steps; validate per epoch
+    assert recipe.optimizer == "sgd" and recipe.label_smoothing == 0.1
+    assert imagenet_recipe("inception_v3", train_images=1000).resolution == 299
+    assert imagenet_recipe("resnet50", train_images=1000, steps=10, workers=4, gpus_per_worker=1).steps == 10
+    logits, targets = torch.tensor([[4.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]])
+    assert multiclass_ce(logits, targets, label_smoothing=0.1) > multiclass_ce(logits, targets)

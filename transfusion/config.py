@@ -88,6 +88,7 @@ class TrainSettings(_Frozen):
     gpus_per_job: Annotated[float, Field(ge=0)] = 0.0
     num_workers: Annotated[int, Field(ge=1, description="Ray Train workers (DDP) per job")] = 1
     max_failures: Annotated[int, Field(ge=0, description="Ray Train restarts per job")] = 1
+    label_smoothing: Annotated[float, Field(ge=0, lt=1, description="multi-class sources only")] = 0.0
     select: Literal["last", "best-val"] = Field(
         default="last", description="test metrics of the last step, or of the step with the best validation AUC"
     )
@@ -123,7 +124,7 @@ class JobSpec(_Frozen):
         """Deterministic 16-hex-digit key of everything that defines the job but the grid name."""
         payload = self.model_dump(mode="json", exclude={"grid"})
         # Evaluation options added later enter the key only when set, so earlier jobs keep theirs.
-        for name, default in (("select", "last"), ("subset_seed", None)):
+        for name, default in (("select", "last"), ("subset_seed", None), ("label_smoothing", 0.0)):
             if payload["train"][name] == default:
                 del payload["train"][name]
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))

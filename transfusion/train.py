@@ -9,6 +9,7 @@ uninterrupted job would have seen.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import tempfile
@@ -197,9 +198,9 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (loss * keep).sum() / keep.sum().clamp(min=1)
 
 
-def multiclass_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def multiclass_ce(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
     """Softmax cross-entropy for one-hot targets (pretraining on a many-class source)."""
-    return F.cross_entropy(logits.float(), targets.argmax(dim=1))
+    return F.cross_entropy(logits.float(), targets.argmax(dim=1), label_smoothing=label_smoothing)
 
 
 def make_optimizer(
@@ -288,7 +289,10 @@ def run_training(
         val_index = val_index[: t.val_limit]
     probe_index = dataset.indices("val")[: t.probe_size]
     policy = dataset.meta.get("augment", "fundus") if t.augment else "none"
-    loss_fn = multiclass_ce if dataset.meta.get("task") == "multiclass" else masked_bce
+    if dataset.meta.get("task") == "multiclass":
+        loss_fn = functools.partial(multiclass_ce, label_smoothing=t.label_smoothing)
+    else:
+        loss_fn = masked_bce
     is_chief = rank == 0
     val_history: list[tuple[int, float]] = []
     artifacts = Path(tempfile.mkdtemp(prefix="transfusion-job-"))

@@ -74,6 +74,8 @@ def command_run(args: argparse.Namespace) -> int:
           f"{len(summary.failed)} failed, in {elapsed:.0f} s")  # fmt: skip
     print()
     print(summary.table_markdown)
+    if summary.transfer_markdown:
+        print(summary.transfer_markdown)
     if summary.similarity_markdown.strip():
         print("Top-layer SVCCA similarity between seeds:")
         print(summary.similarity_markdown)
@@ -104,13 +106,25 @@ def command_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def threshold_overrides(args: argparse.Namespace) -> list[str]:
+    """``--threshold`` / ``--threshold-mode`` as the grid fields they set."""
+    overrides = []
+    if getattr(args, "threshold", None) is not None:
+        overrides.append(f"convergence_threshold={args.threshold}")
+    if getattr(args, "threshold_mode", None) is not None:
+        overrides.append(f"convergence_mode={args.threshold_mode}")
+    return overrides
+
+
 def command_analyze(args: argparse.Namespace) -> int:
-    grid = load_grid_with_overrides(args.grid, args.set)
+    grid = load_grid_with_overrides(args.grid, args.set + threshold_overrides(args))
     from flows.grid import transfusion
 
     out = str(Path(args.out).resolve()) if getattr(args, "out", None) else None
     summary = transfusion(grid, stage="analysis", report_dir=out)
     print(summary.table_markdown)
+    if summary.transfer_markdown:
+        print(summary.transfer_markdown)
     print(
         f"Report: {Path(summary.report_dir) / 'report.html'} (also under report/ of parent run {summary.parent_run_id})"
     )
@@ -123,7 +137,10 @@ def command_pretrain(args: argparse.Namespace) -> int:
     MODELS.get(args.model)  # one clear line for an unknown name, before anything starts
     from flows.pretrain import pretrain
 
-    uri = pretrain(model=args.model, source=args.source, steps=args.steps, resolution=args.resolution, seed=args.seed)
+    uri = pretrain(
+        model=args.model, source=args.source, steps=args.steps, resolution=args.resolution, seed=args.seed,
+        epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus,
+    )  # fmt: skip
     print(f"registered {uri}")
     return 0
 
@@ -139,6 +156,15 @@ def command_list(args: argparse.Namespace) -> int:
     print("inits:       ", ", ".join(list_inits()))
     print("datasets:    ", ", ".join(list_datasets()))
     return 0
+
+
+def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threshold", type=float, default=None,
+        help="Figure 5 convergence threshold: validation AUC (absolute, default 0.91 as the paper) "
+        "or fraction of each cell's best (with --threshold-mode relative)",
+    )  # fmt: skip
+    parser.add_argument("--threshold-mode", choices=["absolute", "relative"], default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,19 +189,24 @@ def build_parser() -> argparse.ArgumentParser:
     ana = sub.add_parser("analyze", help="re-run the analyses of a trained grid from its stored artifacts")
     ana.add_argument("grid")
     ana.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_threshold_arguments(ana)
     ana.set_defaults(func=command_analyze)
 
     rep = sub.add_parser("report", help="write a trained grid's report (Markdown + self-contained HTML)")
     rep.add_argument("grid")
     rep.add_argument("--out", required=True, help="directory for report.md, report.html, tables and figures")
     rep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_threshold_arguments(rep)
     rep.set_defaults(func=command_analyze)
 
     pre = sub.add_parser("pretrain", help="pretrain a model on a source set and register it in MLflow")
     pre.add_argument("--model", required=True)
     pre.add_argument("--source", default="synthetic", help="'synthetic' or an ImageNet-style folder path / s3:// URI")
-    pre.add_argument("--steps", type=int, default=150)
-    pre.add_argument("--resolution", type=int, default=40)
+    pre.add_argument("--steps", type=int, default=None, help="steps (synthetic: 120; a folder: from --epochs)")
+    pre.add_argument("--epochs", type=float, default=None, help="passes over an ImageNet folder (default 90)")
+    pre.add_argument("--resolution", type=int, default=None, help="default: synthetic 40; the model's standard size")
+    pre.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
+    pre.add_argument("--gpus", type=float, default=0.0, help="GPUs per worker")
     pre.add_argument("--seed", type=int, default=0)
     pre.set_defaults(func=command_pretrain)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from prefect import flow
@@ -58,6 +59,7 @@ class GridSummary:
     rows: list[ResultRow] = field(default_factory=list)
     pretrained: dict[str, str] = field(default_factory=dict)
     report_dir: str | None = None
+    transfer_markdown: str = ""  # "Does transfer help?" as the report shows it
 
 
 def _progress(text: str) -> None:
@@ -84,7 +86,9 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
         sources = {}
         if grid.pretrained and pending:
             for model in grid.models:
-                sources[model] = resolve_pretrained_task.submit(model, grid.pretrained, grid.train.resolution)
+                sources[model] = resolve_pretrained_task.submit(
+                    model, grid.pretrained, grid.train.resolution, grid.weak_source
+                )
         if stage == "pretrain":
             summary.pretrained = {model: future.result() for model, future in sources.items()}
             for model, uri in summary.pretrained.items():
@@ -97,7 +101,12 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
         )
         futures = [
             train_job_task.submit(
-                spec, grid_run, dataset_root, sources.get(spec.model) if spec.pretrained else None, grid.max_retries
+                spec,
+                grid_run,
+                dataset_root,
+                sources.get(spec.model) if spec.pretrained else None,
+                grid.max_retries,
+                grid.weak_source,
             )
             for spec in jobs
         ]
@@ -132,6 +141,8 @@ def transfusion(grid: GridSpec | PresetName, stage: Stage = "all", report_dir: s
             summary.table_markdown = to_markdown(summary.rows)
             summary.similarity_markdown = seed_similarity_task(grid, grid_run, records)
             summary.report_dir = analyze_grid_task(grid, grid_run, records, report_dir)
+            transfer = Path(summary.report_dir) / "transfer_effect.md"
+            summary.transfer_markdown = transfer.read_text() if transfer.is_file() else ""
         summary.finished = sum(o.status == "FINISHED" for o in outcomes)
         summary.skipped = sum(o.status == "SKIPPED" for o in outcomes)
         summary.failed = [_describe(o) for o in outcomes if o.status == "FAILED"]

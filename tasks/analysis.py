@@ -9,12 +9,15 @@ from pathlib import Path
 from prefect import task
 
 from transfusion import tracking
+from transfusion.analysis.convergence import ConvergenceSettings
 from transfusion.analysis.records import JobRecord
 from transfusion.analysis.report import analyze_records, write_report
 from transfusion.analysis.representations import seed_similarity, seed_similarity_markdown
 from transfusion.analysis.tables import ResultRow, plot_results, results_table, to_markdown, write_csv
+from transfusion.analysis.transfer_effect import transfer_effect_metrics
 from transfusion.config import GridSpec
 from transfusion.data import transfusion_home
+from transfusion.pretrained import WEAK
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,24 @@ def fetch_probes(run_id: str) -> Path | None:
     return probes if probes.is_dir() else None
 
 
+def fetch_test_predictions(run_id: str) -> Path | None:
+    """Downloads a run's test predictions once into the local cache (None for runs that stored none)."""
+    local = run_cache_dir(run_id) / "predictions" / "test.npz"
+    if local.is_file():
+        return local
+    if "predictions/test.npz" not in tracking.list_artifacts(run_id, "predictions"):
+        return None
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=local.parent) as tmp:
+        tracking.download_artifact(run_id, "predictions/test.npz", Path(tmp)).rename(local)
+    return local
+
+
+def convergence_settings(grid: GridSpec) -> ConvergenceSettings:
+    """Figure 5's threshold as the grid sets it (``convergence_threshold``, ``convergence_mode``)."""
+    return ConvergenceSettings(threshold=grid.convergence_threshold, relative=grid.convergence_mode == "relative")
+
+
 @task(name="collect-records", cache_policy=None)
 def collect_records_task(grid: GridSpec, *, with_probes: bool = True) -> list[JobRecord]:
     """The newest FINISHED run of each job of the grid (missing jobs are left out)."""
@@ -64,6 +85,9 @@ def collect_records_task(grid: GridSpec, *, with_probes: bool = True) -> list[Jo
                 metrics=dict(run.data.metrics),
                 val_curve=tuple(tracking.metric_history(run.info.run_id, "val/auc")),
                 probe_dir=fetch_probes(run.info.run_id) if with_probes else None,
+                predictions=fetch_test_predictions(run.info.run_id),
+                source=run.data.tags.get("source.description", ""),
+                source_weak=run.data.tags.get("source.quality") == WEAK,
             )
         )
     return records
@@ -99,13 +123,24 @@ def analyze_grid_task(
 ) -> str:
     """Figures 2, 4, 5, Tables 1-3, filters and the report; logged under ``report/`` of the parent run."""
     directory = Path(out) if out else transfusion_home() / "reports" / grid.name
-    outputs = analyze_records(records, directory, grid_name=grid.name, dataset=grid.dataset)
-    notes = [f"{len(records)} finished runs of {len(grid.jobs())} jobs; dataset {grid.dataset}."]
+    convergence = convergence_settings(grid)
+    outputs = analyze_records(records, directory, grid_name=grid.name, dataset=grid.dataset, convergence=convergence)
+    notes = [
+        f"{len(records)} finished runs of {len(grid.jobs())} jobs; dataset {grid.dataset}.",
+        f"Convergence threshold: {convergence.describe()}.",
+        "Test metrics at: " + ("the step of best validation AUC (select: best-val)" if grid.train.select == "best-val"
+                               else "the last step (select: last)")
+        + "; training subsets: " + ("drawn per seed" if grid.train.subset_seed is None
+                                    else f"one fixed subset for all seeds (subset_seed {grid.train.subset_seed})")
+        + ".",
+    ]  # fmt: skip
     if grid.pretrained == "synthetic":
         notes.append(
             "Transfer here is synthetic-source transfer (weights pretrained on procedural shapes), not ImageNet."
         )
     write_report(outputs, title=f"transfusion report: grid {grid.name}", notes=notes)
+    if outputs.transfer_rows:
+        tracking.log_metrics(grid_run.run_id, transfer_effect_metrics(outputs.transfer_rows), step=0)
     for path in sorted(directory.iterdir()):
         if path.is_file():
             tracking.log_artifact(grid_run.run_id, path, "report")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from prefect import task
 
 from transfusion import tracking
-from transfusion.config import GridSpec, TrainSettings
+from transfusion.config import GridSpec, TrainSettings, WeakSourceSettings
+from transfusion.data import PreparedDataset
+from transfusion.pretrained import WEAK, SourceQuality, published_quality, quality_label
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +28,97 @@ def source_label(source: str) -> str:
     return SYNTHETIC_SOURCE if source == SYNTHETIC_SOURCE else "imagenet"
 
 
+# The real recipe for an ImageNet-style folder (the torchvision classic recipe, with
+# cosine decay and label smoothing): what "pretrained on ImageNet" means in the paper.
+IMAGENET_RECIPE = {"epochs": 90, "warmup_epochs": 5, "batch_size": 256, "lr_per_256": 0.1, "weight_decay": 1e-4,
+                   "label_smoothing": 0.1, "val_limit": 10_000}  # fmt: skip
+# The input side each model's ImageNet weights are trained at (torchvision's references).
+STANDARD_RESOLUTION = {"inception_v3": 299}
+DEFAULT_RESOLUTION = 224
+SYNTHETIC_STEPS, SYNTHETIC_RESOLUTION = 120, 40
+
+
+def standard_resolution(model: str) -> int:
+    return STANDARD_RESOLUTION.get(model, DEFAULT_RESOLUTION)
+
+
+def imagenet_recipe(
+    model: str,
+    *,
+    train_images: int,
+    epochs: float = IMAGENET_RECIPE["epochs"],
+    resolution: int | None = None,
+    steps: int | None = None,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+) -> TrainSettings:
+    """Training settings for ``epochs`` over ``train_images``: SGD, linear warm-up then cosine, label smoothing.
+
+    ``steps`` overrides the epoch count (a short trial); the source is then recorded with
+    the epochs it really saw, and labelled weak if that is too few.
+    """
+    r = IMAGENET_RECIPE
+    batch = r["batch_size"]
+    steps_per_epoch = max(1, math.ceil(train_images / batch))
+    total = steps or max(1, math.ceil(epochs * train_images / batch))
+    return TrainSettings(
+        steps=total,
+        batch_size=batch,
+        optimizer="sgd",
+        lr=r["lr_per_256"] * batch / 256,
+        weight_decay=r["weight_decay"],
+        warmup_steps=min(total - 1, r["warmup_epochs"] * steps_per_epoch),
+        eval_every=min(total, steps_per_epoch),
+        resolution=resolution or standard_resolution(model),
+        eval_batch_size=256,
+        val_limit=r["val_limit"],
+        probe_size=0,
+        label_smoothing=r["label_smoothing"],
+        num_workers=workers,
+        gpus_per_job=gpus_per_worker,
+    )
+
+
 def pretrain_grid(
-    model: str, *, source: str = SYNTHETIC_SOURCE, resolution: int = 40, steps: int = 120, seed: int = 0
+    model: str,
+    *,
+    source: str = SYNTHETIC_SOURCE,
+    resolution: int | None = None,
+    steps: int | None = None,
+    epochs: float | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
 ) -> GridSpec:
     """The one-job grid that pretrains ``model`` on ``source``.
 
-    ``synthetic`` is the procedural shapes set (the offline default); anything else is
-    the path or ``s3://`` URI of an ImageNet-style folder.
+    ``synthetic`` is the procedural shapes set (the offline default: a short toy run,
+    which its registered version records as weak); anything else is the path or
+    ``s3://`` URI of an ImageNet-style folder, trained by :func:`imagenet_recipe` at the
+    model's standard resolution (the folder is prepared here to count its images).
     """
     if source == SYNTHETIC_SOURCE:
+        steps = steps or SYNTHETIC_STEPS
+        train = TrainSettings(
+            steps=steps,
+            batch_size=32,
+            lr=2e-3,
+            eval_every=max(1, steps // 3),
+            resolution=resolution or SYNTHETIC_RESOLUTION,
+            probe_size=0,
+            val_limit=400,
+        )
         dataset, dataset_source = "synthetic-shapes", None
     else:
+        from transfusion.data import prepare_dataset
+
         dataset, dataset_source = "imagenet-folder", source
+        resolution = resolution or standard_resolution(model)
+        train_images = len(prepare_dataset(dataset, source=source, resolution=resolution).indices("train"))
+        train = imagenet_recipe(
+            model, train_images=train_images, epochs=epochs or IMAGENET_RECIPE["epochs"], resolution=resolution,
+            steps=steps, workers=workers, gpus_per_worker=gpus_per_worker,
+        )  # fmt: skip
     return GridSpec(
         name=f"pretrain-{source_label(source)}",
         dataset=dataset,
@@ -44,15 +126,7 @@ def pretrain_grid(
         models=[model],
         inits=["random"],
         seeds=[seed],
-        train=TrainSettings(
-            steps=steps,
-            batch_size=32,
-            lr=2e-3,
-            eval_every=max(1, steps // 3),
-            resolution=resolution,
-            probe_size=0,
-            val_limit=400,
-        ),
+        train=train,
     )
 
 
@@ -68,15 +142,57 @@ def pretrain_and_register(grid: GridSpec, *, register_as: str) -> str:
         raise RuntimeError(f"pretraining {spec.model} on {grid.dataset} failed: {outcome.reason}")
     uri = tracking.register_model_weights(register_as, outcome.run_id, "checkpoint")
     label = "synthetic-source transfer" if grid.dataset == "synthetic-shapes" else "ImageNet-folder transfer"
-    tracking.set_tags(outcome.run_id, {"registered_as": uri, "transfer_label": label})
+    train_images = len(PreparedDataset.open(dataset_root).indices("train"))
+    quality = measured_quality(grid, outcome.metrics, train_images=train_images)
+    tags = source_tags(uri, quality, grid.weak_source)
+    tracking.set_model_version_tags(uri, tags)
+    tracking.set_tags(outcome.run_id, {"registered_as": uri, "transfer_label": label, **tags})
+    if tags["source.quality"] == WEAK:
+        log.warning("%s is a weak source (%s): transfer from it will be labelled weak", uri, quality.describe())
     tracking.end_run(grid_run.run_id, "FINISHED")
     log.info("registered %s", uri)
     return uri
 
 
+def measured_quality(grid: GridSpec, metrics: dict[str, float], *, train_images: int) -> SourceQuality:
+    """A pretraining job's quality: top-1/top-5 on its held-out images, epochs and images drawn."""
+    images_seen = int(metrics.get("steps", grid.train.steps)) * grid.train.batch_size
+    return SourceQuality(
+        dataset=grid.dataset,
+        top1=float(metrics.get("test/accuracy", float("nan"))),
+        top5=float(metrics.get("test/top5", float("nan"))),
+        epochs=images_seen / max(1, train_images),
+        images_seen=images_seen,
+    )
+
+
+def source_quality(uri: str) -> SourceQuality | None:
+    """What a source URI's registry says of its quality (None: never measured)."""
+    if uri.startswith("models:/"):
+        return SourceQuality.from_tags(tracking.model_version_tags(uri))
+    return published_quality(uri)
+
+
+def source_tags(uri: str, quality: SourceQuality | None, weak_source: WeakSourceSettings) -> dict[str, str]:
+    """Tags of a source (on its registered version, and on every run that transfers from it)."""
+    label = quality_label(quality, min_epochs=weak_source.min_epochs, min_top1=weak_source.min_top1)
+    tags = {"source.uri": uri, "source.quality": label, **(quality.as_tags() if quality else {})}
+    tags["source.description"] = f"{uri}: {quality.describe() if quality else 'accuracy not recorded'} ({label})"
+    if label == WEAK:
+        tags["source.description"] += (
+            f"; weak = under {weak_source.min_epochs:g} epochs or top-1 {100 * weak_source.min_top1:.0f} %"
+        )
+    return tags
+
+
 @task(name="resolve-pretrained", cache_policy=None, task_run_name="pretrained-{model}")
-def resolve_pretrained_task(model: str, pretrained: str, resolution: int) -> str:
-    """A loadable URI for ``model``'s pretrained weights named by a grid's ``pretrained``."""
+def resolve_pretrained_task(
+    model: str, pretrained: str, resolution: int, weak_source: WeakSourceSettings | None = None
+) -> str:
+    """A loadable URI for ``model``'s pretrained weights named by a grid's ``pretrained``.
+
+    A grid asking for ``imagenet`` whose registered source is weak gets one warning line.
+    """
     if pretrained == SYNTHETIC_SOURCE:
         name = registered_name(model, SYNTHETIC_SOURCE)
         existing = tracking.latest_model_version(name)
@@ -94,6 +210,9 @@ def resolve_pretrained_task(model: str, pretrained: str, resolution: int) -> str
                 f"'transfusion pretrain --model {model} --source PATH_OR_S3_URI_OF_IMAGENET' "
                 f"(registers {registered_name(model, 'imagenet')}), or use pretrained: synthetic"
             )
+        tags = source_tags(registered, source_quality(registered), weak_source or WeakSourceSettings())
+        if tags["source.quality"] == WEAK:
+            log.warning("pretrained: imagenet for %s is only a weak source, %s", model, tags["source.description"])
         return registered
     return pretrained
 

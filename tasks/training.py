@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from prefect import task
 
 from transfusion import tracking
-from transfusion.config import GridSpec, JobSpec
+from transfusion.config import GridSpec, JobSpec, WeakSourceSettings
 from transfusion.data import PreparedDataset, prepare_dataset, transfusion_home
 
 log = logging.getLogger(__name__)
@@ -195,13 +195,14 @@ def _resume_candidate(experiment_id: str, spec: JobSpec):
 JOB_TIMINGS = ("time/launch_s", "time/setup_s", "time/finish_s")
 
 
-@task(name="train-job", cache_policy=None, task_run_name="train-{spec.model}-{spec.init}-{spec.data_size}-s{spec.seed}")
+@task(name="train-job", cache_policy=None, task_run_name="train-{spec.run_name}")
 def train_job_task(
     spec: JobSpec,
     grid_run: tracking.GridRun,
     dataset_root: str,
     source_uri: str | None = None,
     max_retries: int = 1,
+    weak_source: WeakSourceSettings | None = None,
 ) -> JobOutcome:
     """Runs one job through Ray Train as one MLflow child run; never raises for job failures."""
     from transfusion.launcher import LaunchRequest, fit_job, shared_pool
@@ -231,6 +232,11 @@ def train_job_task(
         data_params = {"data_version": data_meta.get("version", ""), "data_skipped": data_meta.get("skipped", 0)}
         if source_uri:
             data_params["pretrained_uri"] = source_uri
+            # The source's accuracy and provenance, so a transfer run says how good its weights were.
+            from tasks.pretraining import source_quality, source_tags
+
+            quality = source_quality(source_uri)
+            tracking.set_tags(run_id, source_tags(source_uri, quality, weak_source or WeakSourceSettings()))
         tracking.log_params(run_id, data_params)
         request = LaunchRequest(
             spec=spec.model_dump(mode="json"),

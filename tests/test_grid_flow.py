@@ -63,7 +63,8 @@ def test_smoke_grid_leaves_one_finished_child_run_per_job(finished_smoke_grid):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/auc")]
             assert steps == [0, 3, 6]
             artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
-            assert {"spec.json", "probes", "checkpoint"} <= artifacts
+            assert {"spec.json", "probes", "checkpoint", "predictions"} <= artifacts
+            assert [f.path for f in client.list_artifacts(run.info.run_id, "predictions")] == ["predictions/test.npz"]
             probes = {f.path for f in client.list_artifacts(run.info.run_id, "probes")}
             assert probes == {"probes/step-0.npz", "probes/step-6.npz"}
             assert [f.path for f in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/model.pt"]
@@ -76,6 +77,15 @@ def test_smoke_grid_leaves_one_finished_child_run_per_job(finished_smoke_grid):
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     finally:
         server.stop()
+
+
+def test_report_threshold_option_reaches_the_report(finished_smoke_grid, tmp_path):
+    home, _ = finished_smoke_grid
+    result = run_cli("report", "smoke", "--out", str(tmp_path), "--threshold", "0.93", home=home)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (tmp_path / "report.md").read_text()
+    assert "Convergence threshold: validation AUC 0.930 (absolute)." in text
+    assert "Figure 5: convergence (threshold 0.930, absolute)" in text
 
 
 def test_rerun_trains_nothing_and_shows_the_same_table(finished_smoke_grid):

@@ -20,6 +20,14 @@ def test_pretrain_registers_a_model_whose_weights_load(tmp_path):
     assert source.startswith("runs:/") and source.endswith("/checkpoint")
     label = db.execute("select value from tags where key = 'transfer_label'").fetchone()[0]
     assert label == "synthetic-source transfer"
+    # 4 steps is a weak source: the registered version, the run and the console say so.
+    version_tags = dict(db.execute("select key, value from model_version_tags").fetchall())
+    assert version_tags["source.quality"] == "weak" and version_tags["source.dataset"] == "synthetic-shapes"
+    assert float(version_tags["source.epochs"]) < 1 and 0 <= float(version_tags["source.top1"]) <= 1
+    assert version_tags["source.images_seen"] == str(4 * 32)
+    run_tags = dict(db.execute("select key, value from tags where key like 'source.%'").fetchall())
+    assert run_tags["source.quality"] == "weak" and "(weak)" in run_tags["source.description"]
+    assert "models:/transfusion-cbr-tiny-synthetic/1 is a weak source" in result.stderr
     # The registered file is a plain state dict: loadable without pickled code, 16-way head.
     weights = next((tmp_path / "artifacts").rglob("checkpoint/model.pt"))
     state = torch.load(weights, weights_only=True)

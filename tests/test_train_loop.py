@@ -5,8 +5,16 @@ import pytest
 import torch
 
 from transfusion.config import JobSpec, TrainSettings
+from transfusion.metrics import RunPredictions, roc_auc
 from transfusion.probes import load_probe, probe_layers
-from transfusion.train import FaultInjection, NonFiniteLossError, RecordingHooks, batch_indices, run_training
+from transfusion.train import (
+    FaultInjection,
+    NonFiniteLossError,
+    RecordingHooks,
+    batch_indices,
+    run_training,
+    training_pool,
+)
 
 SETTINGS = TrainSettings(steps=8, batch_size=16, eval_every=4, resolution=32, probe_size=16, eval_batch_size=64)
 
@@ -31,7 +39,13 @@ def test_loop_logs_metrics_probes_and_checkpoints(tiny_retina, tmp_path):
     for key in ("test/auc", "test/auprc", "time/train_s"):
         assert key in result.final_metrics
     assert [step for step, _ in hooks.checkpoints] == [4, 8]
-    assert {"probes/step-0.npz", "probes/step-8.npz", "checkpoint/model.pt"} <= set(hooks.artifacts)
+    assert {"probes/step-0.npz", "probes/step-8.npz", "checkpoint/model.pt", "predictions/test.npz"} <= set(
+        hooks.artifacts
+    )
+    stored = RunPredictions.load(hooks.artifacts["predictions/test.npz"])
+    assert np.array_equal(stored.index, tiny_retina.indices("test")) and stored.scores.shape == (64, 1)
+    assert roc_auc(stored.targets[:, 0], stored.scores[:, 0]) == pytest.approx(result.final_metrics["test/auc"])
+    assert result.final_metrics["test/selected_step"] == 8
     start = load_probe(hooks.artifacts["probes/step-0.npz"])
     end = load_probe(hooks.artifacts["probes/step-8.npz"])
     assert probe_layers(start) == ["conv1", "stage1", "stage2", "stage3", "pool", "logits"]
@@ -79,3 +93,26 @@ def test_loop_trains_any_prepared_dataset_multilabel_grey(session_home):
     assert chest.in_channels == 1 and chest.num_labels == 5
     per_label = [k for k in result.final_metrics if k.startswith("test/auc/")]
     assert len(per_label) >= 3 and "test/auc" in result.final_metrics
+
+
+def test_best_val_selection_tests_the_best_validation_step_and_resumes_with_it(tiny_retina):
+    torch.set_num_threads(1)
+    spec = _spec(train=SETTINGS.model_copy(update={"select": "best-val", "eval_every": 2}))
+    hooks = RecordingHooks()
+    result = run_training(spec, tiny_retina, hooks=hooks)
+    val = hooks.history("val/auc")
+    best_step = max(val, key=lambda item: (item[1], -item[0]))[0]  # the first step of the best AUC
+    assert result.final_metrics["test/selected_step"] == best_step
+    resumed = run_training(spec, tiny_retina, hooks=RecordingHooks(), resume=dict(hooks.checkpoints)[6])
+    assert resumed.final_metrics["test/selected_step"] == best_step
+    assert resumed.final_metrics["test/auc"] == pytest.approx(result.final_metrics["test/auc"], abs=1e-4)
+
+
+def test_subset_seed_holds_the_training_images_fixed_across_seeds(tiny_retina):
+    fixed = SETTINGS.model_copy(update={"subset_seed": 5})
+    per_seed = [training_pool(_spec(seed=s), tiny_retina) for s in (0, 1)]
+    held = [training_pool(_spec(seed=s, train=fixed), tiny_retina) for s in (0, 1)]
+    assert not np.array_equal(*per_seed) and np.array_equal(*held) and len(held[0]) == 160
+    # Only set options enter the job key: a grid without them keeps its finished jobs.
+    assert _spec().job_key == _spec(train=SETTINGS.model_copy(update={"select": "last"})).job_key
+    assert _spec(train=fixed).job_key != _spec().job_key

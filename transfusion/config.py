@@ -91,6 +91,20 @@ class TrainSettings(_Frozen):
     gpus_per_job: Annotated[float, Field(ge=0)] = 0.0
     num_workers: Annotated[int, Field(ge=1, description="Ray Train workers (DDP) per job")] = 1
     max_failures: Annotated[int, Field(ge=0, description="Ray Train restarts per job")] = 1
+    label_smoothing: Annotated[float, Field(ge=0, lt=1, description="multi-class sources only")] = 0.0
+    select: Literal["last", "best-val"] = Field(
+        default="last", description="test metrics of the last step, or of the step with the best validation AUC"
+    )
+    subset_seed: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="training subset drawn with this seed for every seed (None: each job's own seed)"
+    )
+
+
+class WeakSourceSettings(_Frozen):
+    """When a pretrained source counts as *weak*: labelled so on its runs, its registered version and reports."""
+
+    min_epochs: Annotated[float, Field(ge=0, description="fewer passes over the source set: weak")] = 20.0
+    min_top1: Annotated[float, Field(ge=0, le=1, description="lower top-1 on held-out source images: weak")] = 0.3
 
 
 # Where and how robustly a job runs, not what it computes: excluded from ``job_key``.
@@ -111,6 +125,11 @@ _V1_TRAIN_FIELDS = frozenset(
     | {"checkpoint_every", "resolution", "eval_batch_size", "val_limit", "probe_size", "probe_spatial", "augment"}
     | {"threads", "cpus_per_job", "gpus_per_job", "num_workers", "max_failures"}
 )
+
+
+# Fields version 1 had and later versions dropped, with the value they always had then.
+# probe_spatial (conv maps pooled to s x s) gave way to sampled unpooled rows.
+_V1_REMOVED_TRAIN_DEFAULTS = {"probe_spatial": 4}
 
 
 def _short_hash(payload: dict[str, Any]) -> str:
@@ -161,6 +180,7 @@ class JobSpec(_Frozen):
         for field in set(payload["train"]) - _V1_TRAIN_FIELDS:
             if payload["train"].pop(field) != defaults["train"][field]:
                 return ()
+        payload["train"].update({k: v for k, v in _V1_REMOVED_TRAIN_DEFAULTS.items() if k not in payload["train"]})
         return (_short_hash(payload),)
 
     @property
@@ -182,6 +202,11 @@ class JobSpec(_Frozen):
             return name
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.init_options.items()))
         return f"{name}({opts})"
+
+    @property
+    def run_name(self) -> str:
+        """``<model>-<init label>-<data size>-s<seed>``: the MLflow run name and the Prefect task-run name."""
+        return f"{self.model}-{self.init_label}-{self.data_size}-s{self.seed}"
 
     @property
     def data_size_or_none(self) -> int | None:
@@ -239,6 +264,12 @@ class GridSpec(_Frozen):
     train: TrainSettings = TrainSettings()
     max_concurrent: Annotated[int, Field(ge=0, description="jobs at once, 0: from CPUs/GPUs")] = 0
     max_retries: Annotated[int, Field(ge=0, description="re-runs of a FAILED job")] = 1
+    # Analysis only (not in grid_key): the same trained grid can be re-analysed at another threshold.
+    convergence_threshold: Annotated[
+        float, Field(gt=0, le=1, description="Figure 5: validation AUC to reach (absolute) or fraction of the best")
+    ] = 0.91
+    convergence_mode: Literal["absolute", "relative"] = "absolute"
+    weak_source: WeakSourceSettings = WeakSourceSettings()
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -289,8 +320,13 @@ class GridSpec(_Frozen):
 
     @property
     def grid_key(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        payload = self.model_dump(mode="json", exclude=ANALYSIS_ONLY_FIELDS)
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Grid fields that change how a finished grid is analysed and labelled, not what is trained.
+ANALYSIS_ONLY_FIELDS = {"convergence_threshold", "convergence_mode", "weak_source"}
 
 
 def _preset_names() -> list[str]:

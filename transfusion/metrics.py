@@ -1,5 +1,8 @@
 """Per-label and macro AUC / AUPRC for binary and multi-label targets.
 
+Test predictions are stored per run (:func:`save_test_predictions`) so that two runs
+scored on the same images can be compared pairwise later.
+
 Targets are ``(N, L)`` in {0, 1} with NaN for ignored entries (CheXpert U-Ignore); a
 label whose non-ignored targets hold a single class has no AUC and is left out of
 the macro average rather than reported as 0.5.
@@ -8,6 +11,7 @@ the macro average rather than reported as 0.5.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -75,3 +79,40 @@ def classification_scores(scores: np.ndarray, targets: np.ndarray, label_names: 
     macro_auc = float(np.mean(list(aucs.values()))) if aucs else float("nan")
     macro_auprc = float(np.mean(list(auprcs.values()))) if auprcs else float("nan")
     return ClassificationScores(macro_auc, macro_auprc, aucs, auprcs)
+
+
+@dataclass(frozen=True)
+class RunPredictions:
+    """One run's scores on the test split: ``index`` (N,) dataset rows, ``scores`` and ``targets`` (N, L)."""
+
+    index: np.ndarray
+    scores: np.ndarray
+    targets: np.ndarray
+
+    @classmethod
+    def load(cls, path: Path) -> RunPredictions:
+        with np.load(path) as data:
+            return cls(
+                index=data["index"],
+                scores=data["scores"].astype(np.float64).reshape(len(data["index"]), -1),
+                targets=data["targets"].astype(np.float64).reshape(len(data["index"]), -1),
+            )
+
+    def same_images(self, other: RunPredictions) -> bool:
+        return bool(
+            self.index.shape == other.index.shape
+            and np.array_equal(self.index, other.index)
+            and np.array_equal(self.targets, other.targets, equal_nan=True)
+        )
+
+
+def save_test_predictions(path: Path, *, index: np.ndarray, scores: np.ndarray, targets: np.ndarray) -> Path:
+    """Writes a run's test predictions: fp32 scores, fp16 targets (0, 1 and NaN are exact), int64 rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path,
+        index=np.asarray(index, dtype=np.int64),
+        scores=np.asarray(scores, dtype=np.float32),
+        targets=np.asarray(targets, dtype=np.float16),
+    )
+    return path

@@ -15,6 +15,8 @@ PRESETS: Registry[Callable[[], dict]] = Registry("grid preset")
 
 PAPER_MODELS = ["resnet50", "inception_v3", "cbr-large-tall", "cbr-large-wide", "cbr-small", "cbr-tiny"]
 PAPER_INITS = ["random", "imagenet", "mean-var"]
+# Figure 5's grids share one absolute threshold so their steps-to-threshold compare.
+FIGURE5_CONVERGENCE = {"convergence_threshold": 0.91, "convergence_mode": "absolute"}
 
 
 @PRESETS.register("smoke")
@@ -160,6 +162,7 @@ def convergence_grid() -> dict:
         "data_sizes": ["full"],
         "seeds": 3,
         "train": {**_paper_train(587, steps=20000, gpus=1.0), "eval_every": 500},
+        **FIGURE5_CONVERGENCE,
     }
 
 
@@ -176,4 +179,5 @@ def convergence_slim_grid() -> dict:
         "data_sizes": ["full"],
         "seeds": 3,
         "train": {**_paper_train(587, steps=20000, gpus=0.5), "eval_every": 500},
+        **FIGURE5_CONVERGENCE,
     }

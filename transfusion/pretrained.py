@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import pickle
 import re
@@ -64,6 +65,77 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class SourceQuality:
+    """How good a pretrained source is at its own task, measured when it was made.
+
+    Attributes:
+        dataset: What it was trained on (``ImageNet-1k``, ``imagenet-folder``, ``synthetic-shapes``).
+        top1: Top-1 accuracy (fraction) on held-out images of that set; NaN if not measured.
+        top5: Top-5 accuracy (fraction); NaN if not measured.
+        epochs: Passes over the training images; NaN if unknown.
+        images_seen: Training images drawn (with repeats); 0 if unknown.
+    """
+
+    dataset: str
+    top1: float
+    top5: float
+    epochs: float
+    images_seen: int = 0
+
+    TAG_PREFIX = "source."
+
+    def is_weak(self, *, min_epochs: float, min_top1: float) -> bool:
+        """Trained for fewer than ``min_epochs`` or below ``min_top1``: its transfer says little about ImageNet's."""
+        return (not math.isnan(self.epochs) and self.epochs < min_epochs) or (
+            not math.isnan(self.top1) and self.top1 < min_top1
+        )
+
+    def describe(self) -> str:
+        def pct(value: float) -> str:
+            return "?" if math.isnan(value) else f"{100 * value:.1f} %"
+
+        epochs = "? epochs" if math.isnan(self.epochs) else f"{self.epochs:.3g} epochs"
+        return f"{self.dataset}: top-1 {pct(self.top1)}, top-5 {pct(self.top5)}, {epochs}, {self.images_seen} images"
+
+    def as_tags(self) -> dict[str, str]:
+        return {
+            f"{self.TAG_PREFIX}dataset": self.dataset,
+            f"{self.TAG_PREFIX}top1": f"{self.top1:.6g}",
+            f"{self.TAG_PREFIX}top5": f"{self.top5:.6g}",
+            f"{self.TAG_PREFIX}epochs": f"{self.epochs:.6g}",
+            f"{self.TAG_PREFIX}images_seen": str(self.images_seen),
+        }
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> SourceQuality | None:
+        """The quality recorded by :meth:`as_tags`, or None for a source made before it was recorded."""
+        p = cls.TAG_PREFIX
+        if f"{p}dataset" not in tags:
+            return None
+        return cls(
+            dataset=tags[f"{p}dataset"],
+            top1=float(tags.get(f"{p}top1", "nan")),
+            top5=float(tags.get(f"{p}top5", "nan")),
+            epochs=float(tags.get(f"{p}epochs", "nan")),
+            images_seen=int(tags.get(f"{p}images_seen", "0")),
+        )
+
+
+WEAK, MEASURED_OK, UNMEASURED = "weak", "ok", "unmeasured"
+
+
+def quality_label(quality: SourceQuality | None, *, min_epochs: float, min_top1: float) -> str:
+    """``weak``, ``ok`` or ``unmeasured`` (a source whose accuracy nobody recorded)."""
+    if quality is None:
+        return UNMEASURED
+    return WEAK if quality.is_weak(min_epochs=min_epochs, min_top1=min_top1) else MEASURED_OK
+
+
+# The torchvision V1 recipe: 90 epochs of ImageNet-1k's 1 281 167 training images.
+_TORCHVISION_V1_IMAGES = 90 * 1_281_167
+
+
+@dataclass(frozen=True)
 class PretrainedSource:
     """A named, pinned set of pretrained weights.
 
@@ -73,6 +145,7 @@ class PretrainedSource:
         preprocessing: Normalisation and resolution the weights expect.
         description: What the weights are.
         model: Registered model name whose state dict they fit.
+        quality: Accuracy on the source task as its publisher reports it.
     """
 
     name: str
@@ -80,6 +153,7 @@ class PretrainedSource:
     preprocessing: Preprocessing
     description: str
     model: str
+    quality: SourceQuality | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +182,7 @@ for _source in (
         preprocessing=Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD, resolution=224),
         description="torchvision ResNet-50 ImageNet-1k weights V1 (top-1 76.13 %)",
         model="resnet50",
+        quality=SourceQuality("ImageNet-1k", 0.7613, 0.92862, 90.0, _TORCHVISION_V1_IMAGES),
     ),
     PretrainedSource(
         name="torchvision-inception_v3-imagenet1k-v1",
@@ -115,6 +190,8 @@ for _source in (
         preprocessing=Preprocessing(mean=INCEPTION_MEAN, std=INCEPTION_STD, resolution=299),
         description="torchvision Inception-v3 ImageNet-1k V1, ported from TF (top-1 77.29 %)",
         model="inception_v3",
+        # Ported from TF-Slim, whose schedule torchvision does not state: epochs unknown.
+        quality=SourceQuality("ImageNet-1k", 0.77294, 0.93450, math.nan, 0),
     ),
 ):
     PRETRAINED.add(_source.name, _source)
@@ -123,6 +200,11 @@ for _source in (
 def get_pretrained_source(name: str) -> PretrainedSource:
     """The registered source ``name``; unknown names raise with the valid ones."""
     return PRETRAINED.get(name)
+
+
+def published_quality(uri: str) -> SourceQuality | None:
+    """The quality of a registered source loaded from ``uri`` (e.g. ``torchvision:resnet50/IMAGENET1K_V1``)."""
+    return next((PRETRAINED.get(n).quality for n in PRETRAINED.names() if PRETRAINED.get(n).uri == uri), None)
 
 
 def list_pretrained_sources() -> list[str]:

@@ -93,7 +93,7 @@ def job_tags(spec: JobSpec) -> dict[str, str]:
         "data_size": str(spec.data_size),
         "seed": str(spec.seed),
         "dataset": spec.dataset,
-        "mlflow.runName": f"{spec.model}-{spec.init_label}-{spec.data_size}-s{spec.seed}",
+        "mlflow.runName": spec.run_name,
     }
 
 
@@ -266,6 +266,33 @@ def latest_model_version(name: str, *, uri: str | None = None) -> str | None:
         return None
     best = max(versions, key=lambda v: int(v.version))
     return f"models:/{name}/{best.version}"
+
+
+def _model_version_of(uri_text: str) -> tuple[str, str]:
+    """(name, version) of ``models:/name/version``; ``latest`` resolved to a number."""
+    parts = uri_text.removeprefix("models:/").split("/")
+    if len(parts) != 2:
+        raise ValueError(f"expected models:/<name>/<version>, got {uri_text!r}")
+    name, version = parts
+    if version == "latest":
+        latest = latest_model_version(name)
+        if latest is None:
+            raise ValueError(f"no registered model named {name!r}")
+        version = latest.rsplit("/", 1)[1]
+    return name, version
+
+
+def set_model_version_tags(uri_text: str, tags: dict[str, str], *, uri: str | None = None) -> None:
+    """Tags on a registered ``models:/name/version`` (e.g. the source's measured accuracy)."""
+    name, version = _model_version_of(uri_text)
+    c = client(uri)
+    for key, value in tags.items():
+        with_retries(lambda k=key, v=value: c.set_model_version_tag(name, version, k, str(v)), what="tag model")
+
+
+def model_version_tags(uri_text: str, *, uri: str | None = None) -> dict[str, str]:
+    name, version = _model_version_of(uri_text)
+    return dict(client(uri).get_model_version(name, version).tags)
 
 
 def download_registered_weights(uri_text: str, *, dst: Path | None = None) -> Path:

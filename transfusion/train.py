@@ -20,6 +20,7 @@ CSV file), in a debugger or under ``torchrun`` for DDP::
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
@@ -39,7 +40,7 @@ from torch.nn import functional as F
 from transfusion.config import JobSpec
 from transfusion.constants import IMAGENET_MEAN, IMAGENET_STD
 from transfusion.data.prepared import PreparedDataset
-from transfusion.metrics import classification_scores
+from transfusion.metrics import classification_scores, save_test_predictions
 from transfusion.models import create_model
 from transfusion.probes import ProbeSampling, capture_activations, save_probe
 
@@ -219,16 +220,23 @@ def evaluate(
     prefix: str,
     batch_size: int,
     device: torch.device,
+    predictions_path: Path | None = None,
 ) -> dict[str, float]:
+    """Metrics of ``model`` on ``index``; ``predictions_path`` also keeps the scores (paired comparisons)."""
     scores = []
     for start in range(0, len(index), batch_size * 4):
         chunk = index[start : start + batch_size * 4]
         scores.append(predict(model, load_images(dataset, chunk, device, model), batch_size=batch_size))
     scores_all, targets = np.concatenate(scores), dataset.targets[index]
+    if predictions_path is not None:
+        save_test_predictions(predictions_path, index=index, scores=scores_all, targets=targets)
     result = classification_scores(scores_all, targets, dataset.label_names)
     if dataset.meta.get("task") == "multiclass":
         accuracy = float(np.mean(scores_all.argmax(axis=1) == targets.argmax(axis=1)))
-        return {f"{prefix}/auc": result.auc, f"{prefix}/accuracy": accuracy}
+        # Top-5: the true class among the five highest scores (all classes when there are fewer).
+        top5 = np.argsort(-scores_all, axis=1)[:, :5]
+        top5_accuracy = float(np.mean((top5 == targets.argmax(axis=1)[:, None]).any(axis=1)))
+        return {f"{prefix}/auc": result.auc, f"{prefix}/accuracy": accuracy, f"{prefix}/top5": top5_accuracy}
     return result.as_metrics(prefix)
 
 
@@ -239,9 +247,9 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (loss * keep).sum() / keep.sum().clamp(min=1)
 
 
-def multiclass_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def multiclass_ce(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
     """Softmax cross-entropy for one-hot targets (pretraining on a many-class source)."""
-    return F.cross_entropy(logits.float(), targets.argmax(dim=1))
+    return F.cross_entropy(logits.float(), targets.argmax(dim=1), label_smoothing=label_smoothing)
 
 
 def make_optimizer(
@@ -263,6 +271,15 @@ def make_optimizer(
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
+
+
+def training_pool(spec: JobSpec, dataset: PreparedDataset) -> np.ndarray:
+    """The job's training images: drawn with its own seed, or with ``train.subset_seed`` for every seed.
+
+    A fixed subset leaves only init and batch order to vary across seeds.
+    """
+    subset_seed = spec.seed if spec.train.subset_seed is None else spec.train.subset_seed
+    return dataset.training_subset(spec.data_size_or_none, seed=subset_seed)
 
 
 def _finite_on_every_rank(loss: torch.Tensor, world_size: int) -> bool:
@@ -317,14 +334,20 @@ class LoopState:
     world_size: int = 1
     step: int = 0
     val_history: list[tuple[int, float]] = field(default_factory=list)
+    # select: best-val -- the step, validation AUC and a CPU copy of the weights at the best validation AUC
+    best_val: dict[str, Any] = field(default_factory=lambda: {"step": None, "auc": -math.inf, "model": None})
 
     def __post_init__(self) -> None:
         t, data = self.spec.train, self.dataset
-        self.pool = data.training_subset(self.spec.data_size_or_none, seed=self.spec.seed)
+        self.pool = training_pool(self.spec, data)
         self.val_index = data.indices("val")[: t.val_limit or None]
         self.probe_index = data.indices("val")[: t.probe_size]
         self.policy = data.meta.get("augment", "fundus") if t.augment else "none"
-        self.loss_fn: Callable = multiclass_ce if data.meta.get("task") == "multiclass" else masked_bce
+        self.loss_fn: Callable = (
+            functools.partial(multiclass_ce, label_smoothing=t.label_smoothing)
+            if data.meta.get("task") == "multiclass"
+            else masked_bce
+        )
         self.faults = self.hooks if isinstance(self.hooks, FaultInjection) else None
 
     @property
@@ -342,6 +365,7 @@ class LoopState:
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "spec": self.spec.model_dump(mode="json"),
+            "best_val": dict(self.best_val) if self.spec.train.select == "best-val" else None,
         }
 
 
@@ -373,8 +397,11 @@ def setup(
     forward = TrainingForward(model)
     if prepare_model is not None:
         forward = prepare_model(forward)
-    return LoopState(spec, dataset, hooks, forward, model, optimizer, scheduler, device, workdir,
-                     rank=rank, world_size=world_size, step=step)  # fmt: skip
+    state = LoopState(spec, dataset, hooks, forward, model, optimizer, scheduler, device, workdir,
+                      rank=rank, world_size=world_size, step=step)  # fmt: skip
+    if resume is not None and resume.get("best_val") is not None:
+        state.best_val.update(resume["best_val"])
+    return state
 
 
 def train_one_step(state: LoopState) -> float:
@@ -411,6 +438,11 @@ def validate(state: LoopState) -> dict[str, float]:
     metrics = evaluate(state.model_without_ddp, state.dataset, state.val_index, prefix="val",
                        batch_size=t.eval_batch_size, device=state.device)  # fmt: skip
     state.val_history.append((state.step, metrics["val/auc"]))
+    best = state.best_val
+    if t.select == "best-val" and (best["step"] is None or metrics["val/auc"] > best["auc"]):
+        # A CPU copy of the weights at the best validation AUC, tested in place of the last ones.
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in state.model_without_ddp.state_dict().items()}
+        best.update(step=state.step, auc=metrics["val/auc"], model=weights)
     return metrics
 
 
@@ -478,9 +510,16 @@ def finish(state: LoopState, *, train_seconds: float, started: float) -> dict[st
     if not state.is_chief:
         return {}
     probe(state, f"step-{state.step}")
-    t = state.spec.train
+    t, best = state.spec.train, state.best_val
+    selected_best = t.select == "best-val" and best["model"] is not None
+    if selected_best:
+        state.model_without_ddp.load_state_dict(best["model"])
+    predictions = state.workdir / "predictions" / "test.npz"
     final = evaluate(state.model_without_ddp, state.dataset, state.dataset.indices("test"), prefix="test",
-                     batch_size=t.eval_batch_size, device=state.device)  # fmt: skip
+                     batch_size=t.eval_batch_size, device=state.device, predictions_path=predictions)  # fmt: skip
+    state.hooks.log_artifact(predictions, "predictions")
+    # Which weights the test metrics are of: the last step, or the best validation step.
+    final["test/selected_step"] = float(best["step"] if selected_best else state.step)
     final["time/train_s"] = train_seconds
     final["time/gpu_s"] = train_seconds * (t.gpus_per_job * state.world_size if state.on_gpu else 0.0)
     final["time/job_s"] = time.perf_counter() - started

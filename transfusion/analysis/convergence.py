@@ -1,8 +1,10 @@
 """Figure 5: convergence — validation AUC against steps, and steps to a threshold AUC.
 
-The threshold is absolute (the paper's 0.91) or relative to the best final validation
-AUC of the cell (e.g. 0.95 x best), configurable. A run that never reaches it counts
-as not converged and is reported as such, never as the last step.
+The threshold is absolute (default: the paper's 0.91 validation AUC) or relative to
+the best final validation AUC of the (model, data size) cell (e.g. 0.95 x best). Grids
+whose step counts are compared (Figure 5's ``convergence`` and ``convergence-slim``)
+must use one absolute threshold: a relative one differs per cell. A run that never
+reaches it counts as not converged and is reported as such, never as the last step.
 """
 
 from __future__ import annotations
@@ -14,14 +16,32 @@ from pathlib import Path
 
 import numpy as np
 
+from transfusion.analysis.formatting import mean_spread_text, sample_std
 from transfusion.analysis.plotting import pyplot, save_figure
 from transfusion.analysis.records import JobRecord
+
+PAPER_THRESHOLD = 0.91
 
 
 @dataclass(frozen=True)
 class ConvergenceSettings:
-    threshold: float = 0.95
-    relative: bool = True  # threshold x best final val AUC of the (model, data size) cell
+    threshold: float = PAPER_THRESHOLD
+    relative: bool = False  # True: threshold x best final val AUC of the (model, data size) cell
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"convergence threshold must be in (0, 1], got {self.threshold}")
+
+    @property
+    def mode(self) -> str:
+        return "relative" if self.relative else "absolute"
+
+    def describe(self) -> str:
+        """The threshold in words, as the report states it."""
+        if self.relative:
+            return f"{self.threshold:.3f} x the best final validation AUC of each (model, data size) (relative)"
+        paper = " (the paper's 91 %)" if self.threshold == PAPER_THRESHOLD else ""
+        return f"validation AUC {self.threshold:.3f} (absolute){paper}"
 
 
 @dataclass(frozen=True)
@@ -63,7 +83,7 @@ def convergence_table(
             steps = [steps_to_auc(r.val_curve, threshold) for r in runs]
             reached = [s for s in steps if s is not None]
             mean = float(np.mean(reached)) if reached else math.nan
-            std = float(np.std(reached)) if len(reached) > 1 else 0.0
+            std = sample_std(reached)  # NaN (printed "–") when fewer than two runs reached it
             rows.append(ConvergenceRow(model, size, init, threshold, mean, std, len(reached), len(runs)))
     return rows
 
@@ -74,7 +94,12 @@ def convergence_markdown(rows: list[ConvergenceRow]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        steps = "never" if math.isnan(r.steps_mean) else f"{r.steps_mean:.0f} ± {r.steps_std:.0f}"
+        if r.reached == 0:
+            steps = f"never reached {r.threshold:.3f}"
+        else:
+            steps = mean_spread_text(r.steps_mean, r.steps_std, digits=0)
+            if r.reached < r.runs:
+                steps += f" ({r.runs - r.reached} of {r.runs} runs never reached it; mean of the others)"
         lines.append(f"| {r.model} | {r.data_size} | {r.init} | {r.threshold:.3f} | {steps} | {r.reached}/{r.runs} |")
     return "\n".join(lines) + "\n"
 

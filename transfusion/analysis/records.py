@@ -20,6 +20,9 @@ class JobRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     val_curve: tuple[tuple[int, float], ...] = ()
     probe_dir: Path | None = None
+    predictions: Path | None = None  # test split scores (npz), for paired comparisons between runs
+    source: str = ""  # the pretrained source transferred from: URI, accuracy, epochs ("" for none)
+    source_weak: bool = False  # trained too briefly or too inaccurate to stand for ImageNet
 
     @property
     def cell(self) -> tuple[str, str, str]:

@@ -33,11 +33,23 @@ from transfusion.analysis.similarity_figures import (
     plot_figure4,
 )
 from transfusion.analysis.tables import (
+    CHEXPERT_PATHOLOGIES,
+    is_chexpert,
+    paper_delta_auc,
     paper_tables_markdown,
+    pathology_markdown,
+    pathology_table,
     plot_results,
     results_table,
     write_csv,
 )
+from transfusion.analysis.transfer_effect import (
+    TransferEffectRow,
+    transfer_effect_markdown,
+    transfer_effect_table,
+)
+
+TRANSFER_EFFECT_TITLE = "Does transfer help?"
 
 
 @dataclass
@@ -47,6 +59,7 @@ class AnalysisOutputs:
     directory: Path
     sections: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (title, markdown, figure files)
     decompositions: int = 0
+    transfer_rows: list[TransferEffectRow] = field(default_factory=list)
 
 
 def analyze_records(
@@ -72,6 +85,18 @@ def analyze_records(
     plot_results(rows, out / "results.png", title=f"{grid_name}: test AUC (mean ± std over seeds)")
     result.sections.append(("Tables 1–3: test AUC and AUPRC, mean ± std over seeds, with cost",
                             paper_tables_markdown(rows, dataset=dataset), ["results.png"]))  # fmt: skip
+    (out / "tables.md").write_text(result.sections[-1][1])
+
+    result.transfer_rows = transfer_effect_table(records)
+    if result.transfer_rows:
+        text = transfer_effect_markdown(result.transfer_rows, paper_delta=paper_delta_auc(dataset))
+        (out / "transfer_effect.md").write_text(f"### {TRANSFER_EFFECT_TITLE}\n\n{text}")
+        result.sections.insert(0, (TRANSFER_EFFECT_TITLE, text, []))
+
+    if is_chexpert(dataset) or any(f"test/auc/{p}" in r.metrics for r in records for p in CHEXPERT_PATHOLOGIES):
+        text = pathology_markdown(pathology_table(records), with_paper=is_chexpert(dataset))
+        (out / "table2_pathologies.md").write_text(text)
+        result.sections.append(("Table 2: CheXpert per-pathology test AUC and AUPRC", text, []))
 
     cache = RepresentationCache(settings)
     fig2 = figure2_data(records, cache)
@@ -88,16 +113,14 @@ def analyze_records(
     conv_rows = convergence_table(records, convergence)
     if conv_rows:
         plot_convergence(records, out / "figure5_convergence.png", rows=conv_rows)
-        how = (f"{convergence.threshold:.0%} of the best final validation AUC of each model" if convergence.relative
-               else f"validation AUC {convergence.threshold:.3f}")  # fmt: skip
-        result.sections.append((f"Figure 5: convergence (threshold: {how})",
-                                convergence_markdown(conv_rows), ["figure5_convergence.png"]))  # fmt: skip
+        text = f"Threshold: {convergence.describe()}.\n\n" + convergence_markdown(conv_rows)
+        result.sections.append((f"Figure 5: convergence (threshold {convergence.threshold:.3f}, {convergence.mode})",
+                                text, ["figure5_convergence.png"]))  # fmt: skip
 
     if plot_filters(records, out / "filters_conv1.png") is not None:
         text = "Random vs pretrained conv1 filters, at init and after training.\n"
         result.sections.append(("First-layer filters", text, ["filters_conv1.png"]))
     result.decompositions = cache.decompositions
-    (out / "tables.md").write_text(result.sections[0][1])
     return result
 
 

@@ -37,6 +37,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from transfusion.checkpoints import JobCheckpoints, storage_filesystem
 from transfusion.config import JobSpec
+from transfusion.preflight import check_ray_address
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> d
         if not os.environ.get("RAY_ADDRESS"):
             kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus)
         else:
+            check_ray_address()  # ray.init would wait minutes for a head that is not there
             kwargs.pop("include_dashboard")
         ray.init(**kwargs)
     return ray.cluster_resources()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import yaml
@@ -29,6 +31,7 @@ QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "1",
 }
+_USER_ENV = frozenset(key for key in QUIET_ENV if key in os.environ)
 for _key, _value in QUIET_ENV.items():
     os.environ.setdefault(_key, _value)
 
@@ -38,15 +41,98 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = dict(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ValueError(f"--set expects KEY=VALUE with KEY like train.steps, got {item!r}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {item}: {raw!r} is not a valid YAML value (quote text with ':' or '[')") from None
         target = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            target[part] = dict(target.get(part) or {})
+        for depth, part in enumerate(parts[:-1], start=1):
+            inner = target.get(part)
+            if inner is not None and not isinstance(inner, dict):
+                where = ".".join(parts[:depth])
+                raise ValueError(f"--set {item}: {where} is a value ({inner!r}), not a group of fields")
+            target[part] = dict(inner or {})
             target = target[part]
-        target[parts[-1]] = yaml.safe_load(raw)
+        target[parts[-1]] = value
     return data
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {port}")
+    return port
+
+
+def _bounded_int(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _bounded_int(1, "an integer >= 1")
+non_negative_int = _bounded_int(0, "an integer >= 0")
+resolution_px = _bounded_int(8, "a resolution >= 8 px")
+
+
+def _bounded_float(low: float, what: str, *, inclusive: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+positive_float = _bounded_float(0.0, "a number > 0", inclusive=False)
+non_negative_float = _bounded_float(0.0, "a number >= 0", inclusive=True)
+
+
+def writable_directory(path: str) -> Path:
+    """``path`` as a directory this process can write, created if missing."""
+    target = Path(path).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--out {path} is a file, not a directory")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot create the directory ({exc.strerror})") from None
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: the directory is not writable")
+    return target
+
+
+def check_services(*, with_compute: bool) -> None:
+    """Configured services must answer before a flow starts (its logs would bury the cause)."""
+    from tasks.training import storage_path
+    from transfusion.preflight import check_ray_address, check_storage_path, check_tracking_server
+
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    if configured:
+        check_tracking_server(configured)
+    if with_compute:
+        check_storage_path(storage_path())
+        check_ray_address()
 
 
 def load_grid_with_overrides(ref: str, overrides: list[str]):
@@ -62,6 +148,7 @@ def command_run(args: argparse.Namespace) -> int:
     from tasks.training import prepare_dataset_task
 
     grid = load_grid_with_overrides(args.grid, args.set)
+    check_services(with_compute=True)
     # Check the data sizes against the prepared data before any service starts.
     prepare_dataset_task.fn(grid)
     from flows.grid import transfusion
@@ -118,9 +205,10 @@ def threshold_overrides(args: argparse.Namespace) -> list[str]:
 
 def command_analyze(args: argparse.Namespace) -> int:
     grid = load_grid_with_overrides(args.grid, args.set + threshold_overrides(args))
+    out = str(writable_directory(args.out)) if getattr(args, "out", None) else None
+    check_services(with_compute=False)
     from flows.grid import transfusion
 
-    out = str(Path(args.out).resolve()) if getattr(args, "out", None) else None
     summary = transfusion(grid, stage="analysis", report_dir=out)
     print(summary.table_markdown)
     if summary.transfer_markdown:
@@ -132,9 +220,20 @@ def command_analyze(args: argparse.Namespace) -> int:
 
 
 def command_pretrain(args: argparse.Namespace) -> int:
+    from tasks.pretraining import SYNTHETIC_SOURCE, pretrain_grid
+    from tasks.training import prepare_dataset_task
+    from transfusion.config import load_grid
     from transfusion.models import MODELS
 
     MODELS.get(args.model)  # one clear line for an unknown name, before anything starts
+    if args.source != SYNTHETIC_SOURCE and not args.source.startswith("s3://") and not Path(args.source).is_dir():
+        raise ValueError(f"--source {args.source}: not 'synthetic', an s3:// URI or an existing folder")
+    grid = pretrain_grid(
+        args.model, source=args.source, resolution=args.resolution, steps=args.steps, seed=args.seed,
+        epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus,
+    ).model_dump(mode="json")  # fmt: skip
+    prepare_dataset_task.fn(load_grid(grid))
+    check_services(with_compute=True)
     from flows.pretrain import pretrain
 
     uri = pretrain(
@@ -158,6 +257,13 @@ def command_list(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes answer like every other bad input: one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threshold", type=float, default=None,
@@ -168,7 +274,7 @@ def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="transfusion", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -183,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on the local store")
     ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=port_number, default=5000)
     ui.set_defaults(func=command_ui)
 
     ana = sub.add_parser("analyze", help="re-run the analyses of a trained grid from its stored artifacts")
@@ -202,12 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="pretrain a model on a source set and register it in MLflow")
     pre.add_argument("--model", required=True)
     pre.add_argument("--source", default="synthetic", help="'synthetic' or an ImageNet-style folder path / s3:// URI")
-    pre.add_argument("--steps", type=int, default=None, help="steps (synthetic: 120; a folder: from --epochs)")
-    pre.add_argument("--epochs", type=float, default=None, help="passes over an ImageNet folder (default 90)")
-    pre.add_argument("--resolution", type=int, default=None, help="default: synthetic 40; the model's standard size")
-    pre.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
-    pre.add_argument("--gpus", type=float, default=0.0, help="GPUs per worker")
-    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument(
+        "--steps", type=positive_int, default=None, help="steps (synthetic: 120; a folder: from --epochs)"
+    )
+    pre.add_argument("--epochs", type=positive_float, default=None, help="passes over an ImageNet folder (default 90)")
+    pre.add_argument(
+        "--resolution", type=resolution_px, default=None, help="default: synthetic 40; the model's standard size"
+    )
+    pre.add_argument("--workers", type=positive_int, default=1, help="Ray Train workers (data parallel)")
+    pre.add_argument("--gpus", type=non_negative_float, default=0.0, help="GPUs per worker")
+    pre.add_argument("--seed", type=non_negative_int, default=0)
     pre.set_defaults(func=command_pretrain)
 
     from flows.data_cli import add_data_commands
@@ -221,21 +331,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors whose message is written for the user; anything else also names its type.
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, TimeoutError)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a user sees for ``exc``: its first line, field-named for a validation error."""
+    from pydantic import ValidationError
+
+    from transfusion.config import format_validation_error
+
+    if isinstance(exc, ValidationError):
+        text = format_validation_error(exc, where=exc.title)
+    else:
+        text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if not isinstance(exc, USER_ERRORS) or not first:
+        first = f"{type(exc).__name__}: {first}".rstrip(": ")
+    return first
+
+
+def _quiet_orchestration_logs(verbose: bool) -> None:
+    # A failing flow logs its traceback at ERROR; without --verbose the user sees the
+    # cause once, as the last line, instead.
+    if not verbose and "PREFECT_LOGGING_LEVEL" not in _USER_ENV:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "CRITICAL"
+        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    _quiet_orchestration_logs(args.verbose)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"transfusion: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("transfusion: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"transfusion: error: {error_line(exc)}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

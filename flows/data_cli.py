@@ -33,7 +33,7 @@ def command_data_prepare(args: argparse.Namespace) -> int:
     options: dict[str, object] = parse_options(args.option)
     if args.skip_bad:
         options["skip_bad"] = True
-    resolution = args.resolution or default_resolution(args.name)
+    resolution = default_resolution(args.name) if args.resolution is None else args.resolution
     try:
         prepared = prepare_dataset(args.name, source=args.source, resolution=resolution, options=options)
     except ValueError as exc:
@@ -60,7 +60,11 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     prepare.add_argument("name", help="dataset name (see: transfusion list)")
     prepare.add_argument("--source", default=None, help="a local folder/file or s3://bucket/prefix")
-    prepare.add_argument("--resolution", type=int, default=None, help="pixels per side (default: per dataset)")
+    from flows.cli import resolution_px
+
+    prepare.add_argument(
+        "--resolution", type=resolution_px, default=None, help="pixels per side (default: per dataset)"
+    )
     prepare.add_argument(
         "--option",
         action="append",

@@ -17,10 +17,17 @@ from prefect import flow
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.analysis import analyze_grid_task, collect_records_task, results_table_task, seed_similarity_task
+from tasks.analysis import (
+    analyze_grid_task,
+    collect_records_task,
+    require_trained_task,
+    results_table_task,
+    seed_similarity_task,
+)
 from tasks.pretraining import resolve_pretrained_task
 from tasks.training import (
     JobOutcome,
+    end_failed_run,
     finish_grid_run_task,
     open_grid_run_task,
     pending_jobs_task,
@@ -132,17 +139,24 @@ def transfusion(grid: GridSpec | PresetName, stage: Stage = "all", report_dir: s
     grid = load_grid(grid)
     with tracking_service(transfusion_home()) as tracking_uri:
         preflight_task(grid)
+        if stage == "analysis":
+            require_trained_task(grid)
         grid_run = open_grid_run_task(grid)
         summary = GridSummary(grid.name, tracking_uri, grid_run.experiment_id, grid_run.run_id)
-        outcomes = _train_jobs(grid, grid_run, stage, summary) if stage in ("all", "train", "pretrain") else []
-        if stage in ("all", "analysis"):
-            records = collect_records_task(grid)
-            summary.rows = results_table_task(grid, grid_run, records)
-            summary.table_markdown = to_markdown(summary.rows)
-            summary.similarity_markdown = seed_similarity_task(grid, grid_run, records)
-            summary.report_dir = analyze_grid_task(grid, grid_run, records, report_dir)
-            transfer = Path(summary.report_dir) / "transfer_effect.md"
-            summary.transfer_markdown = transfer.read_text() if transfer.is_file() else ""
+        try:
+            outcomes = _train_jobs(grid, grid_run, stage, summary) if stage in ("all", "train", "pretrain") else []
+            if stage in ("all", "analysis"):
+                records = collect_records_task(grid)
+                summary.rows = results_table_task(grid, grid_run, records)
+                summary.table_markdown = to_markdown(summary.rows)
+                summary.similarity_markdown = seed_similarity_task(grid, grid_run, records)
+                summary.report_dir = analyze_grid_task(grid, grid_run, records, report_dir)
+                transfer = Path(summary.report_dir) / "transfer_effect.md"
+                summary.transfer_markdown = transfer.read_text() if transfer.is_file() else ""
+        except BaseException as exc:
+            # The parent run must not stay RUNNING: it says why the flow stopped.
+            end_failed_run(grid_run.run_id, exc)
+            raise
         summary.finished = sum(o.status == "FINISHED" for o in outcomes)
         summary.skipped = sum(o.status == "SKIPPED" for o in outcomes)
         summary.failed = [_describe(o) for o in outcomes if o.status == "FAILED"]

@@ -183,11 +183,13 @@ def add_stack_commands(sub: argparse._SubParsersAction) -> None:
     stack = sub.add_parser("stack", help="start/stop the real services (S3, MLflow, Prefect, Ray) on loopback")
     actions = stack.add_subparsers(dest="stack_command", required=True)
     up = actions.add_parser("up", help="start the services and serve the deployments")
-    up.add_argument("--prefect-port", type=int, default=4200)
-    up.add_argument("--mlflow-port", type=int, default=5000)
-    up.add_argument("--s3-port", type=int, default=8333)
-    up.add_argument("--ray-port", type=int, default=6379)
-    up.add_argument("--num-cpus", type=int, default=None)
+    from flows.cli import port_number, positive_int
+
+    up.add_argument("--prefect-port", type=port_number, default=4200)
+    up.add_argument("--mlflow-port", type=port_number, default=5000)
+    up.add_argument("--s3-port", type=port_number, default=8333)
+    up.add_argument("--ray-port", type=port_number, default=6379)
+    up.add_argument("--num-cpus", type=positive_int, default=None)
     up.set_defaults(func=_cmd_up)
     actions.add_parser("down", help="stop everything the stack started").set_defaults(func=_cmd_down)
     actions.add_parser("status", help="health of each service").set_defaults(func=_cmd_status)

@@ -22,6 +22,22 @@ from transfusion.pretrained import WEAK
 log = logging.getLogger(__name__)
 
 
+@task(name="require-trained", cache_policy=None)
+def require_trained_task(grid: GridSpec) -> None:
+    """An analysis needs finished jobs: a grid never trained is an error, not an empty report."""
+    experiment_id = tracking.experiment_id_for(grid.name)
+    finished = experiment_id is not None and tracking.client().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{tracking.ROLE_TAG}` = 'job' and attributes.status = 'FINISHED'",
+        max_results=1,
+    )
+    if not finished:
+        raise ValueError(
+            f"grid {grid.name!r} has no finished jobs in the tracking store {tracking.tracking_uri()}; "
+            f"train it first: transfusion run {grid.name}"
+        )
+
+
 def run_cache_dir(run_id: str) -> Path:
     return transfusion_home() / "cache" / "runs" / run_id
 

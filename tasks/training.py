@@ -164,10 +164,11 @@ def prepare_dataset_task(grid: GridSpec) -> str:
 @task(name="preflight", cache_policy=None)
 def preflight_task(grid: GridSpec) -> None:
     """Fails fast, before any run exists, when a service the grid needs is unreachable."""
-    from transfusion.preflight import check_storage_path, check_tracking_server
+    from transfusion.preflight import check_ray_address, check_storage_path, check_tracking_server
 
     check_tracking_server(tracking.tracking_uri())
     check_storage_path(storage_path())
+    check_ray_address()
 
 
 @task(name="pending-jobs", cache_policy=None)
@@ -227,46 +228,68 @@ def train_job_task(
                     spec.job_key, spec, "FAILED", run_id, reason=f"gave up after {attempt - 1} attempts: {reason}"
                 )
             tracking.reopen_run(run_id)
-        tracking.set_tags(run_id, {"attempts": str(attempt)})
-        data_meta = PreparedDataset.open(dataset_root).meta
-        data_params = {"data_version": data_meta.get("version", ""), "data_skipped": data_meta.get("skipped", 0)}
-        if source_uri:
-            data_params["pretrained_uri"] = source_uri
-            # The source's accuracy and provenance, so a transfer run says how good its weights were.
-            from tasks.pretraining import source_quality, source_tags
-
-            quality = source_quality(source_uri)
-            tracking.set_tags(run_id, source_tags(source_uri, quality, weak_source or WeakSourceSettings()))
-        tracking.log_params(run_id, data_params)
-        request = LaunchRequest(
-            spec=spec.model_dump(mode="json"),
-            run_id=run_id,
-            tracking_uri=tracking.tracking_uri(),
-            dataset_root=dataset_root,
-            source_uri=source_uri,
-            **injected_faults(spec),
-        )
         try:
-            if reuse_workers():
-                pool = shared_pool(spec, storage_path=storage_path(), slots=JOB_SLOTS.count)
-                metrics = pool.run(request)
-            else:
-                metrics = fit_job(request, storage_path=storage_path())
-        except Exception as exc:  # the grid carries on; the run says why it failed
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            log.error("job %s failed: %s", spec.job_key, reason)
-            try:
-                tracking.end_run(run_id, "FAILED", reason=reason)
-            except Exception:
-                log.exception("could not mark run %s FAILED", run_id)
-            return JobOutcome(
-                spec.job_key, spec, "FAILED", run_id, reason=reason, seconds=time.perf_counter() - started
+            tracking.set_tags(run_id, {"attempts": str(attempt)})
+            data_meta = PreparedDataset.open(dataset_root).meta
+            data_params = {"data_version": data_meta.get("version", ""), "data_skipped": data_meta.get("skipped", 0)}
+            if source_uri:
+                data_params["pretrained_uri"] = source_uri
+                # The source's accuracy and provenance, so a transfer run says how good its weights were.
+                from tasks.pretraining import source_quality, source_tags
+
+                quality = source_quality(source_uri)
+                tracking.set_tags(run_id, source_tags(source_uri, quality, weak_source or WeakSourceSettings()))
+            tracking.log_params(run_id, data_params)
+            request = LaunchRequest(
+                spec=spec.model_dump(mode="json"),
+                run_id=run_id,
+                tracking_uri=tracking.tracking_uri(),
+                dataset_root=dataset_root,
+                source_uri=source_uri,
+                **injected_faults(spec),
             )
-        total = time.perf_counter() - started
-        timings = {k: v for k, v in metrics.items() if k in JOB_TIMINGS}
-        tracking.log_metrics(run_id, {"time/total_s": total, **timings}, step=int(metrics.get("steps", 0)))
-        tracking.end_run(run_id, "FINISHED")
-        return JobOutcome(spec.job_key, spec, "FINISHED", run_id, metrics, seconds=total)
+            try:
+                if reuse_workers():
+                    pool = shared_pool(spec, storage_path=storage_path(), slots=JOB_SLOTS.count)
+                    metrics = pool.run(request)
+                else:
+                    metrics = fit_job(request, storage_path=storage_path())
+            except Exception as exc:  # the grid carries on; the run says why it failed
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+                log.error("job %s failed: %s", spec.job_key, reason)
+                try:
+                    tracking.end_run(run_id, "FAILED", reason=reason)
+                except Exception:
+                    log.exception("could not mark run %s FAILED", run_id)
+                return JobOutcome(
+                    spec.job_key, spec, "FAILED", run_id, reason=reason, seconds=time.perf_counter() - started
+                )
+            total = time.perf_counter() - started
+            timings = {k: v for k, v in metrics.items() if k in JOB_TIMINGS}
+            tracking.log_metrics(run_id, {"time/total_s": total, **timings}, step=int(metrics.get("steps", 0)))
+            tracking.end_run(run_id, "FINISHED")
+            return JobOutcome(spec.job_key, spec, "FINISHED", run_id, metrics, seconds=total)
+        except BaseException as exc:  # an interrupt, or tracking failing outside the job: no run stays RUNNING
+            end_failed_run(run_id, exc)
+            raise
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The ``failure_reason`` tag of a run stopped by ``exc``: its type and first line."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")[:500]
+
+
+def end_failed_run(run_id: str, exc: BaseException) -> None:
+    """Ends a run stopped by ``exc``: KILLED for an interrupt, FAILED otherwise, with the reason.
+
+    Never raises: the caller re-raises ``exc``, whose message matters more than this one.
+    """
+    interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+    try:
+        tracking.end_run(run_id, "KILLED" if interrupted else "FAILED", reason=failure_reason(exc))
+    except Exception:
+        log.exception("could not end run %s", run_id)
 
 
 @task(name="finish-grid-run", cache_policy=None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,8 +28,8 @@ from pydantic import (
 )
 
 from transfusion.data import DATASETS
-from transfusion.inits import INITS
-from transfusion.models import MODELS
+from transfusion.inits import INITS, check_init_options
+from transfusion.models import MODELS, model_facts
 
 
 def _positive_data_size(size: int | str) -> int | str:
@@ -61,8 +62,28 @@ InitName = Annotated[str, _registered(INITS), _enum_schema(INITS.names())]
 DatasetName = Annotated[str, _registered(DATASETS), _enum_schema(DATASETS.names())]
 
 
+def _accepts_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_accepts_bool(arg) for arg in typing.get_args(annotation))
+
+
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # inf/NaN pass no range check (``lr: .inf`` > 0) and only fail inside a job.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data: Any) -> Any:
+        # pydantic reads true as 1 in a number field: ``seeds: true`` would be one seed.
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if field is None or _accepts_bool(field.annotation):
+                    continue
+                if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
+                    raise ValueError(f"{key}: expected a number, got {value!r}")
+        return data
 
 
 class TrainSettings(_Frozen):
@@ -271,6 +292,18 @@ class GridSpec(_Frozen):
     convergence_mode: Literal["absolute", "relative"] = "absolute"
     weak_source: WeakSourceSettings = WeakSourceSettings()
 
+    @field_validator("models", "inits", "data_sizes")
+    @classmethod
+    def _distinct(cls, values: list, info) -> list:
+        # A repeated entry gives several concurrent jobs with one job_key.
+        seen: list = []
+        for value in values:
+            if value in seen:
+                shown = value.name if isinstance(value, InitChoice) and not value.options else value
+                raise ValueError(f"{shown!r} is listed twice (entries must be distinct)")
+            seen.append(value)
+        return values
+
     @field_validator("seeds", mode="before")
     @classmethod
     def _seed_count(cls, value: Any) -> Any:
@@ -288,6 +321,23 @@ class GridSpec(_Frozen):
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must be distinct, got {seeds}")
         return seeds
+
+    @model_validator(mode="after")
+    def _fits_every_model(self) -> GridSpec:
+        """Init options and the resolution checked against each model, before any job builds one."""
+        for model in self.models:
+            facts = model_facts(model)
+            if self.train.resolution < facts.min_input_size:
+                raise ValueError(
+                    f"train.resolution {self.train.resolution} is below the minimum input size of {model} "
+                    f"({facts.min_input_size} px)"
+                )
+            for init in self.inits:
+                try:
+                    check_init_options(init.name, init.options, stages=facts.stages)
+                except ValueError as exc:
+                    raise ValueError(f"inits: {exc} (model {model})") from None
+        return self
 
     @model_validator(mode="after")
     def _sources_for_transfer(self) -> GridSpec:
@@ -350,9 +400,9 @@ def format_validation_error(error: ValidationError, *, where: str) -> str:
     """One line per problem, naming the field: ``where: field: message``."""
     parts = []
     for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "spec"
+        loc = ".".join(str(p) for p in item["loc"])
         msg = item["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return f"{where}: " + "; ".join(parts)
 
 

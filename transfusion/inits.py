@@ -27,7 +27,7 @@ import hashlib
 import inspect
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -215,12 +215,7 @@ def transfusion_init(
     ``k=0`` copies conv1 only. Only the copied keys must fit the source, so a slim
     model takes its full-width prefix from a full-width source.
     """
-    stages = model.stage_prefixes()
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(stages):
-        names = ", ".join(f"{i}: up to {stage}" for i, (stage, _) in enumerate(stages))
-        raise ValueError(
-            f"transfusion k must be an int in 0..{len(stages) - 1} ({names}), got {k!r}"
-        )
+    _check_transfusion_k(k, [stage for stage, _ in model.stage_prefixes()])
     src = _require_source(model, source, "transfusion")
     target = model.state_dict()
     prefixes = transfer_prefix(model, k)
@@ -333,6 +328,19 @@ def stem_conv_key(model: CaptureModel) -> str:
         if isinstance(module, nn.Conv2d) and f"{name}.".startswith(stem):
             return f"{name}.weight"
     raise ValueError(f"{type(model).__name__} has no Conv2d under its conv1 prefixes {stem}")
+
+
+def _check_transfusion_k(k: object, stages: Sequence[str]) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(stages):
+        names = ", ".join(f"{i}: up to {stage}" for i, stage in enumerate(stages))
+        raise ValueError(f"transfusion k must be an int in 0..{len(stages) - 1} ({names}), got {k!r}")
+
+
+def check_init_options(name: str, options: Mapping[str, object], *, stages: Sequence[str]) -> None:
+    """Checks ``options`` of init ``name`` for a model with ``stages`` (conv1 first), without building it."""
+    _check_options(name, INITS.get(name), options)
+    if name == "transfusion":
+        _check_transfusion_k(options["k"], stages)
 
 
 def _check_options(name: str, init_fn: InitFn, options: Mapping[str, object]) -> None:

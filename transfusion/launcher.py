@@ -37,6 +37,7 @@ from transfusion.checkpoints import JobCheckpoints, storage_filesystem
 from transfusion.config import JobSpec
 from transfusion.errors import first_line
 from transfusion.job_broker import AfterError, JobBrokerState, JobEnd, Restart
+from transfusion.preflight import check_ray_address
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> d
             # "local": a Ray of our own, never another user's cluster found by process scan.
             kwargs.update(address="local", num_cpus=num_cpus, num_gpus=num_gpus)
         else:
+            check_ray_address()  # ray.init would wait minutes for a head that is not there
             kwargs.pop("include_dashboard")
         ray.init(**kwargs)
     return ray.cluster_resources()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import urllib.error
 import urllib.request
 from urllib.parse import urlparse
@@ -46,3 +47,24 @@ def check_storage_path(path: str) -> None:
         raise RuntimeError(f"S3 bucket {bucket!r} is not accessible ({code or exc})") from None
     except BotoCoreError as exc:
         raise RuntimeError(f"S3 endpoint for {path} is unreachable ({exc})") from None
+
+
+def check_ray_address(address: str | None = None, *, timeout: float = 5.0) -> None:
+    """``$RAY_ADDRESS`` (``host:port`` or ``ray://host:port``) must accept a connection.
+
+    ``ray.init`` retries an unreachable head for minutes; a plain TCP connect answers
+    in ``timeout`` seconds. ``auto``/``local`` and an unset address are left to Ray.
+    """
+    address = (os.environ.get("RAY_ADDRESS", "") if address is None else address).strip()
+    if address in ("", "auto", "local"):
+        return
+    hostport = address.removeprefix("ray://").rstrip("/")
+    host, sep, port_text = hostport.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"RAY_ADDRESS {address!r} is not host:port or ray://host:port (or auto)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port_text)), timeout=timeout):
+            return
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
+        raise RuntimeError(f"Ray cluster at RAY_ADDRESS={address} is unreachable ({reason})") from None

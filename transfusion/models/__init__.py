@@ -7,9 +7,12 @@ exposes ``forward_features`` (the map before global pooling) and a resettable he
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from transfusion.models.base import CaptureModel
@@ -56,6 +59,25 @@ def create_model(name: str, *, num_classes: int, in_channels: int = 3) -> Captur
     return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels)
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a grid is checked against before any job starts."""
+
+    stages: tuple[str, ...]  # conv1, stage1 ... stageK: what transfusion(k) can copy
+    min_input_size: int
+
+
+@functools.cache
+def model_facts(name: str) -> ModelFacts:
+    """Stages and minimum input size of model ``name``, read from an instance on the meta device.
+
+    The meta device allocates no weights, so this costs milliseconds even for ResNet-50.
+    """
+    with torch.device("meta"):
+        model = create_model(name, num_classes=2)
+    return ModelFacts(tuple(stage for stage, _ in model.stage_prefixes()), int(model.min_input_size))
+
+
 def list_models() -> list[str]:
     return MODELS.names()
 
@@ -67,4 +89,12 @@ def count_parameters(model: nn.Module) -> int:
 # Importing the family modules registers them.
 from transfusion.models import cbr  # noqa: E402,F401
 
-__all__ = ["CaptureModel", "count_parameters", "create_model", "list_models", "register_model"]
+__all__ = [
+    "CaptureModel",
+    "ModelFacts",
+    "count_parameters",
+    "create_model",
+    "list_models",
+    "model_facts",
+    "register_model",
+]

@@ -206,6 +206,7 @@ def train_job_task(
     weak_source: WeakSourceSettings | None = None,
 ) -> JobOutcome:
     """Runs one job through Ray Train as one MLflow child run; never raises for job failures."""
+    from transfusion.data.node_cache import for_workers
     from transfusion.launcher import LaunchRequest, fit_job, shared_pool
 
     started = time.perf_counter()
@@ -240,12 +241,14 @@ def train_job_task(
                 quality = source_quality(source_uri)
                 tracking.set_tags(run_id, source_tags(source_uri, quality, weak_source or WeakSourceSettings()))
             tracking.log_params(run_id, data_params)
+            dataset_uri, worker_source_uri = for_workers(dataset_root, source_uri)
             request = LaunchRequest(
                 spec=spec.model_dump(mode="json"),
                 run_id=run_id,
                 tracking_uri=tracking.tracking_uri(),
                 dataset_root=dataset_root,
-                source_uri=source_uri,
+                source_uri=worker_source_uri,
+                dataset_uri=dataset_uri,
                 **injected_faults(spec),
             )
             try:

@@ -85,3 +85,27 @@ def test_dataset_and_weights_through_the_real_s3_server(s3_server, tiny_retina, 
     assert local.parent == tmp_path / "node" / "weights"
     assert local.read_bytes() == weights.read_bytes()
     assert fetch_weights(uri) == local
+
+
+def test_the_driver_publishes_for_workers_only_under_an_object_store_data_path(
+    s3_server, tiny_retina, tmp_path, monkeypatch
+):
+    from transfusion.data.node_cache import for_workers, weights_for_node
+
+    weights = tmp_path / "source.pt"
+    weights.write_bytes(b"\x01source" * 500)
+    monkeypatch.setenv("TRANSFUSION_DATA_PATH", str(tmp_path / "local-store"))
+    assert for_workers(str(tiny_retina.root), str(weights)) == (None, str(weights))
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    s3_server.create_bucket("transfusion-data")
+    monkeypatch.setenv("TRANSFUSION_DATA_PATH", "s3://transfusion-data/workers")
+    monkeypatch.setenv("TRANSFUSION_NODE_CACHE", str(tmp_path / "node"))
+    dataset_uri, source_uri = for_workers(str(tiny_retina.root), str(weights))
+    assert dataset_uri.startswith("s3://transfusion-data/workers/datasets/")
+    assert source_uri.startswith("s3://transfusion-data/workers/weights/")
+    assert open(weights_for_node(source_uri), "rb").read() == weights.read_bytes()
+    assert weights_for_node("models:/transfusion-cbr-tiny-synthetic/1") == "models:/transfusion-cbr-tiny-synthetic/1"
+    # Sources every node reaches by themselves are passed on as they are.
+    assert for_workers(str(tiny_retina.root), "models:/m/1")[1] == "models:/m/1"

@@ -92,6 +92,9 @@ class LaunchRequest:
     tracking_uri: str
     dataset_root: str
     source_uri: str | None
+    # The dataset's published copy for nodes that cannot read ``dataset_root`` (see
+    # transfusion.data.node_cache); None when every node shares the driver's disk.
+    dataset_uri: str | None = None
     fault_at_step: int | None = None
     kill_at_step: int | None = None
     kill_marker: str | None = None
@@ -132,8 +135,8 @@ def checkpoints_for(spec: JobSpec, storage_path: str, run_id: str) -> JobCheckpo
 
 def _run_job(request: LaunchRequest, *, storage_path: str, rank: int, world_size: int) -> dict[str, float]:
     """One job in this worker: resume from its checkpoint if it has one, train, log."""
-    from transfusion.data.prepared import PreparedDataset
-    from transfusion.tracking import MlflowHooks
+    from transfusion.data.node_cache import dataset_for_node, weights_for_node
+    from transfusion.tracking import MlflowHooks, set_tags
     from transfusion.train import FaultInjection, run_training
 
     spec = JobSpec.model_validate(request.spec)
@@ -149,20 +152,24 @@ def _run_job(request: LaunchRequest, *, storage_path: str, rank: int, world_size
     if request.source_uri and resume is None:
         from transfusion.pretrained import load_state_dict_from_uri
 
-        loaded = load_state_dict_from_uri(request.source_uri)
+        loaded = load_state_dict_from_uri(weights_for_node(request.source_uri))
         source_state = loaded.state_dict
         if rank == 0:
             from transfusion.tracking import log_params
 
             log_params(request.run_id, {"pretrained_sha256": loaded.sha256}, uri=request.tracking_uri)
 
+    dataset = dataset_for_node(request.dataset_root, request.dataset_uri)
+    if rank == 0:
+        # Which Ray node ran (this attempt of) the job: placement is visible in the runs table.
+        set_tags(request.run_id, {"ray_node": ray.get_runtime_context().get_node_id()}, uri=request.tracking_uri)
     hooks = MlflowHooks(request.run_id, uri=request.tracking_uri, checkpoint=save_checkpoint)
     if request.fault_at_step is not None or request.kill_at_step is not None:
         hooks = FaultInjection(hooks, nan_at_step=request.fault_at_step, kill_at_step=request.kill_at_step,
                                kill_marker=request.kill_marker)  # fmt: skip
     result = run_training(
         spec,
-        PreparedDataset.open(request.dataset_root),
+        dataset,
         hooks=hooks,
         source_state=source_state,
         resume=resume,

@@ -28,8 +28,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -227,6 +229,51 @@ def fetch_weights(uri: str, *, cache: Path | None = None) -> Path:
         finally:
             partial.unlink(missing_ok=True)
     return target
+
+
+_PUBLISHED_WEIGHTS = re.compile(r"/weights/[0-9a-f]{64}\.pt$")
+
+
+def weights_for_node(uri: str) -> str:
+    """Where a job on this node loads ``uri`` from: its node-cache copy when ``uri`` was
+    published by :func:`publish_weights`, else ``uri`` itself (``models:/``, ``s3://`` and
+    hub sources are reachable from any node)."""
+    if is_object_store(uri) and _PUBLISHED_WEIGHTS.search(uri):
+        return str(fetch_weights(uri))
+    return uri
+
+
+def for_workers(dataset_root: str, source_uri: str | None) -> tuple[str | None, str | None]:
+    """(published dataset URI, source URI workers can reach) for a cluster whose nodes may
+    share no disk with the driver: published under an object-store data path, else
+    nothing (the disk is shared) and ``source_uri`` as it is.
+
+    Publishing is idempotent (the manifest is checked first); the driver's local weight
+    files (a path, a hub-cache file) are published under their sha256.
+    """
+    base = data_path()
+    if not is_object_store(base):
+        return None, source_uri
+    # Jobs of a grid ask concurrently; one of them publishes (hashing gigabytes once).
+    with _PUBLISH_LOCK:
+        key = (dataset_root, base)
+        if key not in _PUBLISHED:
+            _PUBLISHED[key] = publish_dataset(PreparedDataset.open(dataset_root), to=base).uri
+        if source_uri and _is_local_file(source_uri):
+            source_key = (source_uri, base)
+            if source_key not in _PUBLISHED:
+                _PUBLISHED[source_key] = publish_weights(Path(source_uri.removeprefix("file://")), to=base)
+            source_uri = _PUBLISHED[source_key]
+        return _PUBLISHED[key], source_uri
+
+
+_PUBLISH_LOCK = threading.Lock()
+_PUBLISHED: dict[tuple[str, str], str] = {}
+
+
+def _is_local_file(uri: str) -> bool:
+    scheme = uri.split(":", 1)[0] if "://" in uri or uri.startswith("file:") else ""
+    return scheme in ("", "file") and Path(uri.removeprefix("file://")).is_file()
 
 
 def dataset_for_node(driver_root: str, published_uri: str | None) -> PreparedDataset:

@@ -88,7 +88,7 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
     dataset_root = prepare_dataset_task(grid)
     # Ray starts only when there is something to train: a re-run of a done grid is quick.
     pending = pending_jobs_task(grid, grid_run) if stage != "pretrain" else 1
-    slots = start_compute_task(grid) if pending else 0
+    slots = start_compute_task(grid, pending) if pending else 0
     try:
         sources = {}
         if grid.pretrained and pending:

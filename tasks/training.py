@@ -77,8 +77,14 @@ _COMPUTE_USERS_LOCK = threading.Lock()
 
 
 @task(name="start-compute", cache_policy=None)
-def start_compute_task(grid: GridSpec) -> int:
+def start_compute_task(grid: GridSpec, pending: int | None = None) -> int:
     """Starts (or joins) Ray; returns how many of the grid's jobs may run at once.
+
+    On the local Ray that is what its CPUs/GPUs hold. On a remote cluster
+    (``$RAY_ADDRESS``) the resources present now are not all there will be: an
+    autoscaler adds nodes for demand it sees, so the grid asks for one pool member per
+    pending job (up to ``max_concurrent`` when set), Ray queues what does not fit yet, and
+    idle members retire so the nodes can go again.
 
     Jobs then run on warm Ray Train workers shared by every grid of this process
     (:class:`transfusion.launcher.JobPool`) until :func:`stop_compute_task`.
@@ -86,14 +92,15 @@ def start_compute_task(grid: GridSpec) -> int:
     from transfusion.launcher import ensure_ray
 
     resources = ensure_ray()
-    by_cpu = int(resources.get("CPU", 1) // grid.train.cpus_per_job)
-    slots = by_cpu
-    if grid.train.gpus_per_job > 0:
-        slots = min(slots, int(resources.get("GPU", 0) // grid.train.gpus_per_job))
-    if grid.max_concurrent:
-        # On a remote (autoscaling) cluster the resources seen now are not all there
-        # will be: the grid's own limit decides, and Ray queues what does not fit yet.
-        slots = grid.max_concurrent if os.environ.get("RAY_ADDRESS") else min(slots, grid.max_concurrent)
+    if os.environ.get("RAY_ADDRESS"):
+        demand = pending if pending is not None else len(grid.jobs())
+        slots = min(demand, grid.max_concurrent) if grid.max_concurrent else demand
+    else:
+        slots = int(resources.get("CPU", 1) // grid.train.cpus_per_job)
+        if grid.train.gpus_per_job > 0:
+            slots = min(slots, int(resources.get("GPU", 0) // grid.train.gpus_per_job))
+        if grid.max_concurrent:
+            slots = min(slots, grid.max_concurrent)
     slots = max(1, slots)
     JOB_SLOTS.configure(slots)
     with _COMPUTE_USERS_LOCK:

@@ -283,7 +283,9 @@ class GridSpec(_Frozen):
     data_sizes: Annotated[list[DataSize], Field(min_length=1)] = ["full"]
     seeds: Annotated[int, Field(ge=1, description="a seed count")] | list[Annotated[int, Field(ge=0)]] = [0]
     train: TrainSettings = TrainSettings()
-    max_concurrent: Annotated[int, Field(ge=0, description="jobs at once, 0: from CPUs/GPUs")] = 0
+    max_concurrent: Annotated[
+        int, Field(ge=0, description="jobs at once; 0: what local CPUs/GPUs hold, all pending on a remote cluster")
+    ] = 0
     max_retries: Annotated[int, Field(ge=0, description="re-runs of a FAILED job")] = 1
     # Analysis only (not in grid_key): the same trained grid can be re-analysed at another threshold.
     convergence_threshold: Annotated[

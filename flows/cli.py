@@ -24,6 +24,8 @@ QUIET_ENV = {
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_LOGGING_LOG_PRINTS": "false",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Prefect's temporary server gets 20 s to come up by default: too few on a busy 2-core node.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "RAY_DEDUP_LOGS": "1",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "TQDM_DISABLE": "1",

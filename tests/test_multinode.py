@@ -58,9 +58,16 @@ def _job_runs(grid: str) -> list:
     return [r for r in runs if r.data.tags.get("transfusion.role") == "job"]
 
 
+def _training_window(run) -> tuple[float, float]:
+    """(first, last) wall-clock second at which the job logged a training loss."""
+    stamps = [m.timestamp / 1000 for m in tracking.client().get_metric_history(run.info.run_id, "train/loss")]
+    return min(stamps), max(stamps)
+
+
 def _overlap(runs: list) -> float:
-    """Seconds during which every one of ``runs`` was running at once (<= 0: never all together)."""
-    return min(r.info.end_time for r in runs) / 1000 - max(r.info.start_time for r in runs) / 1000
+    """Seconds during which every one of ``runs`` was training at once (<= 0: never all together)."""
+    windows = [_training_window(r) for r in runs]
+    return min(end for _, end in windows) - max(start for start, _ in windows)
 
 
 def test_a_node_that_shares_no_disk_trains_and_its_loss_costs_one_resume(mlflow_server, s3_server, tmp_path):
@@ -118,9 +125,9 @@ def test_four_quarter_gpu_jobs_share_one_gpu_and_a_whole_gpu_job_runs_alone(mlfl
     )  # fmt: skip
     try:
         env = {**auth, "RAY_ADDRESS": f"127.0.0.1:{port}", "MLFLOW_TRACKING_URI": mlflow_server.url}
-        quarter = _grid_file(tmp_path / "quarter.yaml", "gpu-quarter", seeds=[0, 1, 2, 3], steps=30, eval_every=30,
+        quarter = _grid_file(tmp_path / "quarter.yaml", "gpu-quarter", seeds=[0, 1, 2, 3], steps=150, eval_every=50,
                              cpus_per_job=1, gpus_per_job=0.25)  # fmt: skip
-        whole = _grid_file(tmp_path / "whole.yaml", "gpu-whole", seeds=[0, 1], steps=30, eval_every=30,
+        whole = _grid_file(tmp_path / "whole.yaml", "gpu-whole", seeds=[0, 1], steps=40, eval_every=20,
                            cpus_per_job=1, gpus_per_job=1.0)  # fmt: skip
         for grid_file in (quarter, whole):
             log = tmp_path / f"{grid_file.stem}.log"
@@ -133,8 +140,8 @@ def test_four_quarter_gpu_jobs_share_one_gpu_and_a_whole_gpu_job_runs_alone(mlfl
     assert len(quarters) == 4 and len(wholes) == 2
     assert all(r.info.status == "FINISHED" for r in quarters + wholes)
     # The four quarter-GPU jobs were all running at once; the whole-GPU jobs never overlapped.
-    assert _overlap(quarters) > 0, [(r.info.start_time, r.info.end_time) for r in quarters]
-    assert _overlap(wholes) <= 0, [(r.info.start_time, r.info.end_time) for r in wholes]
+    assert _overlap(quarters) > 0, [_training_window(r) for r in quarters]
+    assert _overlap(wholes) < 0, [_training_window(r) for r in wholes]
 
 
 def test_pending_gpu_jobs_make_the_autoscaler_add_nodes_that_go_after_the_grid(mlflow_server, tmp_path):

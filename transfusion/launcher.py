@@ -30,7 +30,7 @@ from typing import Any
 import ray
 import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from transfusion.checkpoints import JobCheckpoints, storage_filesystem
@@ -115,6 +115,13 @@ def scaling_for(spec: JobSpec) -> ScalingConfig:
     if use_gpu:
         resources["GPU"] = t.gpus_per_job
     return ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def process_group_backend(scaling: ScalingConfig) -> str:
+    """NCCL for DDP across GPUs; gloo for a one-worker member, whose process group never
+    communicates -- so a member also starts where GPUs are declared to Ray but torch sees
+    none (``ray start --num-gpus`` on a CPU machine, a node whose driver is broken)."""
+    return "nccl" if scaling.use_gpu and (scaling.num_workers or 1) > 1 else "gloo"
 
 
 def storage_location(path: str) -> tuple[str, Any]:
@@ -404,6 +411,7 @@ class JobPool:
                 _serve_jobs,
                 train_loop_config={"broker": self._broker, "member": member, "storage_path": self.storage_path},
                 scaling_config=self.scaling,
+                torch_config=TorchConfig(backend=process_group_backend(self.scaling)),
                 run_config=RunConfig(
                     name=f"{self.name}-m{member}",
                     storage_path=path,

@@ -180,8 +180,8 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_ui(args: argparse.Namespace) -> int:
+    from flows.runtime import start_mlflow_server
     from transfusion.data import transfusion_home
-    from transfusion.services import start_mlflow_server
 
     server = start_mlflow_server(transfusion_home(), host=args.host, port=args.port)
     print(f"MLflow UI at {server.url}  (Ctrl-C to stop)", flush=True)

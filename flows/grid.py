@@ -17,6 +17,7 @@ from prefect import flow
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.runtime import tracking_service
 from tasks.analysis import (
     analyze_grid_task,
     collect_records_task,
@@ -40,7 +41,7 @@ from tasks.training import (
 from transfusion.analysis.tables import ResultRow, to_markdown
 from transfusion.config import GridSpec, PresetName, load_grid
 from transfusion.data import transfusion_home
-from transfusion.services import tracking_service
+from transfusion.errors import first_line
 
 if TYPE_CHECKING:
     from transfusion.tracking import GridRun
@@ -123,7 +124,7 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
                 outcome = future.result()
             except Exception as exc:  # e.g. pretrained weights could not be resolved
                 spec = jobs[futures.index(future)]
-                reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                reason = first_line(exc)
                 outcome = JobOutcome(spec.job_key, spec, "FAILED", None, reason=reason)
             outcomes.append(outcome)
             _progress(f"[{done}/{len(jobs)}] {_describe(outcome)}")

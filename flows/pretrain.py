@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.runtime import tracking_service
 from tasks.pretraining import pretrain_register_task
 from tasks.training import preflight_task, start_compute_task, stop_compute_task
 from transfusion.config import ModelName
 from transfusion.data import transfusion_home
-from transfusion.services import tracking_service
 
 
 @flow(name="transfusion-pretrain", log_prints=False)

@@ -16,13 +16,12 @@ import os
 import secrets
 import signal
 import sys
-import time
 from pathlib import Path
 
-from transfusion.data import transfusion_home
-from transfusion.services import (
+from flows.runtime import (
     S3Credentials,
     ServiceProcess,
+    poll_until,
     start_mlflow_server,
     start_prefect_server,
     start_ray_head,
@@ -30,6 +29,7 @@ from transfusion.services import (
     start_service,
     wait_for_http,
 )
+from transfusion.data import transfusion_home
 
 ARTIFACT_BUCKET = "transfusion-artifacts"
 CHECKPOINT_BUCKET = "transfusion-checkpoints"
@@ -63,11 +63,13 @@ def _alive(pid: int) -> bool:
 def _kill_group(pid: int, timeout: float = 15.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    def gone() -> bool:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.2)
+        return not _alive(pid)
+
+    with contextlib.suppress(TimeoutError):
+        poll_until(gone, timeout=timeout, what=f"process group {pid}")
     if _alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)

@@ -13,6 +13,8 @@ from prefect import task
 from transfusion import tracking
 from transfusion.config import GridSpec, JobSpec, WeakSourceSettings
 from transfusion.data import PreparedDataset, prepare_dataset, transfusion_home
+from transfusion.errors import first_line
+from transfusion.faults import injected_faults
 
 log = logging.getLogger(__name__)
 
@@ -127,32 +129,26 @@ def reuse_workers() -> bool:
     return os.environ.get(REUSE_WORKERS_ENV, "1") != "0"
 
 
-FAULT_ENV = "TRANSFUSION_FAULT"
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry what a second try can fix (a network or storage
+    error), never a bad setting (ValueError/TypeError name the field to change)."""
+    if not state.is_failed():
+        return False
+    try:
+        state.result()
+    except (ValueError, TypeError):
+        return False
+    except Exception:
+        return True
+    return False
 
 
-def injected_faults(spec: JobSpec) -> dict[str, int | str]:
-    """Test-only fault injection from ``$TRANSFUSION_FAULT``.
-
-    Comma-separated ``kind:field=value:step`` items, e.g. ``nan:seed=1:2`` (NaN loss at
-    step 2 for seed 1) or ``kill:seed=0:5`` (SIGKILL the worker once at step 5).
-    """
-    faults: dict[str, int | str] = {}
-    for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
-        kind, selector, step = item.split(":")
-        key, value = selector.split("=")
-        if str(getattr(spec, key)) != value:
-            continue
-        if kind == "nan":
-            faults["fault_at_step"] = int(step)
-        elif kind == "kill":
-            faults["kill_at_step"] = int(step)
-            marker = transfusion_home() / "faults" / f"kill-{spec.job_key}"
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            faults["kill_marker"] = str(marker)
-    return faults
+# Run policy where Prefect shows it: a tag concurrency limit on TRAIN_TAG (``prefect
+# concurrency-limit create transfusion-train N``) bounds jobs across flows and processes.
+TRAIN_TAG = "transfusion-train"
 
 
-@task(name="prepare-dataset", cache_policy=None)
+@task(name="prepare-dataset", cache_policy=None, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def prepare_dataset_task(grid: GridSpec) -> str:
     """Prepares the grid's dataset once and checks every data size fits its training split."""
     dataset = prepare_dataset(
@@ -203,7 +199,7 @@ def _resume_candidate(experiment_id: str, spec: JobSpec):
 JOB_TIMINGS = ("time/launch_s", "time/setup_s", "time/finish_s")
 
 
-@task(name="train-job", cache_policy=None, task_run_name="train-{spec.run_name}")
+@task(name="train-job", cache_policy=None, tags=[TRAIN_TAG], task_run_name="train-{spec.run_name}")
 def train_job_task(
     spec: JobSpec,
     grid_run: tracking.GridRun,
@@ -256,7 +252,7 @@ def train_job_task(
                 dataset_root=dataset_root,
                 source_uri=worker_source_uri,
                 dataset_uri=dataset_uri,
-                **injected_faults(spec),
+                **injected_faults(spec, marker_dir=transfusion_home() / "faults"),
             )
             try:
                 if reuse_workers():
@@ -265,7 +261,7 @@ def train_job_task(
                 else:
                     metrics = fit_job(request, storage_path=storage_path())
             except Exception as exc:  # the grid carries on; the run says why it failed
-                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+                reason = first_line(exc)
                 log.error("job %s failed: %s", spec.job_key, reason)
                 try:
                     tracking.end_run(run_id, "FAILED", reason=reason)

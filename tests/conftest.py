@@ -25,7 +25,7 @@ def session_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mlflow_server(session_home):
     """A real ``mlflow server`` on loopback with a SQLite store, for the whole session."""
-    from transfusion.services import start_mlflow_server
+    from flows.runtime import start_mlflow_server
 
     previous = os.environ.pop("MLFLOW_TRACKING_URI", None)
     server = start_mlflow_server(session_home / "tracking")

@@ -9,7 +9,7 @@ Use it from any test module::
         for key, value in s3_server.env().items():
             monkeypatch.setenv(key, value)
 
-The server is the one ``transfusion stack up`` runs (:func:`transfusion.services.start_s3_server`);
+The server is the one ``transfusion stack up`` runs (:func:`flows.runtime.start_s3_server`);
 credentials are random per session and exist only in its config file and this fixture.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from transfusion.services import S3Credentials, ServiceProcess, find_weed, s3_client_for, start_s3_server
+from flows.runtime import S3Credentials, ServiceProcess, find_weed, s3_client_for, start_s3_server
 
 
 @dataclass

@@ -23,7 +23,7 @@ def finished_smoke_grid(tmp_path_factory):
 def _store_client(home):
     from mlflow.tracking import MlflowClient
 
-    from transfusion.services import start_mlflow_server
+    from flows.runtime import start_mlflow_server
 
     server = start_mlflow_server(home)
     return server, MlflowClient(server.url)

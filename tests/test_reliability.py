@@ -83,7 +83,7 @@ def test_eight_concurrent_writers_lose_no_metric_point(mlflow_server):
 
 
 def test_tracking_server_restart_mid_logging_loses_nothing(tmp_path):
-    from transfusion.services import free_port, start_mlflow_server
+    from flows.runtime import free_port, start_mlflow_server
 
     port = free_port()
     server = start_mlflow_server(tmp_path, port=port)
@@ -151,7 +151,7 @@ def _listening_addresses(port: int) -> list[str]:
 
 
 def test_services_bind_to_loopback_only(tmp_path):
-    from transfusion.services import start_mlflow_server
+    from flows.runtime import start_mlflow_server
 
     server = start_mlflow_server(tmp_path)
     try:
@@ -164,8 +164,8 @@ def test_services_bind_to_loopback_only(tmp_path):
 
 
 def test_preflight_refuses_an_unreachable_tracking_server_and_a_missing_bucket(s3_server, monkeypatch):
+    from flows.runtime import free_port
     from transfusion.preflight import check_storage_path, check_tracking_server
-    from transfusion.services import free_port
 
     with pytest.raises(RuntimeError, match=r"MLflow tracking server http://127\.0\.0\.1:\d+ is unreachable"):
         check_tracking_server(f"http://127.0.0.1:{free_port()}", timeout=2)

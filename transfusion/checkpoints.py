@@ -15,10 +15,11 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 import pyarrow.fs
 import torch
+
+from transfusion.object_store import s3_filesystem
 
 STATE_NAME = re.compile(r"state-(\d{8})\.pt$")
 
@@ -31,13 +32,7 @@ def storage_filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
     """
     if not path.startswith("s3://"):
         return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-    options: dict[str, Any] = {"region": region}
-    if endpoint:
-        parsed = urlparse(endpoint)
-        options.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
-    return pyarrow.fs.S3FileSystem(**options), path.removeprefix("s3://")
+    return s3_filesystem(), path.removeprefix("s3://")
 
 
 @dataclass(frozen=True)

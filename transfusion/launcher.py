@@ -143,8 +143,9 @@ def checkpoints_for(spec: JobSpec, storage_path: str, run_id: str) -> JobCheckpo
 def _run_job(request: LaunchRequest, *, storage_path: str, rank: int, world_size: int) -> dict[str, float]:
     """One job in this worker: resume from its checkpoint if it has one, train, log."""
     from transfusion.data.node_cache import dataset_for_node, weights_for_node
+    from transfusion.faults import FaultInjection
     from transfusion.tracking import MlflowHooks, set_tags
-    from transfusion.train import FaultInjection, run_training
+    from transfusion.train import run_training
 
     spec = JobSpec.model_validate(request.spec)
     torch.set_num_threads(max(1, spec.train.threads or int(spec.train.cpus_per_job)))

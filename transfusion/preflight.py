@@ -8,6 +8,8 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlparse
 
+from transfusion.object_store import s3_client
+
 
 def check_tracking_server(uri: str, *, timeout: float = 5.0) -> None:
     """An HTTP tracking URI must answer ``/health``; other URIs are left to MLflow."""
@@ -21,14 +23,6 @@ def check_tracking_server(uri: str, *, timeout: float = 5.0) -> None:
         reason = getattr(exc, "reason", exc)
         raise RuntimeError(f"MLflow tracking server {uri} is unreachable ({reason})") from None
     raise RuntimeError(f"MLflow tracking server {uri} is not healthy")
-
-
-def s3_client():
-    """A boto3 S3 client honouring AWS_ENDPOINT_URL(_S3) and the usual credential chain."""
-    import boto3
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None)
 
 
 def check_storage_path(path: str) -> None:

@@ -40,6 +40,8 @@ from urllib.parse import unquote, urlparse
 import torch
 
 from transfusion.constants import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD
+from transfusion.home import transfusion_home
+from transfusion.object_store import s3_client, s3_endpoint
 from transfusion.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -216,11 +218,6 @@ def load_pretrained(name: str) -> LoadedWeights:
     return load_state_dict_from_uri(get_pretrained_source(name).uri)
 
 
-def transfusion_home() -> Path:
-    """``$TRANSFUSION_HOME``, default ``./.transfusion``."""
-    return Path(os.environ.get("TRANSFUSION_HOME", ".transfusion"))
-
-
 def weights_cache_dir() -> Path:
     return transfusion_home() / "cache" / "weights"
 
@@ -256,12 +253,10 @@ def _s3_path(uri: str) -> Path:
         logger.info("using cached %s for %s", dest, uri)
         return dest
 
-    import boto3
     import botocore.exceptions
 
-    # Older boto3 ignores these variables; passing them works with every version.
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    client = boto3.client("s3", endpoint_url=endpoint)
+    endpoint = s3_endpoint()
+    client = s3_client()
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Download beside the target and rename, so concurrent workers never read a partial file.
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, suffix=".part")

@@ -24,7 +24,6 @@ import functools
 import logging
 import math
 import os
-import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from torch.nn import functional as F
 from transfusion.config import JobSpec
 from transfusion.constants import IMAGENET_MEAN, IMAGENET_STD
 from transfusion.data.prepared import PreparedDataset
+from transfusion.faults import FaultInjection
 from transfusion.metrics import classification_scores, save_test_predictions
 from transfusion.models import create_model
 from transfusion.probes import ProbeSampling, capture_activations, save_probe
@@ -62,40 +62,6 @@ class TrainingHooks(Protocol):
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None: ...
 
     def checkpoint(self, state: dict[str, Any], *, step: int, metrics: dict[str, float]) -> None: ...
-
-
-class FaultInjection:
-    """Test-only faults, as hooks wrapped around the real ones: the loss turns NaN at
-    ``nan_at_step``, or this process is SIGKILLed once after ``kill_at_step`` (the
-    ``kill_marker`` file, created just before, survives the restart)."""
-
-    def __init__(
-        self,
-        hooks: TrainingHooks,
-        *,
-        nan_at_step: int | None = None,
-        kill_at_step: int | None = None,
-        kill_marker: str | None = None,
-    ) -> None:
-        self.hooks = hooks
-        self.nan_at_step, self.kill_at_step, self.kill_marker = nan_at_step, kill_at_step, kill_marker
-
-    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
-        self.hooks.log_metrics(metrics, step=step)
-
-    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
-        self.hooks.log_artifact(local_path, artifact_path)
-
-    def checkpoint(self, state: dict[str, Any], *, step: int, metrics: dict[str, float]) -> None:
-        self.hooks.checkpoint(state, step=step, metrics=metrics)
-
-    def corrupt_loss(self, loss: torch.Tensor, *, step: int) -> torch.Tensor:
-        return loss * float("nan") if step == self.nan_at_step else loss
-
-    def after_step(self, step: int) -> None:
-        if step == self.kill_at_step and self.kill_marker and not os.path.exists(self.kill_marker):
-            open(self.kill_marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RecordingHooks:

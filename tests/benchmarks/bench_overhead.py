@@ -38,10 +38,10 @@ REST_LABEL = (
 def _run_grid(name: str, jobs: int, train: dict, *, reuse: bool) -> tuple[list[dict], float]:
     """Trains a grid of ``jobs`` seeds; returns each job's final metrics and the wall time."""
     from flows.grid import transfusion
+    from flows.runtime import tracking_service
     from transfusion import tracking
     from transfusion.config import load_grid
     from transfusion.data import transfusion_home
-    from transfusion.services import tracking_service
 
     os.environ["TRANSFUSION_REUSE_WORKERS"] = "1" if reuse else "0"
     grid = load_grid({

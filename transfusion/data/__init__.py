@@ -8,12 +8,12 @@ decodes nothing.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from transfusion.data.prepared import PreparedDataset, PreparedDatasetWriter, stratified_order
+from transfusion.home import transfusion_home
 from transfusion.registry import Registry
 
 
@@ -32,11 +32,6 @@ class PrepareRequest:
 
 Preparer = Callable[[PrepareRequest, Path], PreparedDataset]
 DATASETS: Registry[Preparer] = Registry("dataset")
-
-
-def transfusion_home() -> Path:
-    """The state directory: ``$TRANSFUSION_HOME``, default ``./.transfusion``."""
-    return Path(os.environ.get("TRANSFUSION_HOME", ".transfusion")).resolve()
 
 
 def list_datasets() -> list[str]:

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from transfusion.object_store import s3_client, s3_endpoint
+
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
@@ -110,20 +112,6 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not match or not match.group(1):
         raise ValueError(f"malformed S3 URI {uri!r}; expected s3://bucket/prefix")
     return match.group(1), match.group(2)
-
-
-def s3_client():
-    """A boto3 S3 client from the standard credential chain and endpoint variables."""
-    import boto3
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    # A fresh session per fetch: boto3's default session caches the credentials it
-    # resolved first, so later changes to the environment or profile would be ignored.
-    return boto3.session.Session().client("s3", endpoint_url=endpoint or None)
-
-
-def _endpoint_label() -> str:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "aws"
 
 
 def _safe_relative(key: str, prefix: str, uri: str) -> str:
@@ -244,6 +232,55 @@ def manifest_digest(objects: dict[str, SourceObject]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()[:16]
 
 
+def _unchanged_and_todo(
+    listed: dict[str, SourceObject], stored: dict[str, SourceObject], files: Path
+) -> tuple[dict[str, SourceObject], list[SourceObject]]:
+    """(objects the mirror already holds unchanged, objects to download)."""
+    current: dict[str, SourceObject] = {}
+    todo: list[SourceObject] = []
+    for relative, obj in listed.items():
+        have = stored.get(relative)
+        local = files / relative
+        if (
+            have is not None
+            and have.size == obj.size
+            and have.etag == obj.etag
+            and local.is_file()
+            and local.stat().st_size == obj.size
+        ):
+            current[relative] = have
+        else:
+            todo.append(obj)
+    return current, todo
+
+
+def _download_all(
+    client, bucket: str, keys: list[str], todo: list[SourceObject], files: Path, uri: str,
+    current: dict[str, SourceObject], *, workers: int,
+) -> int:  # fmt: skip
+    """Downloads ``todo`` concurrently, adding each completed object to ``current``;
+    returns the bytes downloaded. Every failure is collected, then the first is raised."""
+    downloaded_bytes = 0
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pairs = zip(keys, todo, strict=True)
+        futures = [pool.submit(_fetch_one, client, bucket, key, obj, files, uri) for key, obj in pairs]
+        errors = []
+        for future in futures:
+            try:
+                done = future.result()
+            except Exception as exc:  # collect every failure, then report them together
+                errors.append(exc)
+                continue
+            current[done.path] = done
+            downloaded_bytes += done.size
+    if errors:
+        first = errors[0]
+        if isinstance(first, ValueError):
+            raise first
+        raise ValueError(f"download from {uri} failed for {len(errors)} objects: {first}") from first
+    return downloaded_bytes
+
+
 def fetch_s3(uri: str, *, cache_root: Path, workers: int = 4) -> DataSource:
     """Mirrors ``uri`` into ``cache_root/<hash>/files``, downloading only what changed.
 
@@ -256,64 +293,24 @@ def fetch_s3(uri: str, *, cache_root: Path, workers: int = 4) -> DataSource:
         A :class:`DataSource` whose ``downloaded`` counts the objects fetched this time.
     """
     bucket, prefix = parse_s3_uri(uri)
-    cache = cache_root / hashlib.sha256(f"{_endpoint_label()}|{bucket}|{prefix}".encode()).hexdigest()[:16]
+    cache = cache_root / hashlib.sha256(f"{s3_endpoint() or 'aws'}|{bucket}|{prefix}".encode()).hexdigest()[:16]
     files = cache / "files"
     manifest_path = cache / "manifest.json"
     client = s3_client()
     with _locked(cache / ".lock"):
         listed, single = _list_objects(client, bucket, prefix, uri)
         stored = _read_manifest(manifest_path)
-        current: dict[str, SourceObject] = {}
-        todo: list[SourceObject] = []
-        for relative, obj in listed.items():
-            have = stored.get(relative)
-            local = files / relative
-            if (
-                have is not None
-                and have.size == obj.size
-                and have.etag == obj.etag
-                and local.is_file()
-                and local.stat().st_size == obj.size
-            ):
-                current[relative] = have
-            else:
-                todo.append(obj)
+        current, todo = _unchanged_and_todo(listed, stored, files)
         # Objects gone from the prefix leave the mirror too, so the cache equals the prefix.
         for relative in set(stored) - set(listed):
             (files / relative).unlink(missing_ok=True)
-
         folder = prefix.rstrip("/") + "/" if prefix else ""
         downloaded_bytes = 0
         try:
             if todo:
                 files.mkdir(parents=True, exist_ok=True)
-                with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                    futures = [
-                        pool.submit(
-                            _fetch_one,
-                            client,
-                            bucket,
-                            prefix.rstrip("/") if single else folder + obj.path,
-                            obj,
-                            files,
-                            uri,
-                        )
-                        for obj in todo
-                    ]
-                    errors = []
-                    for future in futures:
-                        try:
-                            done = future.result()
-                        except Exception as exc:  # collect every failure, then report them together
-                            errors.append(exc)
-                            continue
-                        current[done.path] = done
-                        downloaded_bytes += done.size
-                    if errors:
-                        first = errors[0]
-                        if isinstance(first, ValueError):
-                            raise first
-                        raise ValueError(f"download from {uri} failed for {len(errors)} objects: {first}") from first
+                keys = [prefix.rstrip("/") if single else folder + obj.path for obj in todo]
+                downloaded_bytes = _download_all(client, bucket, keys, todo, files, uri, current, workers=workers)
         finally:
             # Record whatever completed, so a retry resumes instead of starting over.
             cache.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,8 @@
-"""Local services the embedded default starts for a run: an MLflow tracking server.
+"""Process supervision, outside the plain-PyTorch library: starting and stopping the
+local services (MLflow tracking server, Prefect server, SeaweedFS S3, a Ray head).
 
+The embedded default starts an MLflow tracking server for a run; ``transfusion stack``
+starts all four (:mod:`flows.stack`).
 The server runs as its own process group on loopback with a SQLite backend, since
 several processes writing one SQLite file directly hit "database is locked"; every
 job logs over HTTP instead. Artifacts are proxied by the server, so workers need no
@@ -19,11 +22,37 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from transfusion.object_store import s3_client
+
 log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.2
+
+
+def poll_until(
+    ready: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    process: subprocess.Popen | None = None,
+    log_path: Path | None = None,
+    interval: float = POLL_INTERVAL_S,
+) -> None:
+    """Calls ``ready()`` until it returns true; raises RuntimeError as soon as ``process``
+    exits (with the tail of its log), TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process is not None and process.poll() is not None:
+            tail = log_path.read_text()[-2000:] if log_path and log_path.exists() else ""
+            raise RuntimeError(f"{what} exited with code {process.returncode}; see {log_path}\n{tail}".rstrip())
+        if time.monotonic() > deadline:
+            where = f"; see {log_path}" if log_path else ""
+            raise TimeoutError(f"{what} was not ready within {timeout:.0f} s{where}")
+        time.sleep(interval)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -42,19 +71,15 @@ def wait_for_http(
     url: str, *, timeout: float, process: subprocess.Popen | None = None, log_path: Path | None = None
 ) -> None:
     """Polls ``url`` until it answers 200; fails early if ``process`` exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            tail = log_path.read_text()[-2000:] if log_path and log_path.exists() else ""
-            raise RuntimeError(f"server for {url} exited with code {process.returncode}:\n{tail}")
+
+    def answers() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
+                return response.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+            return False
+
+    poll_until(answers, timeout=timeout, what=f"server for {url}", process=process, log_path=log_path)
 
 
 def stop_process_group(process: subprocess.Popen, *, timeout: float = 10.0) -> None:
@@ -163,13 +188,7 @@ def start_service(
         if health_url:
             wait_for_http(health_url, timeout=timeout, process=process, log_path=log_path)
         elif ready_file is not None:
-            deadline = time.monotonic() + timeout
-            while not ready_file.exists():
-                if process.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {process.returncode}; see {log_path}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name} was not ready within {timeout:.0f} s; see {log_path}")
-                time.sleep(0.2)
+            poll_until(ready_file.exists, timeout=timeout, what=name, process=process, log_path=log_path)
     except BaseException:
         stop_process_group(process)
         raise
@@ -270,16 +289,21 @@ def start_s3_server(
     url = f"http://{host}:{port}"
     service = start_service("s3", command, health_url=None, url=url, log_dir=workdir.parent / "logs")
     client = s3_client_for(url, credentials)
-    deadline = time.monotonic() + timeout
-    while True:
+    existing: set[str] = set()
+
+    def serving() -> bool:
         try:
-            existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-            break
+            existing.update(b["Name"] for b in client.list_buckets().get("Buckets", []))
+            return True
         except Exception:  # not serving yet
-            if service.process.poll() is not None or time.monotonic() > deadline:
-                service.stop()
-                raise RuntimeError(f"S3 server did not come up on {url}; see {service.log_path}") from None
-            time.sleep(0.2)
+            return False
+
+    try:
+        poll_until(serving, timeout=timeout, what=f"S3 server on {url}", process=service.process,
+                   log_path=service.log_path)  # fmt: skip
+    except BaseException:
+        service.stop()
+        raise
     for bucket in buckets:
         if bucket not in existing:
             client.create_bucket(Bucket=bucket)
@@ -287,14 +311,11 @@ def start_s3_server(
 
 
 def s3_client_for(endpoint_url: str, credentials: S3Credentials):
-    import boto3
-
-    return boto3.client(
-        "s3",
+    return s3_client(
         endpoint_url=endpoint_url,
-        aws_access_key_id=credentials.access_key,
-        aws_secret_access_key=credentials.secret_key,
-        region_name=credentials.region,
+        access_key=credentials.access_key,
+        secret_key=credentials.secret_key,
+        region=credentials.region,
     )
 
 
@@ -334,10 +355,10 @@ def start_ray_head(
     if num_cpus:
         command.append(f"--num-cpus={num_cpus}")
     service = start_service("ray", command, health_url=None, url=f"{host}:{port}", log_dir=home / "logs", env=env)
-    deadline = time.monotonic() + 90
-    while not port_is_taken(host, port):
-        if service.process.poll() is not None or time.monotonic() > deadline:
-            service.stop()
-            raise RuntimeError(f"Ray head did not start on {host}:{port}; see {service.log_path}")
-        time.sleep(0.3)
+    try:
+        poll_until(lambda: port_is_taken(host, port), timeout=90, what=f"Ray head on {host}:{port}",
+                   process=service.process, log_path=service.log_path)  # fmt: skip
+    except BaseException:
+        service.stop()
+        raise
     return service

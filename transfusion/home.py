@@ -1,0 +1,12 @@
+"""The state directory every part of the tool shares (prepared data, caches, local servers' stores)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def transfusion_home() -> Path:
+    """``$TRANSFUSION_HOME``, default ``./.transfusion``, as an absolute path (workers
+    started elsewhere must find the same folder)."""
+    return Path(os.environ.get("TRANSFUSION_HOME", ".transfusion")).resolve()

@@ -22,13 +22,16 @@ from transfusion.analysis.convergence import (
 )
 from transfusion.analysis.filters import plot_filters
 from transfusion.analysis.records import JobRecord
+from transfusion.analysis.representations import seed_similarity, seed_similarity_markdown, seed_similarity_requests
 from transfusion.analysis.similarity_figures import (
     AnalysisSettings,
     RepresentationCache,
     figure2_data,
     figure2_markdown,
+    figure2_requests,
     figure4_data,
     figure4_markdown,
+    figure4_requests,
     plot_figure2,
     plot_figure4,
 )
@@ -74,6 +77,9 @@ def analyze_records(
                             paper_tables_markdown(rows, dataset=dataset), ["results.png"]))  # fmt: skip
 
     cache = RepresentationCache(settings)
+    # One fan-out for every similarity of the report: each (run, layer, step) is decomposed once.
+    cache.score_pairs(figure2_requests(records, cache) + figure4_requests(records, cache)
+                      + seed_similarity_requests(records, cache))  # fmt: skip
     fig2 = figure2_data(records, cache)
     if fig2:
         plot_figure2(fig2, out / "figure2_similarity.png")
@@ -92,6 +98,16 @@ def analyze_records(
                else f"validation AUC {convergence.threshold:.3f}")  # fmt: skip
         result.sections.append((f"Figure 5: convergence (threshold: {how})",
                                 convergence_markdown(conv_rows), ["figure5_convergence.png"]))  # fmt: skip
+
+    seeds = seed_similarity(records, cache=cache)
+    if seeds:
+        result.sections.append(("Top-layer SVCCA between seeds", seed_similarity_markdown(seeds), []))
+    # The probes' row-sampling rule and who computed the similarities, beside the settings.
+    (out / "analysis_settings.json").write_text(json.dumps({
+        "similarity": asdict(settings), "convergence": asdict(convergence),
+        "probe_sampling": cache.sampling_rules(), "similarity_executors": sorted(cache.executors_used),
+        "decompositions": cache.decompositions,
+    }, indent=2))  # fmt: skip
 
     if plot_filters(records, out / "filters_conv1.png") is not None:
         text = "Random vs pretrained conv1 filters, at init and after training.\n"

@@ -213,3 +213,16 @@ def test_results_table_over_seeds_and_paper_numbers(finished_grid):
     assert rows["random"].auc_std == pytest.approx(np.std([0.90, 0.91, 0.92], ddof=1))
     assert paper_auc("resnet50", "random", "full") == 96.4
     assert paper_auc("resnet50", "synthetic-transfer", "full") is None
+
+
+def test_ray_fan_out_equals_the_serial_path(finished_grid, ray_cluster):
+    from transfusion.launcher import RayAnalysisExecutor
+
+    _, records = finished_grid
+    serial = RepresentationCache(AnalysisSettings(executor="serial"))
+    fanned = RepresentationCache(AnalysisSettings(), executor=RayAnalysisExecutor(groups_in_flight=2))
+    expected, got = figure2_data(records, serial), figure2_data(records, fanned)
+    assert fanned.executors_used == {"ray"} and fanned.decompositions == serial.decompositions == 10
+    for a, b in zip(expected, got, strict=True):
+        assert (a.model, a.comparison, a.measure, a.pairs) == (b.model, b.comparison, b.measure, b.pairs)
+        assert b.mean == pytest.approx(a.mean, abs=1e-9) and b.chance == pytest.approx(a.chance, abs=1e-9)

@@ -221,8 +221,9 @@ def plot_figure2(rows: list[PairSimilarity], path: Path) -> Path:
     for ax, measure in zip(axes[0], measures, strict=True):
         subset = [r for r in rows if r.measure == measure]
         groups = list(dict.fromkeys((r.model, r.data_size) for r in subset))
+        band_label = "chance (images permuted)"
         for i, comparison in enumerate(("rand-rand", "rand-pretrained")):
-            label, band_label = comparison.replace("-", "–"), "chance (rows permuted)"
+            label = comparison.replace("-", "–")
             for g, (model, size) in enumerate(groups):
                 match = [r for r in subset if (r.model, r.data_size, r.comparison) == (model, size, comparison)]
                 if not match:
@@ -232,19 +233,26 @@ def plot_figure2(rows: list[PairSimilarity], path: Path) -> Path:
                 ax.bar(x, r.mean, width=width, yerr=r.std, capsize=3, color="none" if hollow else colours[comparison],
                        edgecolor=colours[comparison], hatch="//" if hollow else None, label=label)  # fmt: skip
                 if not math.isnan(r.chance):
-                    spread = max(r.chance_std, 0.005)
+                    spread = _band_halfwidth(r.chance_std)
                     ax.fill_between([x - width / 2, x + width / 2], r.chance - spread, r.chance + spread,
-                                    color=CHANCE_COLOUR, alpha=0.6, lw=0, label=band_label, zorder=3)  # fmt: skip
+                                    color=CHANCE_COLOUR, alpha=0.8, lw=0, label=band_label, zorder=3)  # fmt: skip
+                    ax.hlines(r.chance, x - width / 2, x + width / 2, colors="k", linestyles="--", lw=1, zorder=4)
                 label, band_label = None, None
         ax.set_xticks(range(len(groups)))
+        ax.set_xlim(-0.7, len(groups) - 0.3)
         ax.set_xticklabels([f"{m}\n{s}" for m, s in groups], fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(f"{measure}: top layers")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Figure 2: Rand–Rand vs Rand–Pretrained (grey: chance; hollow: too few rows)")
+    fig.suptitle("Figure 2: Rand–Rand vs Rand–Pretrained (dashed + grey band: chance; hollow: too few rows)")
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)
+
+
+def _band_halfwidth(chance_std):
+    """Two standard deviations of the chance level, at least 0.01 so a band stays visible."""
+    return np.maximum(2 * np.asarray(chance_std, dtype=float), 0.01)
 
 
 def _per_layer(line: dict[str, LayerMovement], layers: list[str], attr: str, default: float = math.nan) -> np.ndarray:
@@ -272,9 +280,10 @@ def plot_figure4(rows: list[LayerMovement], path: Path) -> Path:
             ax.errorbar(xs, ys, yerr=es, color=c, capsize=3, label=init)
             ax.scatter(xs[~too_few], ys[~too_few], color=c, zorder=3)
             ax.scatter(xs[too_few], ys[too_few], facecolors="none", edgecolors=c, zorder=3)
-            spread = np.maximum(np.nan_to_num(spread), 0.005)
-            ax.fill_between(xs, chance - spread, chance + spread, color=c, alpha=0.18, linewidth=0,
+            spread = _band_halfwidth(np.nan_to_num(spread))
+            ax.fill_between(xs, chance - spread, chance + spread, color=c, alpha=0.3, linewidth=0,
                             label=f"{init}: chance")  # fmt: skip
+            ax.plot(xs, chance, color=c, linestyle="--", linewidth=1)
         ax.set_xticks(xs)
         ax.set_xticklabels(layers, rotation=30, fontsize=8)
         ax.set_ylim(0, 1.02)
@@ -282,7 +291,7 @@ def plot_figure4(rows: list[LayerMovement], path: Path) -> Path:
         ax.set_ylabel(f"{subset[0].measure if subset else 'similarity'}, init vs trained")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Figure 4: how far each layer moves from its init (bands: chance; hollow: too few rows)")
+    fig.suptitle("Figure 4: layer at init vs trained\n(dashed + band: chance; hollow: too few rows)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)
 

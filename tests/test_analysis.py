@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -18,22 +19,43 @@ from transfusion.probes import save_probe
 N = 64
 
 
-def _probe(latent: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Layers that are noisy linear read-outs of ``latent`` (N x 6)."""
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny matrices: a second thread only adds spin-waiting (100x slower on a loaded 2-core machine)."""
+    import torch
 
-    def readout(width: int, spatial: int | None = None) -> np.ndarray:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _probe(latent: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Layers that are noisy linear read-outs of ``latent`` (N x 6), stored as training stores them.
+
+    Conv layers are (image, position) rows with their ``.rows`` index; stage2 is flat
+    with 64 rows for 16 features, rows/dims 4: "too few rows".
+    """
+
+    def readout(width: int, positions: int | None = None) -> np.ndarray:
         rep = latent @ rng.normal(size=(latent.shape[1], width)) + 0.1 * rng.normal(size=(len(latent), width))
-        if spatial:
-            rep = np.repeat(rep[:, :, None, None], spatial, axis=2).repeat(spatial, axis=3)
-            rep = rep + 0.1 * rng.normal(size=rep.shape)
+        if positions:
+            rep = np.repeat(rep, positions, axis=0) + 0.1 * rng.normal(size=(len(latent) * positions, width))
         return rep.astype(np.float16)
+
+    def rows(positions: int) -> np.ndarray:
+        image = np.repeat(np.arange(N), positions)
+        return np.stack([image, np.tile(np.arange(positions), N), np.zeros_like(image)], axis=1).astype(np.int32)
 
     return {
         "conv1": readout(8, 2),
+        "conv1.rows": rows(2),
         "stage1": readout(12, 2),
+        "stage1.rows": rows(2),
         "stage2": readout(16),
         "pool": readout(16),
         "logits": readout(1),
+        "sampling": np.array(json.dumps({"rows_per_channel": 10, "seed": 0})),
     }
 
 
@@ -86,7 +108,77 @@ def test_analyses_produce_every_table_and_figure(finished_grid, tmp_path):
     assert page.count("data:image/png;base64,") == len(expected)
     assert "<table>" in page and "synthetic-transfer" in page
     assert (tmp_path / "results.csv").read_text().count("\n") == 3
-    assert '"conv_method": "examples"' in (tmp_path / "analysis_settings.json").read_text()
+    logged = json.loads((tmp_path / "analysis_settings.json").read_text())
+    assert logged["similarity"]["conv_method"] == "examples"
+    assert list(logged["probe_sampling"].values()) == [{"rows_per_channel": 10, "seed": 0}]
+    # 5 runs x 2 steps x 3 layers: one decomposition each for Figures 2, 4 and the seed table together.
+    assert outputs.decompositions == logged["decompositions"] == 30
+    assert logged["similarity_executors"] == ["serial"]
+
+
+def _table(text: str, header_start: str) -> list[dict[str, str]]:
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    body = []
+    for line in lines[start + 2 :]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != len(header) or cells == header:
+            break
+        body.append(dict(zip(header, cells, strict=True)))
+    return body
+
+
+def test_similarity_tables_carry_rows_per_dim_and_chance_and_mark_too_few_rows(finished_grid, tmp_path):
+    _, records = finished_grid
+    outputs = analyze_records(records, tmp_path, grid_name="mini", dataset="synthetic-retina")
+    sections = {title.split(":")[0]: text for title, text, _ in outputs.sections}
+    figure4 = _table(sections["Figure 4"], "| model | data size | layer | init |")
+    assert {"rows/dims", "chance"} <= set(figure4[0])
+    by_layer = {(r["layer"], r["init"]): r for r in figure4}
+    assert by_layer[("conv1", "random")]["rows/dims"] == "16.0"
+    assert by_layer[("stage2", "random")]["rows/dims"] == "4.0"
+    for (layer, _), row in by_layer.items():
+        marked = row["similarity(init, trained)"].startswith("too few rows")
+        assert marked == (layer == "stage2"), row
+        chance = float(row["chance"].split(" ± ")[0])
+        assert 0.0 < chance < 0.6
+    # Unrelated init vs trained latents here: every value is near its chance level, not near 1.
+    assert all(float(r["similarity(init, trained)"].split(": ")[-1].split(" ± ")[0]) < 0.6 for r in figure4)
+
+    figure2 = _table(sections["Figure 2"], "| model | data size | comparison |")
+    assert {r["measure"] for r in figure2} == {"svcca", "pwcca", "linear_cka"}
+    for row in figure2:  # top two layers averaged: stage1 and the too-few stage2
+        assert row["rows/dims"] == "4.0" and row["mean ± std"].startswith("too few rows")
+        assert float(row["chance"].split(" ± ")[0]) < float(row["mean ± std"].split(": ")[1].split(" ± ")[0])
+    seeds = _table(sections["Top-layer SVCCA between seeds"], "| model | init |")
+    assert {"rows/dims", "chance"} <= set(seeds[0]) and seeds[0]["svcca mean ± std"].startswith("too few rows")
+
+
+def test_figures_draw_chance_bands_and_hollow_too_few_rows(finished_grid, tmp_path, monkeypatch):
+    from transfusion.analysis import similarity_figures
+
+    figures = {}
+
+    def keep(fig, path, **_):
+        figures[path.name] = fig
+        return path
+
+    monkeypatch.setattr(similarity_figures, "save_figure", keep)
+    _, records = finished_grid
+    cache = RepresentationCache(AnalysisSettings())
+    similarity_figures.plot_figure2(figure2_data(records, cache), tmp_path / "f2.png")
+    similarity_figures.plot_figure4(similarity_figures.figure4_data(records, cache), tmp_path / "f4.png")
+    for name, fig in figures.items():
+        for ax in fig.axes:
+            labels = [t.get_text() for t in ax.get_legend().get_texts()]
+            assert any("chance" in label for label in labels), (name, labels)
+            assert any(type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection") for c in ax.collections)
+    bars = [p for ax in figures["f2.png"].axes for p in ax.patches]
+    assert bars and all(p.get_facecolor()[3] == 0 for p in bars)  # all top-layer values have too few rows
+    markers = [c for ax in figures["f4.png"].axes for c in ax.collections if type(c).__name__ == "PathCollection"]
+    hollow = [c for c in markers if len(c.get_offsets()) and c.get_facecolor().size == 0]
+    assert hollow  # stage2's markers
 
 
 def test_figure2_separates_rand_rand_from_rand_pretrained_and_decomposes_once(finished_grid):
@@ -121,3 +213,16 @@ def test_results_table_over_seeds_and_paper_numbers(finished_grid):
     assert rows["random"].auc_std == pytest.approx(np.std([0.90, 0.91, 0.92], ddof=1))
     assert paper_auc("resnet50", "random", "full") == 96.4
     assert paper_auc("resnet50", "synthetic-transfer", "full") is None
+
+
+def test_ray_fan_out_equals_the_serial_path(finished_grid, ray_cluster):
+    from transfusion.launcher import RayAnalysisExecutor
+
+    _, records = finished_grid
+    serial = RepresentationCache(AnalysisSettings(executor="serial"))
+    fanned = RepresentationCache(AnalysisSettings(), executor=RayAnalysisExecutor(groups_in_flight=2))
+    expected, got = figure2_data(records, serial), figure2_data(records, fanned)
+    assert fanned.executors_used == {"ray"} and fanned.decompositions == serial.decompositions == 10
+    for a, b in zip(expected, got, strict=True):
+        assert (a.model, a.comparison, a.measure, a.pairs) == (b.model, b.comparison, b.measure, b.pairs)
+        assert b.mean == pytest.approx(a.mean, abs=1e-9) and b.chance == pytest.approx(a.chance, abs=1e-9)

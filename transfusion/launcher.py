@@ -484,3 +484,48 @@ def fit_job(request: LaunchRequest, *, storage_path: str) -> dict[str, float]:
         return pool.run(request)
     finally:
         pool.close()
+
+
+# ============================================================================================
+# Representation analysis over Ray (issue 12). Self-contained: the per-item work is the pure
+# functions of transfusion.analysis.representations; this section only places them as tasks.
+# ============================================================================================
+
+
+class RayAnalysisExecutor:
+    """One Ray task per decomposition, then one per pair, each on a GPU when the cluster has one.
+
+    Activations go to the object store once per representation and decompositions once
+    per (run, layer, step); a pair task receives both by reference. At most
+    ``groups_in_flight`` groups (model, data size, layer) are submitted at a time, so
+    the object store never holds every decomposition of a grid.
+    """
+
+    name = "ray"
+
+    def __init__(self, *, groups_in_flight: int = 3) -> None:
+        self.groups_in_flight = groups_in_flight
+
+    def analyse(self, groups: list, settings) -> list[list]:
+        from transfusion.analysis.representations import (
+            compare_decompositions,
+            decompose_representation,
+            load_representation,
+        )
+
+        resources = ensure_ray()
+        options = {"num_cpus": 1, "num_gpus": 1 if resources.get("GPU", 0) >= 1 else 0}
+        decompose = ray.remote(decompose_representation).options(**options)
+        compare = ray.remote(compare_decompositions).options(**options)
+
+        def submit(group) -> list:
+            done = [decompose.remote(*load_representation(item), settings) for item in group.items]
+            return [compare.remote(done[i], done[j], measures=m, settings=settings) for i, j, m in group.pairs]
+
+        out, pending = [], deque()
+        for group in groups:
+            pending.append(submit(group))
+            if len(pending) >= self.groups_in_flight:
+                out.append(ray.get(pending.popleft()))
+        out.extend(ray.get(refs) for refs in pending)
+        return out

@@ -204,6 +204,11 @@ class PreparedRepresentation:
     def device(self) -> torch.device:
         return self.basis.device
 
+    def to(self, device: torch.device | str) -> PreparedRepresentation:
+        """The same decomposition with every tensor on ``device`` (e.g. CPU to ship between processes)."""
+        tensors = ("basis", "singular_values", "loadings", "feature_means", "feature_norms")
+        return replace(self, **{name: getattr(self, name).to(device) for name in tensors})
+
 
 Representation = Array | PreparedRepresentation
 SimilarityFn = Callable[..., CCAResult | CKAResult]

@@ -22,13 +22,16 @@ from transfusion.analysis.convergence import (
 )
 from transfusion.analysis.filters import plot_filters
 from transfusion.analysis.records import JobRecord
+from transfusion.analysis.representations import seed_similarity, seed_similarity_markdown, seed_similarity_requests
 from transfusion.analysis.similarity_figures import (
     AnalysisSettings,
     RepresentationCache,
     figure2_data,
     figure2_markdown,
+    figure2_requests,
     figure4_data,
     figure4_markdown,
+    figure4_requests,
     plot_figure2,
     plot_figure4,
 )
@@ -99,6 +102,9 @@ def analyze_records(
         result.sections.append(("Table 2: CheXpert per-pathology test AUC and AUPRC", text, []))
 
     cache = RepresentationCache(settings)
+    # One fan-out for every similarity of the report: each (run, layer, step) is decomposed once.
+    cache.score_pairs(figure2_requests(records, cache) + figure4_requests(records, cache)
+                      + seed_similarity_requests(records, cache))  # fmt: skip
     fig2 = figure2_data(records, cache)
     if fig2:
         plot_figure2(fig2, out / "figure2_similarity.png")
@@ -116,6 +122,16 @@ def analyze_records(
         text = f"Threshold: {convergence.describe()}.\n\n" + convergence_markdown(conv_rows)
         result.sections.append((f"Figure 5: convergence (threshold {convergence.threshold:.3f}, {convergence.mode})",
                                 text, ["figure5_convergence.png"]))  # fmt: skip
+
+    seeds = seed_similarity(records, cache=cache)
+    if seeds:
+        result.sections.append(("Top-layer SVCCA between seeds", seed_similarity_markdown(seeds), []))
+    # The probes' row-sampling rule and who computed the similarities, beside the settings.
+    (out / "analysis_settings.json").write_text(json.dumps({
+        "similarity": asdict(settings), "convergence": asdict(convergence),
+        "probe_sampling": cache.sampling_rules(), "similarity_executors": sorted(cache.executors_used),
+        "decompositions": cache.decompositions,
+    }, indent=2))  # fmt: skip
 
     if plot_filters(records, out / "filters_conv1.png") is not None:
         text = "Random vs pretrained conv1 filters, at init and after training.\n"

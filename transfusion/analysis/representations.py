@@ -1,19 +1,75 @@
-"""Representation similarity across runs of a grid, on stored probe activations."""
+"""Representation similarity across runs of a grid, on stored probe activations.
+
+Every value carries what it needs to be read: its chance level (the same measure on
+pairs whose row correspondence is broken, whole images at a time, see
+:func:`transfusion.similarity.chance_level`) and the rows/dims of its layer. Below
+:data:`~transfusion.probes.MIN_ROWS_PER_DIM` rows per feature a CCA-family value is
+mostly floor and is marked "too few rows".
+
+The work is two fan-outs: one decomposition per (run, layer, step)
+(:func:`decompose_representation`), then every pair that uses them
+(:func:`compare_decompositions`). Both are pure functions of arrays and settings, so
+an executor can run them serially here (:class:`SerialExecutor`) or as Ray tasks on
+GPUs (``transfusion.launcher.RayAnalysisExecutor``); :class:`RepresentationCache`
+plans the pairs, picks the executor and keeps the results.
+"""
 
 from __future__ import annotations
 
 import itertools
+import logging
+import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from transfusion.analysis.records import JobRecord
-from transfusion.probes import load_probe
+from transfusion.probes import MIN_ROWS_PER_DIM, load_probe, probe_layers, probe_sampling
+
+log = logging.getLogger(__name__)
 
 STAGE_ORDER = re.compile(r"^(conv1|stage(\d+))$")
+EXECUTORS = ("auto", "serial", "ray")
+TOO_FEW_ROWS = "too few rows"
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """How representations are compared; logged with every analysis.
+
+    Attributes:
+        conv_method: Only for old probes that stored (N, C, H, W) maps:
+            ``examples`` | ``pool`` | ``subsample`` (current probes store sampled rows).
+        max_examples: Row budget for those old maps.
+        svcca_keep: Variance SVCCA keeps.
+        top_layers: Layers Figure 2 averages (the top stages).
+        chance_repeats: Permutations per chance level.
+        chance_seed: Seed of the permutations.
+        min_rows_per_dim: Below this a value is marked "too few rows".
+        executor: ``serial``, ``ray``, or ``auto`` (Ray once the decompositions'
+            estimated work exceeds ``ray_min_flops``; Ray's start-up costs seconds).
+        ray_min_flops: Threshold of ``auto``.
+    """
+
+    conv_method: str = "examples"
+    max_examples: int = 4096
+    svcca_keep: float = 0.99
+    top_layers: int = 2
+    chance_repeats: int = 3
+    chance_seed: int = 0
+    min_rows_per_dim: int = MIN_ROWS_PER_DIM
+    executor: str = "auto"
+    ray_min_flops: float = 2e12
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}; got {self.executor!r}")
+        if self.chance_repeats < 1:
+            raise ValueError(f"chance_repeats must be >= 1; got {self.chance_repeats}")
 
 
 def ordered_layers(names: list[str]) -> list[str]:
@@ -48,7 +104,7 @@ def initial_probe_path(record: JobRecord) -> Path | None:
 def representation(
     activations: np.ndarray, *, conv_method: str = "examples", max_examples: int | None = 4096, seed: int = 0
 ) -> np.ndarray:
-    """(examples, features) float64 array from a stored activation (2-D or conv map)."""
+    """(examples, features) float64 array from a stored activation (sampled rows, flat, or an old conv map)."""
     from transfusion.similarity import flatten_conv
 
     activations = activations.astype(np.float64)
@@ -60,6 +116,277 @@ def representation(
     return np.asarray(flatten_conv(activations, method=conv_method, **options), dtype=np.float64)
 
 
+# ------------------------------------------------------------ per-item functions
+
+
+@dataclass(frozen=True, eq=False)
+class Decomposition:
+    """One (run, layer, step) decomposed once; ``prepared`` is None where it is undefined."""
+
+    prepared: object | None  # transfusion.similarity.PreparedRepresentation, on the CPU
+    groups: np.ndarray | None
+    rows: int
+    dims: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class MeasureScore:
+    score: float
+    chance: float
+    chance_std: float
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """Every requested measure of one pair of representations, with its chance level."""
+
+    scores: dict[str, MeasureScore]
+    rows: int
+    dims: int
+
+    @property
+    def rows_per_dim(self) -> float:
+        return self.rows / self.dims if self.dims else math.nan
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def decompose_representation(
+    activations: np.ndarray, groups: np.ndarray | None, settings: AnalysisSettings
+) -> Decomposition:
+    """Decomposes one stored representation (on the GPU when there is one); the result lives on the CPU."""
+    import torch
+
+    from transfusion.similarity import prepare
+
+    rep = representation(activations, conv_method=settings.conv_method, max_examples=settings.max_examples)
+    rows, dims = rep.shape
+    if groups is not None and len(groups) != rows:
+        groups = None
+    try:
+        prepared = prepare(torch.from_numpy(rep).to(_device())).to("cpu")
+    except ValueError as exc:  # e.g. a layer dead at init: every feature constant
+        return Decomposition(None, groups, rows, dims, error=str(exc))
+    return Decomposition(prepared, groups, rows, dims)
+
+
+def _measure_options(measure: str, settings: AnalysisSettings) -> dict:
+    return {"keep": settings.svcca_keep} if measure == "svcca" else {}
+
+
+def compare_decompositions(
+    x: Decomposition, y: Decomposition, *, measures: tuple[str, ...], settings: AnalysisSettings
+) -> PairScores:
+    """Each measure of the pair and its chance level (whole images permuted when rows are (image, position))."""
+    from transfusion.similarity import chance_level, get_similarity
+
+    rows, dims = x.rows, max(x.dims, y.dims)
+    if x.prepared is None or y.prepared is None or x.rows != y.rows:
+        nan = MeasureScore(math.nan, math.nan, math.nan)
+        return PairScores({m: nan for m in measures}, rows, dims)
+    device = _device()
+    px, py = x.prepared.to(device), y.prepared.to(device)
+    same_rows = x.groups is not None and y.groups is not None and np.array_equal(x.groups, y.groups)
+    groups = x.groups if same_rows and len(np.unique(x.groups)) > 1 else None
+    scores = {}
+    for measure in measures:
+        options = _measure_options(measure, settings)
+        score = get_similarity(measure)(px, py, **options).score
+        chance = chance_level(
+            px, py, measure=measure, repeats=settings.chance_repeats, seed=settings.chance_seed,
+            groups=groups, options=options,
+        )  # fmt: skip
+        scores[measure] = MeasureScore(float(score), chance.mean, chance.std)
+    return PairScores(scores, rows, dims)
+
+
+# ----------------------------------------------------------------- executors
+
+
+@dataclass(frozen=True)
+class RepresentationItem:
+    """One stored representation: a layer of one probe file."""
+
+    path: Path
+    layer: str
+
+
+@dataclass
+class AnalysisGroup:
+    """Representations of one (model, data size, layer) and the pairs among them."""
+
+    items: list[RepresentationItem] = field(default_factory=list)
+    pairs: list[tuple[int, int, tuple[str, ...]]] = field(default_factory=list)
+
+
+def load_representation(item: RepresentationItem) -> tuple[np.ndarray, np.ndarray | None]:
+    """The stored fp16 activations of one layer and the image of each row (None when unknown)."""
+    with np.load(item.path, allow_pickle=False) as data:
+        activations = data[item.layer]
+        rows_key = item.layer + ".rows"
+        groups = data[rows_key][:, 0] if rows_key in data.files else None
+    return activations, groups
+
+
+class AnalysisExecutor(Protocol):
+    name: str
+
+    def analyse(self, groups: list[AnalysisGroup], settings: AnalysisSettings) -> list[list[PairScores]]: ...
+
+
+class SerialExecutor:
+    """In this process, one group at a time (a group's decompositions are freed before the next)."""
+
+    name = "serial"
+
+    def analyse(self, groups: list[AnalysisGroup], settings: AnalysisSettings) -> list[list[PairScores]]:
+        out = []
+        for group in groups:
+            decomposed = [decompose_representation(*load_representation(item), settings) for item in group.items]
+            out.append([
+                compare_decompositions(decomposed[i], decomposed[j], measures=measures, settings=settings)
+                for i, j, measures in group.pairs
+            ])  # fmt: skip
+        return out
+
+
+def decomposition_flops(groups: list[AnalysisGroup]) -> float:
+    """Rough work of the decompositions: a rows x dims^2 Gram and a dims^3 eigh each."""
+    total = 0.0
+    for group in groups:
+        for item in group.items:
+            with np.load(item.path, allow_pickle=False) as data:
+                shape = data[item.layer].shape
+            rows = shape[0] * (shape[2] * shape[3] if len(shape) == 4 else 1)
+            dims = shape[1]
+            total += rows * dims * min(rows, dims) + 10 * min(rows, dims) ** 3
+    return total
+
+
+def choose_executor(settings: AnalysisSettings, groups: list[AnalysisGroup]) -> AnalysisExecutor:
+    if settings.executor == "serial":
+        return SerialExecutor()
+    if settings.executor == "auto" and decomposition_flops(groups) < settings.ray_min_flops:
+        return SerialExecutor()
+    from transfusion.launcher import RayAnalysisExecutor  # Ray only enters through the launcher
+
+    return RayAnalysisExecutor()
+
+
+# ------------------------------------------------------------------ the cache
+
+
+@dataclass(frozen=True)
+class PairRequest:
+    a: Path
+    b: Path
+    layer: str
+    group: tuple[str, ...]
+    measures: tuple[str, ...]
+
+
+class RepresentationCache:
+    """Plans pairs, runs them on an executor with one decomposition per (run, layer, step), keeps the scores."""
+
+    def __init__(self, settings: AnalysisSettings | None = None, executor: AnalysisExecutor | None = None) -> None:
+        self.settings = settings or AnalysisSettings()
+        self.executor = executor
+        self.decompositions = 0
+        self.executors_used: set[str] = set()
+        self._scores: dict[tuple[Path, Path, str], PairScores] = {}
+        self._layers: dict[Path, list[str]] = {}
+        self._sampling: dict[str, dict] = {}
+
+    def layers(self, path: Path) -> list[str]:
+        """Analysed layers of a probe in forward order, read without loading the arrays."""
+        if path not in self._layers:
+            with np.load(path, allow_pickle=False) as data:
+                names = list(data.files)
+                if "sampling" in names:
+                    rule = probe_sampling({"sampling": data["sampling"]})
+                    self._sampling[rule.describe()] = {"rows_per_channel": rule.rows_per_channel, "seed": rule.seed}
+            self._layers[path] = ordered_layers(probe_layers({n: None for n in names}))
+        return self._layers[path]
+
+    def probe(self, path: Path) -> dict[str, np.ndarray]:
+        return load_probe(path)
+
+    def sampling_rules(self) -> dict[str, dict]:
+        """The probe sampling rules met so far (description -> values), for the analysis log."""
+        return dict(self._sampling)
+
+    def score_pairs(self, requests: list[PairRequest]) -> None:
+        """Computes every request not computed yet: decompositions first, then the pairs."""
+        todo: dict[tuple[Path, Path, str], PairRequest] = {}
+        for r in requests:
+            key = (r.a, r.b, r.layer)
+            known = self._scores.get(key)
+            if known is not None and all(m in known.scores for m in r.measures):
+                continue
+            merged = tuple(dict.fromkeys((*todo[key].measures, *r.measures))) if key in todo else r.measures
+            todo[key] = PairRequest(r.a, r.b, r.layer, r.group, merged)
+        if not todo:
+            return
+        grouped: dict[tuple[str, ...], AnalysisGroup] = defaultdict(AnalysisGroup)
+        index: dict[tuple[tuple[str, ...], RepresentationItem], int] = {}
+        keys: dict[tuple[str, ...], list[tuple[Path, Path, str]]] = defaultdict(list)
+        for key, r in todo.items():
+            group = grouped[r.group]
+            slots = []
+            for path in (r.a, r.b):
+                item = RepresentationItem(path, r.layer)
+                if (r.group, item) not in index:
+                    index[(r.group, item)] = len(group.items)
+                    group.items.append(item)
+                slots.append(index[(r.group, item)])
+            group.pairs.append((slots[0], slots[1], r.measures))
+            keys[r.group].append(key)
+        names = list(grouped)
+        groups = [grouped[n] for n in names]
+        executor = self.executor or choose_executor(self.settings, groups)
+        self.executors_used.add(executor.name)
+        items = sum(len(g.items) for g in groups)
+        log.info("similarity: %d decompositions, %d pairs on %s", items, len(todo), executor.name)
+        results = executor.analyse(groups, self.settings)
+        self.decompositions += items
+        for name, scores in zip(names, results, strict=True):
+            for key, pair in zip(keys[name], scores, strict=True):
+                previous = self._scores.get(key)
+                merged = {**previous.scores, **pair.scores} if previous else pair.scores
+                self._scores[key] = PairScores(merged, pair.rows, pair.dims)
+
+    def pair(self, a: Path, b: Path, layer: str, *, measures: tuple[str, ...] = ("svcca",), group=()) -> PairScores:
+        self.score_pairs([PairRequest(a, b, layer, tuple(group) or (layer,), measures)])
+        return self._scores[(a, b, layer)]
+
+    def similarity(self, measure: str, a: Path, b: Path, layer: str) -> float:
+        """The score, or NaN where it is undefined (e.g. a layer dead at init: all constant)."""
+        return self.pair(a, b, layer, measures=(measure,)).scores[measure].score
+
+
+def _nan_stats(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    return (float(np.mean(values)), float(np.std(values))) if values else (math.nan, math.nan)
+
+
+def mark_value(mean: float, std: float, rows_per_dim: float, minimum: float = MIN_ROWS_PER_DIM) -> str:
+    """``0.812 ± 0.010``, or that marked "too few rows" when rows/dims is below ``minimum``."""
+    text = f"{mean:.3f} ± {std:.3f}"
+    return f"{TOO_FEW_ROWS}: {text}" if not rows_per_dim >= minimum else text
+
+
+def format_chance(chance: float, chance_std: float) -> str:
+    return f"{chance:.3f} ± {chance_std:.3f}"
+
+
+# ------------------------------------------------------------ seed similarity
+
+
 @dataclass(frozen=True)
 class SeedSimilarityRow:
     model: str
@@ -69,38 +396,69 @@ class SeedSimilarityRow:
     pairs: int
     mean: float
     std: float
+    chance: float = math.nan
+    chance_std: float = math.nan
+    rows_per_dim: float = math.nan
 
 
-def seed_similarity(
-    records: list[JobRecord], *, measure: str = "svcca", conv_method: str = "examples"
-) -> list[SeedSimilarityRow]:
-    """Per model x init x data size: similarity of the top layer between pairs of seeds."""
-    from transfusion.similarity import get_similarity
-
-    similarity = get_similarity(measure)
+def _seed_plans(records: list[JobRecord], cache: RepresentationCache) -> list[tuple]:
     cells: dict[tuple[str, str, str], list[JobRecord]] = defaultdict(list)
     for record in records:
         if record.status == "FINISHED" and final_probe_path(record) is not None:
             cells[record.cell].append(record)
-    rows = []
+    plans = []
     for (model, init, size), members in cells.items():
         if len(members) < 2:
             continue
-        probes = {r.seed: load_probe(final_probe_path(r)) for r in members}
-        layer = top_layers(list(next(iter(probes.values()))))[-1]
-        reps = {seed: representation(p[layer]) for seed, p in probes.items()}
-        scores = [similarity(reps[a], reps[b]).score for a, b in itertools.combinations(sorted(reps), 2)]
-        rows.append(
-            SeedSimilarityRow(model, init, size, layer, len(scores), float(np.mean(scores)), float(np.std(scores)))
-        )
+        members = sorted(members, key=lambda r: r.seed)
+        layer = top_layers(cache.layers(final_probe_path(members[0])))[-1]
+        pairs = [(final_probe_path(a), final_probe_path(b)) for a, b in itertools.combinations(members, 2)]
+        plans.append(((model, init, size), layer, pairs))
+    return plans
+
+
+def seed_similarity_requests(
+    records: list[JobRecord], cache: RepresentationCache, *, measure: str = "svcca"
+) -> list[PairRequest]:
+    """The pairs the seed-similarity table compares, to plan one fan-out for every analysis."""
+    return [
+        PairRequest(a, b, layer, (model, size, layer), (measure,))
+        for (model, _, size), layer, pairs in _seed_plans(records, cache) for a, b in pairs
+    ]  # fmt: skip
+
+
+def seed_similarity(
+    records: list[JobRecord],
+    *,
+    measure: str = "svcca",
+    conv_method: str = "examples",
+    cache: RepresentationCache | None = None,
+) -> list[SeedSimilarityRow]:
+    """Per model x init x data size: similarity of the top layer between pairs of seeds, with its chance level."""
+    cache = cache or RepresentationCache(AnalysisSettings(conv_method=conv_method))
+    plans = _seed_plans(records, cache)
+    cache.score_pairs(seed_similarity_requests(records, cache, measure=measure))
+    rows = []
+    for (model, init, size), layer, pairs in plans:
+        results = [cache.pair(a, b, layer, measures=(measure,)) for a, b in pairs]
+        mean, std = _nan_stats([p.scores[measure].score for p in results])
+        chance, _ = _nan_stats([p.scores[measure].chance for p in results])
+        chance_std, _ = _nan_stats([p.scores[measure].chance_std for p in results])
+        valid = sum(not math.isnan(p.scores[measure].score) for p in results)
+        rows.append(SeedSimilarityRow(model, init, size, layer, valid, mean, std, chance, chance_std,
+                                      min(p.rows_per_dim for p in results)))  # fmt: skip
     return rows
 
 
 def seed_similarity_markdown(rows: list[SeedSimilarityRow], *, measure: str = "svcca") -> str:
     lines = [
-        f"| model | init | data size | layer | seed pairs | {measure} mean ± std |",
-        "|---|---|---|---|---|---|",
+        f"| model | init | data size | layer | seed pairs | {measure} mean ± std | rows/dims | chance |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.model} | {r.init} | {r.data_size} | {r.layer} | {r.pairs} | {r.mean:.3f} ± {r.std:.3f} |")
+        lines.append(
+            f"| {r.model} | {r.init} | {r.data_size} | {r.layer} | {r.pairs}"
+            f" | {mark_value(r.mean, r.std, r.rows_per_dim)} | {r.rows_per_dim:.1f}"
+            f" | {format_chance(r.chance, r.chance_std)} |"
+        )
     return "\n".join(lines) + "\n"

@@ -2,14 +2,16 @@
 
 - Figure 2: per model, similarity of the top two layers (averaged) between runs from
   random init with different seeds (Rand-Rand) against random vs pretrained
-  (Rand-ImNet).
+  (Rand-Pretrained), for SVCCA, PWCCA and linear CKA.
 - Figure 4: per model and layer, similarity of each layer at init vs after training,
   for random and pretrained inits, and their difference.
 
-Representations are (examples, features): conv maps become positions-as-examples
-(subsampled to a maximum, the same positions for every run) or are average-pooled,
-a config value logged with the analysis. Each (run, layer, step) is decomposed once
-(:func:`transfusion.similarity.prepare`) and reused by every pair it is part of.
+Every value carries its chance level (drawn as a band) and the rows/dims of its
+layers; a value below 10 rows per dim is marked "too few rows" in its table and
+drawn hollow. Representations are (examples, features): conv layers are the seeded
+(image, position) rows of the unpooled maps stored by :mod:`transfusion.probes`.
+Each (run, layer, step) is decomposed once and reused by every pair it is part of
+(:class:`~transfusion.analysis.representations.RepresentationCache`).
 """
 
 from __future__ import annotations
@@ -25,72 +27,32 @@ import numpy as np
 from transfusion.analysis.plotting import pyplot, save_figure
 from transfusion.analysis.records import JobRecord
 from transfusion.analysis.representations import (
+    AnalysisSettings,
+    PairRequest,
+    RepresentationCache,
     final_probe_path,
+    format_chance,
     initial_probe_path,
-    ordered_layers,
-    representation,
+    mark_value,
 )
-from transfusion.probes import load_probe
+
+__all__ = [
+    "MEASURES",
+    "AnalysisSettings",
+    "LayerMovement",
+    "PairSimilarity",
+    "RepresentationCache",
+    "figure2_data",
+    "figure2_markdown",
+    "figure4_data",
+    "figure4_markdown",
+    "plot_figure2",
+    "plot_figure4",
+]
 
 MEASURES = ("svcca", "pwcca", "linear_cka")
 RANDOM_INITS = ("random",)
-
-
-@dataclass(frozen=True)
-class AnalysisSettings:
-    """How representations are compared; logged with every analysis."""
-
-    conv_method: str = "examples"  # examples | pool | subsample
-    max_examples: int = 4096
-    svcca_keep: float = 0.99
-    top_layers: int = 2
-
-
-class RepresentationCache:
-    """One decomposition per (run, layer, step), shared by every comparison."""
-
-    def __init__(self, settings: AnalysisSettings) -> None:
-        self.settings = settings
-        self._probes: dict[Path, dict[str, np.ndarray]] = {}
-        self._prepared: dict[tuple[Path, str], object] = {}
-        self.decompositions = 0
-
-    def probe(self, path: Path) -> dict[str, np.ndarray]:
-        if path not in self._probes:
-            self._probes[path] = load_probe(path)
-        return self._probes[path]
-
-    def prepared(self, path: Path, layer: str):
-        from transfusion.similarity import prepare
-
-        key = (path, layer)
-        if isinstance(self._prepared.get(key), ValueError):
-            raise self._prepared[key]
-        if key not in self._prepared:
-            rep = representation(
-                self.probe(path)[layer],
-                conv_method=self.settings.conv_method,
-                max_examples=self.settings.max_examples,
-            )
-            self.decompositions += 1
-            try:
-                self._prepared[key] = prepare(rep)
-            except ValueError as exc:
-                self._prepared[key] = exc
-                raise
-        return self._prepared[key]
-
-    def similarity(self, measure: str, a: Path, b: Path, layer: str) -> float:
-        """The score, or NaN where it is undefined (e.g. a layer dead at init: all constant)."""
-        from transfusion import similarity
-
-        try:
-            x, y = self.prepared(a, layer), self.prepared(b, layer)
-        except ValueError:
-            return math.nan
-        if measure == "svcca":
-            return similarity.svcca(x, y, keep=self.settings.svcca_keep).score
-        return similarity.get_similarity(measure)(x, y).score
+CHANCE_COLOUR = "0.55"
 
 
 def is_random(record: JobRecord) -> bool:
@@ -114,39 +76,57 @@ class PairSimilarity:
     mean: float
     std: float
     pairs: int
+    chance: float = math.nan
+    chance_std: float = math.nan
+    rows_per_dim: float = math.nan  # the lowest of the averaged layers
 
 
-def figure2_data(records: list[JobRecord], cache: RepresentationCache) -> list[PairSimilarity]:
-    """Top-layer similarity: Rand-Rand across seeds vs Rand-Pretrained."""
+def _figure2_plans(records: list[JobRecord], cache: RepresentationCache) -> list[tuple]:
     groups: dict[tuple[str, str], list[JobRecord]] = defaultdict(list)
     for r in records:
         if r.status == "FINISHED" and final_probe_path(r) is not None:
             groups[(r.model, r.data_size)].append(r)
-    rows = []
+    plans = []
     for (model, size), members in groups.items():
-        randoms = [r for r in members if is_random(r)]
-        pretrained = [r for r in members if is_pretrained(r)]
+        randoms = sorted((r for r in members if is_random(r)), key=lambda r: r.seed)
+        pretrained = sorted((r for r in members if is_pretrained(r)), key=lambda r: (r.init, r.seed))
         if not randoms:
             continue
-        layers = ordered_layers(list(cache.probe(final_probe_path(randoms[0]))))[-cache.settings.top_layers :]
+        layers = cache.layers(final_probe_path(randoms[0]))[-cache.settings.top_layers :]
         comparisons = {
             "rand-rand": list(itertools.combinations(randoms, 2)),
             "rand-pretrained": [(a, b) for a in randoms for b in pretrained],
         }
         for comparison, pairs in comparisons.items():
-            if not pairs:
-                continue
-            for measure in MEASURES:
-                scores = [
-                    _nanmean(
-                        [cache.similarity(measure, final_probe_path(a), final_probe_path(b), layer) for layer in layers]
-                    )
-                    for a, b in pairs
-                ]
-                valid = [v for v in scores if not math.isnan(v)]
-                rows.append(
-                    PairSimilarity(model, size, comparison, measure, _nanmean(valid), _nanstd(valid), len(valid))
-                )
+            if pairs:
+                paths = [(final_probe_path(a), final_probe_path(b)) for a, b in pairs]
+                plans.append((model, size, comparison, layers, paths))
+    return plans
+
+
+def figure2_requests(records: list[JobRecord], cache: RepresentationCache) -> list[PairRequest]:
+    """The pairs Figure 2 compares, to plan one fan-out for every analysis."""
+    return [
+        PairRequest(a, b, layer, (model, size, layer), MEASURES)
+        for model, size, _, layers, paths in _figure2_plans(records, cache) for a, b in paths for layer in layers
+    ]  # fmt: skip
+
+
+def figure2_data(records: list[JobRecord], cache: RepresentationCache) -> list[PairSimilarity]:
+    """Top-layer similarity (top layers averaged): Rand-Rand across seeds vs Rand-Pretrained."""
+    plans = _figure2_plans(records, cache)
+    cache.score_pairs(figure2_requests(records, cache))
+    rows = []
+    for model, size, comparison, layers, paths in plans:
+        results = [[cache.pair(a, b, layer, measures=MEASURES) for layer in layers] for a, b in paths]
+        rows_per_dim = min(p.rows_per_dim for per_pair in results for p in per_pair)
+        for measure in MEASURES:
+            scores = [_nanmean([p.scores[measure].score for p in per_pair]) for per_pair in results]
+            chances = [_nanmean([p.scores[measure].chance for p in per_pair]) for per_pair in results]
+            spreads = [_nanmean([p.scores[measure].chance_std for p in per_pair]) for per_pair in results]
+            valid = [v for v in scores if not math.isnan(v)]
+            rows.append(PairSimilarity(model, size, comparison, measure, _nanmean(valid), _nanstd(valid), len(valid),
+                                       _nanmean(chances), _nanmean(spreads), rows_per_dim))  # fmt: skip
     return rows
 
 
@@ -160,23 +140,50 @@ class LayerMovement:
     mean: float
     std: float
     runs: int
+    chance: float = math.nan
+    chance_std: float = math.nan
+    rows_per_dim: float = math.nan
+
+
+def _figure4_plans(records: list[JobRecord], cache: RepresentationCache) -> list[tuple]:
+    groups: dict[tuple[str, str, str], list[JobRecord]] = defaultdict(list)
+    for r in records:
+        if r.status == "FINISHED" and initial_probe_path(r) is not None and final_probe_path(r) is not None:
+            groups[(r.model, r.data_size, r.init)].append(r)
+    plans = []
+    for (model, size, init), members in groups.items():
+        members = sorted(members, key=lambda r: r.seed)
+        for layer in cache.layers(final_probe_path(members[0])):
+            plans.append((model, size, init, layer, [(initial_probe_path(r), final_probe_path(r)) for r in members]))
+    return plans
+
+
+def figure4_requests(
+    records: list[JobRecord], cache: RepresentationCache, *, measure: str = "svcca"
+) -> list[PairRequest]:
+    """The pairs Figure 4 compares, to plan one fan-out for every analysis."""
+    return [
+        PairRequest(a, b, layer, (model, size, layer), (measure,))
+        for model, size, _, layer, paths in _figure4_plans(records, cache) for a, b in paths
+    ]  # fmt: skip
 
 
 def figure4_data(
     records: list[JobRecord], cache: RepresentationCache, *, measure: str = "svcca"
 ) -> list[LayerMovement]:
-    """Per layer: similarity of the representation at init and after training."""
-    groups: dict[tuple[str, str, str], list[JobRecord]] = defaultdict(list)
-    for r in records:
-        if r.status == "FINISHED" and initial_probe_path(r) is not None and final_probe_path(r) is not None:
-            groups[(r.model, r.data_size, r.init)].append(r)
+    """Per layer: similarity of the representation at init and after training, with the layer's chance level."""
+    plans = _figure4_plans(records, cache)
+    cache.score_pairs(figure4_requests(records, cache, measure=measure))
     rows = []
-    for (model, size, init), members in groups.items():
-        layers = ordered_layers(list(cache.probe(final_probe_path(members[0]))))
-        for layer in layers:
-            scores = [cache.similarity(measure, initial_probe_path(r), final_probe_path(r), layer) for r in members]
-            valid = [v for v in scores if not math.isnan(v)]
-            rows.append(LayerMovement(model, size, init, layer, measure, _nanmean(valid), _nanstd(valid), len(valid)))
+    for model, size, init, layer, paths in plans:
+        results = [cache.pair(a, b, layer, measures=(measure,)) for a, b in paths]
+        valid = [p.scores[measure].score for p in results if not math.isnan(p.scores[measure].score)]
+        rows.append(LayerMovement(
+            model, size, init, layer, measure, _nanmean(valid), _nanstd(valid), len(valid),
+            _nanmean([p.scores[measure].chance for p in results]),
+            _nanmean([p.scores[measure].chance_std for p in results]),
+            min(p.rows_per_dim for p in results),
+        ))  # fmt: skip
     return rows
 
 
@@ -196,81 +203,134 @@ def _plt():
     return plt
 
 
+def _too_few(rows_per_dim: float, settings: AnalysisSettings | None = None) -> bool:
+    minimum = (settings or AnalysisSettings()).min_rows_per_dim
+    return not rows_per_dim >= minimum
+
+
 def plot_figure2(rows: list[PairSimilarity], path: Path) -> Path:
-    """One panel per similarity measure; per model, Rand-Rand vs Rand-Pretrained bars."""
+    """One panel per measure; per model, Rand-Rand vs Rand-Pretrained bars, each with its chance band.
+
+    A bar whose layers have too few rows per dim is drawn hollow.
+    """
     plt = _plt()
     measures = [m for m in MEASURES if any(r.measure == m for r in rows)] or list(MEASURES)
     fig, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures), 3.6), squeeze=False)
+    colours = {"rand-rand": "C0", "rand-pretrained": "C1"}
+    width = 0.38
     for ax, measure in zip(axes[0], measures, strict=True):
         subset = [r for r in rows if r.measure == measure]
         groups = list(dict.fromkeys((r.model, r.data_size) for r in subset))
+        band_label = "chance (images permuted)"
         for i, comparison in enumerate(("rand-rand", "rand-pretrained")):
-            xs, ys, es = [], [], []
+            label = comparison.replace("-", "–")
             for g, (model, size) in enumerate(groups):
                 match = [r for r in subset if (r.model, r.data_size, r.comparison) == (model, size, comparison)]
-                if match:
-                    xs.append(g + (i - 0.5) * 0.38)
-                    ys.append(match[0].mean)
-                    es.append(match[0].std)
-            ax.bar(xs, ys, width=0.38, yerr=es, capsize=3, label=comparison.replace("-", "–"))
+                if not match:
+                    continue
+                r, x = match[0], g + (i - 0.5) * width
+                hollow = _too_few(r.rows_per_dim)
+                ax.bar(x, r.mean, width=width, yerr=r.std, capsize=3, color="none" if hollow else colours[comparison],
+                       edgecolor=colours[comparison], hatch="//" if hollow else None, label=label)  # fmt: skip
+                if not math.isnan(r.chance):
+                    spread = _band_halfwidth(r.chance_std)
+                    ax.fill_between([x - width / 2, x + width / 2], r.chance - spread, r.chance + spread,
+                                    color=CHANCE_COLOUR, alpha=0.8, lw=0, label=band_label, zorder=3)  # fmt: skip
+                    ax.hlines(r.chance, x - width / 2, x + width / 2, colors="k", linestyles="--", lw=1, zorder=4)
+                label, band_label = None, None
         ax.set_xticks(range(len(groups)))
+        ax.set_xlim(-0.7, len(groups) - 0.3)
         ax.set_xticklabels([f"{m}\n{s}" for m, s in groups], fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(f"{measure}: top layers")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Figure 2: representation similarity, Rand–Rand vs Rand–Pretrained")
+        ax.legend(fontsize=7)
+    fig.suptitle("Figure 2: Rand–Rand vs Rand–Pretrained (dashed + grey band: chance; hollow: too few rows)")
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)
 
 
+def _band_halfwidth(chance_std):
+    """Two standard deviations of the chance level, at least 0.01 so a band stays visible."""
+    return np.maximum(2 * np.asarray(chance_std, dtype=float), 0.01)
+
+
+def _per_layer(line: dict[str, LayerMovement], layers: list[str], attr: str, default: float = math.nan) -> np.ndarray:
+    return np.array([getattr(line[layer], attr) if layer in line else default for layer in layers], dtype=float)
+
+
 def plot_figure4(rows: list[LayerMovement], path: Path) -> Path:
-    """One panel per model: similarity(init, trained) per layer, one line per init."""
+    """One panel per model: similarity(init, trained) per layer, one line per init, with each layer's chance band.
+
+    Markers of layers with too few rows per dim are hollow.
+    """
     plt = _plt()
     models = list(dict.fromkeys((r.model, r.data_size) for r in rows))
     fig, axes = plt.subplots(1, max(1, len(models)), figsize=(4.2 * max(1, len(models)), 3.6), squeeze=False)
     for ax, (model, size) in zip(axes[0], models, strict=False):
         subset = [r for r in rows if (r.model, r.data_size) == (model, size)]
         layers = list(dict.fromkeys(r.layer for r in subset))
-        for init in dict.fromkeys(r.init for r in subset):
+        xs = np.arange(len(layers))
+        for colour, init in enumerate(dict.fromkeys(r.init for r in subset)):
             line = {r.layer: r for r in subset if r.init == init}
-            ys = [line[layer].mean if layer in line else math.nan for layer in layers]
-            es = [line[layer].std if layer in line else 0.0 for layer in layers]
-            ax.errorbar(range(len(layers)), ys, yerr=es, marker="o", capsize=3, label=init)
-        ax.set_xticks(range(len(layers)))
+            ys, es = _per_layer(line, layers, "mean"), _per_layer(line, layers, "std", 0.0)
+            chance, spread = _per_layer(line, layers, "chance"), _per_layer(line, layers, "chance_std", 0.0)
+            too_few = np.array([_too_few(v) for v in _per_layer(line, layers, "rows_per_dim")])
+            c = f"C{colour}"
+            ax.errorbar(xs, ys, yerr=es, color=c, capsize=3, label=init)
+            ax.scatter(xs[~too_few], ys[~too_few], color=c, zorder=3)
+            ax.scatter(xs[too_few], ys[too_few], facecolors="none", edgecolors=c, zorder=3)
+            spread = _band_halfwidth(np.nan_to_num(spread))
+            ax.fill_between(xs, chance - spread, chance + spread, color=c, alpha=0.3, linewidth=0,
+                            label=f"{init}: chance")  # fmt: skip
+            ax.plot(xs, chance, color=c, linestyle="--", linewidth=1)
+        ax.set_xticks(xs)
         ax.set_xticklabels(layers, rotation=30, fontsize=8)
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{model} ({size})")
-        ax.set_ylabel("similarity, init vs trained")
+        ax.set_ylabel(f"{subset[0].measure if subset else 'similarity'}, init vs trained")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Figure 4: how far each layer moves from its init")
+        ax.legend(fontsize=7)
+    fig.suptitle("Figure 4: layer at init vs trained\n(dashed + band: chance; hollow: too few rows)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)
 
 
 def figure2_markdown(rows: list[PairSimilarity]) -> str:
-    lines = ["| model | data size | comparison | measure | mean ± std | pairs |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | data size | comparison | measure | mean ± std | pairs | rows/dims | chance |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
-            f"| {r.model} | {r.data_size} | {r.comparison} | {r.measure} | {r.mean:.3f} ± {r.std:.3f} | {r.pairs} |"
+            f"| {r.model} | {r.data_size} | {r.comparison} | {r.measure} | {mark_value(r.mean, r.std, r.rows_per_dim)}"
+            f" | {r.pairs} | {r.rows_per_dim:.1f} | {format_chance(r.chance, r.chance_std)} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def figure4_markdown(rows: list[LayerMovement]) -> str:
     """Per model and layer: random-init vs pretrained movement and their difference."""
-    lines = ["| model | data size | layer | init | similarity(init, trained) | runs |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | data size | layer | init | similarity(init, trained) | runs | rows/dims | chance |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r.model} | {r.data_size} | {r.layer} | {r.init} | {r.mean:.3f} ± {r.std:.3f} | {r.runs} |")
-    by = {(r.model, r.data_size, r.layer, r.init): r.mean for r in rows}
+        lines.append(
+            f"| {r.model} | {r.data_size} | {r.layer} | {r.init} | {mark_value(r.mean, r.std, r.rows_per_dim)}"
+            f" | {r.runs} | {r.rows_per_dim:.1f} | {format_chance(r.chance, r.chance_std)} |"
+        )
+    by = {(r.model, r.data_size, r.layer, r.init): r for r in rows}
     diffs = []
-    for (model, size, layer, init), value in by.items():
+    for (model, size, layer, init), row in by.items():
         if init in RANDOM_INITS:
             continue
         base = by.get((model, size, layer, "random"))
         if base is not None:
-            diffs.append(f"| {model} | {size} | {layer} | {init} − random | {value - base:+.3f} |")
+            value = f"{row.mean - base.mean:+.3f}"
+            if _too_few(min(row.rows_per_dim, base.rows_per_dim)):
+                value = f"too few rows: {value}"
+            diffs.append(f"| {model} | {size} | {layer} | {init} − random | {value} |")
     if diffs:
         lines += ["", "| model | data size | layer | difference | value |", "|---|---|---|---|---|", *diffs]
     return "\n".join(lines) + "\n"

@@ -104,6 +104,18 @@ class WeakSourceSettings(_Frozen):
     min_top1: Annotated[float, Field(ge=0, le=1, description="lower top-1 on held-out source images: weak")] = 0.3
 
 
+# Train settings added after grids had run: they enter job and grid keys only when set,
+# so a grid that does not use them keeps its finished jobs and its parent run.
+LATER_TRAIN_OPTIONS = {"select": "last", "subset_seed": None, "label_smoothing": 0.0}
+
+
+def drop_unset_later_options(train: dict[str, Any]) -> dict[str, Any]:
+    for name, default in LATER_TRAIN_OPTIONS.items():
+        if train.get(name, default) == default:
+            train.pop(name, None)
+    return train
+
+
 class JobSpec(_Frozen):
     """One training run: a model, an init, a data regime and a seed."""
 
@@ -123,10 +135,7 @@ class JobSpec(_Frozen):
     def job_key(self) -> str:
         """Deterministic 16-hex-digit key of everything that defines the job but the grid name."""
         payload = self.model_dump(mode="json", exclude={"grid"})
-        # Evaluation options added later enter the key only when set, so earlier jobs keep theirs.
-        for name, default in (("select", "last"), ("subset_seed", None), ("label_smoothing", 0.0)):
-            if payload["train"][name] == default:
-                del payload["train"][name]
+        drop_unset_later_options(payload["train"])
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -263,6 +272,7 @@ class GridSpec(_Frozen):
     @property
     def grid_key(self) -> str:
         payload = self.model_dump(mode="json", exclude=ANALYSIS_ONLY_FIELDS)
+        drop_unset_later_options(payload["train"])
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -165,3 +165,15 @@ def test_imagenet_folder_recipe_is_epochs_at_the_models_standard_resolution():
     assert imagenet_recipe("resnet50", train_images=1000, steps=10, workers=4, gpus_per_worker=1).steps == 10
     logits, targets = torch.tensor([[4.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]])
     assert multiclass_ce(logits, targets, label_smoothing=0.1) > multiclass_ce(logits, targets)
+
+
+def test_later_options_at_their_defaults_keep_grid_and_job_keys():
+    from flows.cli import apply_overrides
+
+    demo = load_grid("demo")
+    data = demo.model_dump(mode="json")
+    unchanged = ["train.select=last", "weak_source.min_top1=0.5", "convergence_mode=relative"]
+    same = load_grid(apply_overrides(data, unchanged))
+    assert same.grid_key == demo.grid_key and [j.job_key for j in same.jobs()] == [j.job_key for j in demo.jobs()]
+    changed = load_grid(apply_overrides(data, ["train.select=best-val"]))
+    assert changed.grid_key != demo.grid_key and changed.jobs()[0].job_key != demo.jobs()[0].job_key

@@ -158,6 +158,18 @@ def _short_hash(payload: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# Train settings added after grids had run: they enter job and grid keys only when set,
+# so a grid that does not use them keeps its finished jobs and its parent run.
+LATER_TRAIN_OPTIONS = {"select": "last", "subset_seed": None, "label_smoothing": 0.0}
+
+
+def drop_unset_later_options(train: dict[str, Any]) -> dict[str, Any]:
+    for name, default in LATER_TRAIN_OPTIONS.items():
+        if train.get(name, default) == default:
+            train.pop(name, None)
+    return train
+
+
 class JobSpec(_Frozen):
     """One training run: a model, an init, a data regime and a seed."""
 
@@ -373,6 +385,7 @@ class GridSpec(_Frozen):
     @property
     def grid_key(self) -> str:
         payload = self.model_dump(mode="json", exclude=ANALYSIS_ONLY_FIELDS)
+        drop_unset_later_options(payload["train"])
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

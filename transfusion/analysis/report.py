@@ -90,6 +90,8 @@ def analyze_records(
                             paper_tables_markdown(rows, dataset=dataset), ["results.png"]))  # fmt: skip
     (out / "tables.md").write_text(result.sections[-1][1])
 
+    for optional in ("transfer_effect.md", "table2_pathologies.md"):  # left by an earlier analysis of this grid
+        (out / optional).unlink(missing_ok=True)
     result.transfer_rows = transfer_effect_table(records)
     if result.transfer_rows:
         text = transfer_effect_markdown(result.transfer_rows, paper_delta=paper_delta_auc(dataset))

@@ -323,3 +323,38 @@ def test_analyze_of_a_grid_never_trained_is_an_error_and_leaves_no_run(mlflow_se
     experiment = MlflowClient(mlflow_server.url).get_experiment_by_name("never-trained")
     assert experiment is None or not MlflowClient(mlflow_server.url).search_runs([experiment.experiment_id])
     assert _running_runs(mlflow_server.url) <= before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("raised", "code", "line", "status"),
+    [
+        (
+            RuntimeError("disk full while writing tables"),
+            2,
+            "transfusion: error: disk full while writing tables",
+            "FAILED",
+        ),
+        (KeyboardInterrupt(), 130, "transfusion: interrupted", "KILLED"),
+    ],
+    ids=["error", "interrupt"],
+)
+def test_a_grid_stopped_after_its_run_opened_ends_that_run_with_the_reason(
+    raised, code, line, status, mlflow_server, cli_home, monkeypatch, capsys
+):
+    from mlflow.tracking import MlflowClient
+
+    import flows.grid
+
+    def stop(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(flows.grid, "_train_jobs", stop)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    name = f"stopped-{status.lower()}"
+    assert main(["run", "smoke", "--set", f"name={name}"]) == code
+    assert capsys.readouterr().err.strip().splitlines()[-1] == line
+    client = MlflowClient(mlflow_server.url)
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert run.info.status == status
+    assert run.data.tags["failure_reason"] == f"{type(raised).__name__}: {raised}".rstrip(": ")

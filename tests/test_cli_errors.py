@@ -358,3 +358,31 @@ def test_a_grid_stopped_after_its_run_opened_ends_that_run_with_the_reason(
     (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
     assert run.info.status == status
     assert run.data.tags["failure_reason"] == f"{type(raised).__name__}: {raised}".rstrip(": ")
+
+
+def test_ray_address_check_refuses_a_port_that_is_not_a_ray_head():
+    import http.server
+    import threading
+
+    from transfusion.preflight import check_ray_address
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(RuntimeError, match=rf"RAY_ADDRESS={address} answers, but not as a Ray head"):
+            check_ray_address(address, timeout=3)
+    finally:
+        server.shutdown()
+    with pytest.raises(ValueError, match=r"RAY_ADDRESS 'ray://head' is not host:port"):
+        check_ray_address("ray://head")
+    check_ray_address("auto")  # left to Ray, which finds a local cluster itself
+
+
+@pytest.mark.slow
+def test_ray_address_check_accepts_a_real_ray_head(ray_cluster):
+    import ray
+
+    from transfusion.preflight import check_ray_address
+
+    check_ray_address(ray.get_runtime_context().gcs_address, timeout=5)

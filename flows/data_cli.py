@@ -26,10 +26,11 @@ def parse_options(items: list[str]) -> dict[str, str]:
 
 
 def command_data_prepare(args: argparse.Namespace) -> int:
-    from transfusion.data import prepare_dataset
+    from transfusion.data import DATASETS, prepare_dataset
     from transfusion.data.build import default_resolution
     from transfusion.data.summary import describe
 
+    DATASETS.get(args.name)  # an unknown name lists the valid ones before anything else is checked
     options: dict[str, object] = parse_options(args.option)
     if args.skip_bad:
         options["skip_bad"] = True

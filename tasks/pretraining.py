@@ -132,23 +132,27 @@ def pretrain_grid(
 
 def pretrain_and_register(grid: GridSpec, *, register_as: str) -> str:
     """Runs the pretraining grid's job and registers its weights; returns ``models:/...``."""
-    from tasks.training import open_grid_run_task, prepare_dataset_task, train_job_task
+    from tasks.training import end_failed_run, open_grid_run_task, prepare_dataset_task, train_job_task
 
     (spec,) = grid.jobs()
-    grid_run = open_grid_run_task.fn(grid)
     dataset_root = prepare_dataset_task.fn(grid)
-    outcome = train_job_task.fn(spec, grid_run, dataset_root)
-    if not outcome.ok:
-        raise RuntimeError(f"pretraining {spec.model} on {grid.dataset} failed: {outcome.reason}")
-    uri = tracking.register_model_weights(register_as, outcome.run_id, "checkpoint")
-    label = "synthetic-source transfer" if grid.dataset == "synthetic-shapes" else "ImageNet-folder transfer"
-    train_images = len(PreparedDataset.open(dataset_root).indices("train"))
-    quality = measured_quality(grid, outcome.metrics, train_images=train_images)
-    tags = source_tags(uri, quality, grid.weak_source)
-    tracking.set_model_version_tags(uri, tags)
-    tracking.set_tags(outcome.run_id, {"registered_as": uri, "transfer_label": label, **tags})
-    if tags["source.quality"] == WEAK:
-        log.warning("%s is a weak source (%s): transfer from it will be labelled weak", uri, quality.describe())
+    grid_run = open_grid_run_task.fn(grid)
+    try:
+        outcome = train_job_task.fn(spec, grid_run, dataset_root)
+        if not outcome.ok:
+            raise RuntimeError(f"pretraining {spec.model} on {grid.dataset} failed: {outcome.reason}")
+        uri = tracking.register_model_weights(register_as, outcome.run_id, "checkpoint")
+        label = "synthetic-source transfer" if grid.dataset == "synthetic-shapes" else "ImageNet-folder transfer"
+        train_images = len(PreparedDataset.open(dataset_root).indices("train"))
+        quality = measured_quality(grid, outcome.metrics, train_images=train_images)
+        tags = source_tags(uri, quality, grid.weak_source)
+        tracking.set_model_version_tags(uri, tags)
+        tracking.set_tags(outcome.run_id, {"registered_as": uri, "transfer_label": label, **tags})
+        if tags["source.quality"] == WEAK:
+            log.warning("%s is a weak source (%s): transfer from it will be labelled weak", uri, quality.describe())
+    except BaseException as exc:  # the parent run says why, instead of staying RUNNING
+        end_failed_run(grid_run.run_id, exc)
+        raise
     tracking.end_run(grid_run.run_id, "FINISHED")
     log.info("registered %s", uri)
     return uri

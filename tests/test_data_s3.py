@@ -99,3 +99,29 @@ def test_single_object_source_and_errors(s3_env, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     with pytest.raises(ValueError, match=r"^cannot list s3://transfusion-data/medmnist: SignatureDoesNotMatch"):
         prepare_dataset("retina-eyepacs", source=f"s3://{BUCKET}/medmnist", resolution=32, home=home)
+
+
+def test_weights_from_s3_are_downloaded_once_into_the_cache(s3_env, tmp_path, monkeypatch):
+    import hashlib
+
+    import torch
+
+    from transfusion.pretrained import load_state_dict_from_uri
+
+    client = s3_env.create_bucket("weights")
+    local = tmp_path / "model.pt"
+    torch.save({"w": torch.arange(3.0)}, local)
+    client.upload_file(str(local), "weights", "runs/7/model.pt")
+    monkeypatch.setenv("TRANSFUSION_HOME", str(tmp_path / "home"))
+    first = load_state_dict_from_uri("s3://weights/runs/7/model.pt")
+    assert first.sha256 == hashlib.sha256(local.read_bytes()).hexdigest()
+    assert torch.equal(first.state_dict["w"], torch.arange(3.0))
+    assert first.path.is_relative_to(tmp_path / "home" / "cache" / "weights")
+    assert not list(first.path.parent.glob("*.part"))  # no partial download left beside it
+    # Gone from the server, still loadable: the second load reads the cache, not S3.
+    client.delete_object(Bucket="weights", Key="runs/7/model.pt")
+    second = load_state_dict_from_uri("s3://weights/runs/7/model.pt")
+    assert second.sha256 == first.sha256 and second.path == first.path
+    with pytest.raises(ValueError, match=r"could not download s3://weights/runs/8/model.pt \(endpoint http://127"):
+        load_state_dict_from_uri("s3://weights/runs/8/model.pt")
+    assert not list((tmp_path / "home" / "cache" / "weights").rglob("*.part"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -373,7 +374,8 @@ def test_medmnist_bad_inputs(tmp_path, home):
     bad = tmp_path / "bad" / "retinamnist.npz"
     bad.parent.mkdir()
     np.savez(bad, **arrays)
-    with pytest.raises(ValueError, match="unknown label value 7"):
+    message = r"retinamnist.npz: val_labels row 3: unknown label value 7 \(grades are 0-4\)"
+    with pytest.raises(ValueError, match=message):
         prepare_dataset("medmnist", source=str(bad), resolution=28, home=home)
     del arrays["test_images"]
     np.savez(bad, **arrays)
@@ -647,3 +649,66 @@ def test_imaging_decodes_common_modes_and_crops(tmp_path):
     assert abs(left - 220) <= 4 and abs(right - 780) <= 4 and top <= 24 and bottom >= 576
     with pytest.raises(ValueError, match="unknown crop"):
         imaging.load_image(black, resolution=8, channels=3, crop="circle")
+
+
+def test_an_image_listed_twice_is_refused_in_every_format_naming_both_rows(tmp_path, home, chexpert_dir):
+    folder = _make_folder(tmp_path / "folder")
+    rows = read_rows(folder / "labels.csv")
+    header = list(rows[0])
+    # The same file again under another spelling, with the opposite label.
+    twin = {**rows[0], "image": "imgs/./im0.png", "effusion": str(1 - int(rows[0]["effusion"]))}
+    write_csv(folder / "labels.csv", header, [[r[c] for c in header] for r in [*rows, twin]])
+    with pytest.raises(
+        ValueError, match=r"labels.csv line 32: image 'imgs/./im0.png' is listed twice \(first at .*labels.csv line 2\)"
+    ):
+        prepare_dataset("folder", source=str(folder), resolution=RES, options={"label_columns": "effusion"}, home=home)
+
+    broken = tmp_path / "cx" / "CheXpert-v1.0-small"
+    shutil.copytree(chexpert_dir, broken)
+    train = read_rows(chexpert_dir / "train.csv")
+    write_csv(broken / "train.csv", CHEXPERT_HEADER, [[r[c] for c in CHEXPERT_HEADER] for r in [*train, train[2]]])
+    message = rf"train.csv line {len(train) + 2}: image .* is listed twice \(first at .*line 4\)"
+    with pytest.raises(ValueError, match=message):
+        prepare_dataset("chexpert", source=str(broken), resolution=RES, options={"frontal_only": False}, home=home)
+    valid = read_rows(chexpert_dir / "valid.csv")
+    write_csv(broken / "train.csv", CHEXPERT_HEADER, [[r[c] for c in CHEXPERT_HEADER] for r in train])
+    write_csv(broken / "valid.csv", CHEXPERT_HEADER, [[r[c] for c in CHEXPERT_HEADER] for r in [*valid, train[0]]])
+    message = r"valid.csv line \d+: image .* is listed twice \(first at .*train.csv line 2\)"
+    with pytest.raises(ValueError, match=message):
+        prepare_dataset("chexpert", source=str(broken), resolution=RES, options={"frontal_only": False}, home=home)
+
+    path = make_medmnist(tmp_path / "m" / "retinamnist.npz", kind="retinamnist")
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    arrays["test_images"] = arrays["test_images"].copy()
+    arrays["test_images"][5] = arrays["train_images"][7]
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=r"test_images row 5 is the same image as train_images row 7"):
+        prepare_dataset("medmnist", source=str(path), resolution=28, home=home)
+    assert not leftovers(home)
+
+
+def test_symlinks_resolving_outside_the_source_are_refused(tmp_path, home):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(fundus_bytes(99, fmt="PNG", size=(40, 40)))
+    folder = _make_folder(tmp_path / "folder")
+    (folder / "imgs" / "im3.png").unlink()
+    (folder / "imgs" / "im3.png").symlink_to(outside / "secret.png")
+    options = {"label_columns": "effusion"}
+    message = r"labels.csv line 5 column 'image': image path 'imgs/im3.png' resolves outside the dataset root"
+    with pytest.raises(ValueError, match=message):
+        prepare_dataset("folder", source=str(folder), resolution=RES, options=options, home=home)
+    # A symlinked folder: the path text stays inside, the files do not.
+    linked = _make_folder(tmp_path / "linked")
+    shutil.rmtree(linked / "imgs")
+    (linked / "imgs").symlink_to(folder / "imgs", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"line 2 column 'image': image path 'imgs/im0.png' resolves outside"):
+        prepare_dataset("folder", source=str(linked), resolution=RES, options=options, home=home)
+    # A link that stays inside the source is just another path to one of its files.
+    (folder / "imgs" / "im3.png").unlink()
+    (folder / "imgs" / "im3.png").symlink_to(folder / "imgs" / "im4.png")
+    message = r"line 6: image 'imgs/im4.png' is listed twice \(first at .*labels.csv line 5\)"
+    with pytest.raises(ValueError, match=message):
+        prepare_dataset("folder", source=str(folder), resolution=RES, options=options, home=home)
+    assert not leftovers(home)

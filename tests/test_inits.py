@@ -378,31 +378,6 @@ def test_scheme_loaders_are_pluggable(tmp_path: Path, monkeypatch: pytest.Monkey
     )
 
 
-def test_s3_downloads_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    digest = _save(tmp_path / "remote.pt", {"w": torch.ones(3)})
-    calls: list[tuple[str, str | None, str, str]] = []
-
-    class FakeS3:
-        def __init__(self, endpoint_url: str | None) -> None:
-            self.endpoint_url = endpoint_url
-
-        def download_file(self, bucket: str, key: str, filename: str) -> None:
-            calls.append((bucket, self.endpoint_url, key, filename))
-            Path(filename).write_bytes((tmp_path / "remote.pt").read_bytes())
-
-    import boto3
-
-    monkeypatch.setattr(boto3, "client", lambda service, endpoint_url=None: FakeS3(endpoint_url))
-    monkeypatch.setenv("TRANSFUSION_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    first = load_state_dict_from_uri("s3://weights/runs/7/model.pt")
-    second = load_state_dict_from_uri("s3://weights/runs/7/model.pt")
-    assert first.sha256 == second.sha256 == digest
-    assert len(calls) == 1 and calls[0][:3] == ("weights", "http://minio:9000", "runs/7/model.pt")
-    assert first.path.is_relative_to(tmp_path / "home" / "cache" / "weights")
-
-
 def test_torchvision_source_missing_from_hub_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -57,8 +57,64 @@ def check_ray_address(address: str | None = None, *, timeout: float = 5.0) -> No
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"RAY_ADDRESS {address!r} is not host:port or ray://host:port (or auto)")
     try:
-        with socket.create_connection((host.strip("[]"), int(port_text)), timeout=timeout):
-            return
+        with socket.create_connection((host.strip("[]"), int(port_text)), timeout=timeout) as sock:
+            status = _grpc_status_line(sock, authority=hostport)
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
         raise RuntimeError(f"Ray cluster at RAY_ADDRESS={address} is unreachable ({reason})") from None
+    if status != _HPACK_STATUS_200:
+        raise RuntimeError(f"RAY_ADDRESS={address} answers, but not as a Ray head (no gRPC service there)")
+
+
+# Ray's head (GCS) and client server speak gRPC. A port that accepts a connection but is
+# not gRPC (another service, an intercepting proxy) would make ray.init retry for minutes,
+# so the check asks for a gRPC method: a gRPC server answers :status 200 (the call's own
+# status, e.g. unimplemented or unauthenticated, comes in trailers), anything else does not.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HEADERS, _SETTINGS = 0x1, 0x4
+_END_STREAM, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x4, 0x8, 0x20
+_HPACK_STATUS_200 = 0x88  # static table entry 8, ":status: 200"
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _literal(index: int, value: str) -> bytes:
+    # HPACK literal without indexing, name from the static table (4-bit prefix), raw string.
+    name = bytes([index]) if index < 15 else bytes([0x0F, index - 15])
+    return name + bytes([len(value)]) + value.encode()
+
+
+def _grpc_status_line(sock: socket.socket, *, authority: str) -> int | None:
+    """The first HPACK byte of the server's response headers to an empty gRPC call."""
+    headers = (
+        b"\x83\x86"  # :method POST, :scheme http
+        + _literal(4, "/grpc.health.v1.Health/Check")  # :path
+        + _literal(1, authority)  # :authority
+        + _literal(31, "application/grpc")  # content-type
+        + b"\x00\x02te\x08trailers"
+    )
+    sock.sendall(
+        _HTTP2_PREFACE + _frame(_SETTINGS, 0, 0, b"") + _frame(_HEADERS, _END_HEADERS | _END_STREAM, 1, headers)
+    )
+    for _ in range(16):  # SETTINGS, WINDOW_UPDATE ... come first
+        head = _read_exactly(sock, 9)
+        if len(head) < 9:
+            return None
+        size, kind, flags = int.from_bytes(head[:3], "big"), head[3], head[4]
+        payload = _read_exactly(sock, size)
+        if kind == _HEADERS:
+            skip = (1 if flags & _PADDED else 0) + (5 if flags & _PRIORITY else 0)
+            return payload[skip] if len(payload) > skip else None
+    return None
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data

@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--earlier-baseline",
+        metavar="SECONDS@DATE",
+        default=None,
+        help="also compare with a per-job overhead measured earlier (not in this run), e.g. 11.3@2026-11-25",
+    )
     args = parser.parse_args(argv)
 
     home = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
@@ -131,11 +137,15 @@ Where the overhead goes (seconds, medians; "first warm-pool job" starts the memb
 {row("`time/setup_s`: model build, FLOPs, step-0 probe + evaluation", "time/setup_s")}
 {row("`time/finish_s`: final probe, test evaluation, weights upload", "time/finish_s")}
 {row(REST_LABEL, "tracking")}
-
+"""
+    if args.earlier_baseline:
+        # A number from an earlier run is labelled as such: this run did not measure it.
+        seconds, _, date = args.earlier_baseline.partition("@")
+        body += f"""
 The fresh mode also starts a broker actor per job and waits for its Ray Train run to end, so it
-costs more than the code before the pool did (one `TorchTrainer.fit()` per job: 11.3 s median on
-this machine, measured 2026-11-25 with the same command); against that, the warm pool's overhead
-is {overall / 11.3:.2f}×.
+costs more than the code before the pool did. Earlier baseline, not re-measured in this run: one
+`TorchTrainer.fit()` per job, {float(seconds):.1f} s median overhead on this machine ({date or "date not given"},
+same command); against it, the warm pool's overhead is {overall / float(seconds):.2f}×.
 """
     print(body)
     if not args.no_write:

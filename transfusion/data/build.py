@@ -166,7 +166,35 @@ def member_path(root: Path, value: str, *, where: str) -> Path:
     parts = PurePosixPath(text).parts
     if text.startswith(("/", "~")) or _WINDOWS_DRIVE.match(text) or ".." in parts:
         raise ValueError(f"{where}: image path {value!r} escapes the dataset root {root}")
-    return root.joinpath(*parts)
+    return inside_root(root, root.joinpath(*parts), where=where)
+
+
+def inside_root(root: Path, path: Path, *, where: str) -> Path:
+    """``path`` if it resolves inside ``root``: a symlinked file or folder pointing out is refused.
+
+    The path text alone cannot tell (``images/a.png`` may be a link to ``/etc``); the
+    resolved path can.
+    """
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        shown = str(path.relative_to(root))
+        raise ValueError(f"{where}: image path {shown!r} resolves outside the dataset root {root} (a symlink?)")
+    return resolved
+
+
+class FirstListing:
+    """Where each image was first listed; a second listing is refused, naming both rows.
+
+    The same image twice can carry conflicting labels and land in train and test.
+    """
+
+    def __init__(self) -> None:
+        self._where: dict[object, str] = {}
+
+    def add(self, key: object, *, name: str, where: str) -> None:
+        first = self._where.setdefault(key, where)
+        if first is not where:
+            raise ValueError(f"{where}: image {name!r} is listed twice (first at {first})")
 
 
 def read_csv(path: Path, *, required: Iterable[str]) -> list[tuple[int, dict[str, str]]]:

@@ -23,6 +23,7 @@ import numpy as np
 from transfusion.data import DATASETS, PrepareRequest, imaging
 from transfusion.data.build import (
     DatasetOptions,
+    FirstListing,
     LabelledImages,
     check_splits,
     home_of,
@@ -110,6 +111,7 @@ def _read_index(
     labels: list[str],
     uncertain: float,
     frontal_only: bool,
+    listed: FirstListing,
 ) -> tuple[list[str], list[Path], np.ndarray, list[str], int]:
     """Rows of one CheXpert CSV: names, files, targets, patients, lateral views dropped."""
     required = ["Path", *labels] + (["Frontal/Lateral"] if frontal_only else [])
@@ -132,6 +134,7 @@ def _read_index(
         parts = PurePosixPath(path).parts
         relative = "/".join(parts[drop:]) if len(parts) > drop else path
         files.append(member_path(root, relative, where=f"{where} column 'Path'"))
+        listed.add(files[-1], name=relative, where=where)
         names.append(relative)
         patients.append(patient_of(path, where=f"{where} column 'Path'"))
         targets.append([parse_observation(row[c], uncertain=uncertain, where=f"{where} column {c!r}") for c in labels])
@@ -179,7 +182,8 @@ def prepare_chexpert(request: PrepareRequest, data_root: Path) -> PreparedDatase
         return found
 
     uncertain = UNCERTAINTY_POLICIES[policy]
-    read = dict(root=source.root, labels=labels, uncertain=uncertain, frontal_only=frontal_only)
+    # One listing for both index files: an image in train.csv and valid.csv is in train and test.
+    read = dict(root=source.root, labels=labels, uncertain=uncertain, frontal_only=frontal_only, listed=FirstListing())
     names, files, targets, patients, lateral = _read_index(source.root / "train.csv", **read)
     if not names:
         raise ValueError(f"{source.root / 'train.csv'}: no images left after frontal_only={frontal_only}")

@@ -27,6 +27,7 @@ from transfusion.data.build import (
     AUGMENT_POLICIES,
     SPLIT_CODES,
     DatasetOptions,
+    FirstListing,
     LabelledImages,
     check_splits,
     home_of,
@@ -115,11 +116,13 @@ def prepare_folder(request: PrepareRequest, data_root: Path) -> PreparedDataset:
         raise ValueError(f"task=multiclass needs exactly one label column, got {', '.join(label_columns)}")
 
     names, files, raw_labels, splits, patients = [], [], [], [], []
+    listed = FirstListing()
     for line, row in rows:
         where = f"{csv_path} line {line}"
         relative = row[image_column] + image_suffix
         relative = f"{image_dir}/{relative}" if image_dir else relative
         files.append(member_path(source.root, relative, where=f"{where} column {image_column!r}"))
+        listed.add(files[-1], name=relative, where=where)
         names.append(relative)
         if split_column:
             value = row[split_column].lower()

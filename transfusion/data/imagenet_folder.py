@@ -20,6 +20,7 @@ from transfusion.data.build import (
     LabelledImages,
     check_splits,
     home_of,
+    inside_root,
     open_if_prepared,
     version_key,
     write_prepared,
@@ -34,8 +35,11 @@ IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 OPTIONS = ("per_class", "skip_bad", "workers")
 
 
-def _images(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _images(directory: Path, root: Path) -> list[Path]:
+    found = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    for path in found:
+        inside_root(root, path, where=str(directory))
+    return found
 
 
 @DATASETS.register("imagenet-folder")
@@ -58,10 +62,10 @@ def prepare_imagenet_folder(request: PrepareRequest, data_root: Path) -> Prepare
 
     files, labels, split = [], [], []
     for label, name in enumerate(classes):
-        train_images = _images(train_dir / name)
+        train_images = _images(train_dir / name, source.root)
         if per_class:
             train_images = train_images[:per_class]
-        val_images = _images(val_dir / name) if (val_dir / name).is_dir() else []
+        val_images = _images(val_dir / name, source.root) if (val_dir / name).is_dir() else []
         files += train_images + val_images
         labels += [label] * (len(train_images) + len(val_images))
         # Alternate val images between validation and test so both see every class.

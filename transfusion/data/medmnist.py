@@ -13,7 +13,9 @@ Otherwise labels ``(N, 1)`` with C classes become a one-hot multiclass task and
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -88,27 +90,39 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: not a readable npz file ({exc})") from None
 
 
+def _first_bad_row(bad: np.ndarray) -> int | None:
+    rows = np.flatnonzero(bad.reshape(len(bad), -1).any(axis=1))
+    return int(rows[0]) if len(rows) else None
+
+
 def _labels_to_targets(
-    labels: np.ndarray, *, preset: str, path: Path, names: list[str] | None
+    labels: np.ndarray, *, preset: str, path: Path, names: list[str] | None, row_name: Callable[[int], str]
 ) -> tuple[np.ndarray, np.ndarray | None, list[str], str]:
-    """(targets, grades or class ids, label names, task) for all splits' labels stacked."""
+    """(targets, grades or class ids, label names, task) for all splits' labels stacked.
+
+    ``row_name(i)`` names stacked row ``i`` (``test_labels row 3``) for the error messages.
+    """
     if labels.ndim == 1:
         labels = labels[:, None]
-    if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
-        raise ValueError(f"{path}: labels must be integers")
+    row = _first_bad_row(~np.isfinite(labels) | (labels != np.round(labels)))
+    if row is not None:
+        raise ValueError(f"{path}: {row_name(row)}: labels must be integers, got {labels[row].tolist()}")
     labels = labels.astype(np.int64)
     if preset == "retinamnist":
         if labels.shape[1] != 1:
             raise ValueError(f"{path}: retinamnist labels must have shape (N, 1), got {labels.shape}")
-        bad = labels[(labels < 0) | (labels > 4)]
-        if len(bad):
-            raise ValueError(f"{path}: unknown label value {int(bad[0])} in the labels (grades are 0-4)")
+        row = _first_bad_row((labels < 0) | (labels > 4))
+        if row is not None:
+            raise ValueError(f"{path}: {row_name(row)}: unknown label value {int(labels[row, 0])} (grades are 0-4)")
         grades = labels[:, 0]
         return (grades >= 2).astype(np.float32)[:, None], grades, ["referable_dr"], "binary"
     if preset == "chestmnist" or labels.shape[1] > 1:
-        bad = labels[(labels != 0) & (labels != 1)]
-        if len(bad):
-            raise ValueError(f"{path}: unknown label value {int(bad[0])} in a multi-label set (expected 0 or 1)")
+        row = _first_bad_row((labels != 0) & (labels != 1))
+        if row is not None:
+            raise ValueError(
+                f"{path}: {row_name(row)}: unknown label values {labels[row].tolist()} in a multi-label set "
+                "(expected 0 or 1)"
+            )
         expected = len(CHESTMNIST_LABELS) if preset == "chestmnist" else labels.shape[1]
         if labels.shape[1] != expected:
             raise ValueError(f"{path}: {preset} labels must have {expected} columns, got {labels.shape[1]}")
@@ -117,13 +131,29 @@ def _labels_to_targets(
         if len(label_names) != expected:
             raise ValueError(f"option label_names has {len(label_names)} names for {expected} labels in {path}")
         return labels.astype(np.float32), None, label_names, "binary"
-    if labels.min() < 0:
-        raise ValueError(f"{path}: unknown label value {int(labels.min())} (class ids must be >= 0)")
+    row = _first_bad_row(labels < 0)
+    if row is not None:
+        raise ValueError(f"{path}: {row_name(row)}: unknown label value {int(labels[row, 0])} (class ids must be >= 0)")
     classes = int(labels.max()) + 1
     label_names = names or [f"class_{c}" for c in range(classes)]
     if len(label_names) != classes:
         raise ValueError(f"option label_names has {len(label_names)} names for {classes} classes in {path}")
     return np.eye(classes, dtype=np.float32)[labels[:, 0]], labels[:, 0], label_names, "multiclass"
+
+
+def _refuse_duplicate_images(
+    images_by_split: list[np.ndarray], *, path: Path, row_name: Callable[[int], str]
+) -> None:
+    """The same image twice (an npz has no ids: its pixels are its id) may sit in train and test."""
+    first: dict[bytes, int] = {}
+    index = 0
+    for images in images_by_split:
+        for image in images:
+            digest = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+            seen = first.setdefault(digest, index)
+            if seen != index:
+                raise ValueError(f"{path}: {row_name(index)} is the same image as {row_name(seen)}")
+            index += 1
 
 
 @DATASETS.register("medmnist")
@@ -176,11 +206,17 @@ def prepare_medmnist(request: PrepareRequest, data_root: Path) -> PreparedDatase
         images_by_split.append(images)
         labels_by_split.append(labels.reshape(len(labels), -1) if labels.ndim > 1 else labels[:, None])
         split_codes.append(np.full(len(images), SPLITS[split_name], dtype=np.int8))
-    targets, grades, label_names, task = _labels_to_targets(
-        np.concatenate(labels_by_split), preset=preset, path=npz_path, names=names
-    )
     # Index the per-split arrays in place: concatenating would hold every image twice.
     offsets = np.cumsum([0] + [len(images) for images in images_by_split])
+
+    def row_name(i: int, kind: str = "labels") -> str:
+        part = int(np.searchsorted(offsets, i, side="right")) - 1
+        return f"{('train', 'val', 'test')[part]}_{kind} row {i - offsets[part]}"
+
+    targets, grades, label_names, task = _labels_to_targets(
+        np.concatenate(labels_by_split), preset=preset, path=npz_path, names=names, row_name=row_name
+    )
+    _refuse_duplicate_images(images_by_split, path=npz_path, row_name=lambda i: row_name(i, "images"))
     total = int(offsets[-1])
     resolution = request.resolution
 

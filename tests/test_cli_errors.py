@@ -115,7 +115,7 @@ CASES = [
     ),
     _case(
         "resolution below model minimum",
-        "run smoke --set models=[inception_v3]",
+        "run smoke --set models=[inception_v3] --set train.resolution=32",
         r"grid: train\.resolution 32 is below the minimum input size of inception_v3 \(75 px\)",
     ),
     _case(

@@ -123,6 +123,10 @@ class ProjectingExecutor:
         return out
 
 
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def stub_grid(root: Path, *, models: list[str], resolution: int, probe_size: int, sampling: ProbeSampling):
     """Records of a finished grid whose probe files hold only layer names; the true shapes on the side."""
     records, shape_of, representations = [], {}, 0
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(
             f"| {shape[0]} x {shape[1]} | {executor.decompositions[shape]} | {executor.decompose_cpu[shape]:.2f}"
             f" | {counts.get(one, 0)} / {counts.get(three, 0)}"
-            f" | {costs.get(one, math.nan):.2f} / {costs.get(three, math.nan):.2f} |"
+            f" | {_seconds(costs.get(one))} / {_seconds(costs.get(three))} |"
         )
     body = "\n".join(lines)
     print(body)

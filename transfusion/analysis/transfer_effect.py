@@ -107,8 +107,9 @@ def bootstrap_counts(n: int, *, replicates: int, rng: np.random.Generator) -> np
     return np.bincount(draws.ravel(), minlength=replicates * n).reshape(replicates, n).astype(np.float64)
 
 
-# Bootstrap work per paired difference, in example-replicates: 1 000 replicates up to 20 000
-# test images, fewer (never under 200) above, so a 50 000-image test set costs seconds per pair.
+# Bootstrap work per paired difference, in (example x label)-replicates: 1 000 replicates up
+# to 20 000 test scores, fewer (never under 200) above, so a 50 000-image test set costs
+# seconds per pair.
 BOOTSTRAP_BUDGET = 20_000_000
 MIN_REPLICATES = 200
 
@@ -128,7 +129,7 @@ def paired_bootstrap_difference(
     if not a.same_images(b):
         raise ValueError("paired bootstrap needs both runs scored on the same test images (index and targets differ)")
     n = len(a.index)
-    replicates = replicates_for(n, replicates)
+    replicates = replicates_for(n * a.scores.shape[1], replicates)  # each label is one more pass
     ones = np.ones((1, n))
     delta = float(macro_metric(a, ones, metric)[0] - macro_metric(b, ones, metric)[0])
     rng = np.random.default_rng(seed)

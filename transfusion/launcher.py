@@ -4,7 +4,9 @@ Starting a Ray Train run costs seconds (a controller actor, a worker group, impo
 torch in a fresh process) — as much as a small CBR job's whole training on a GPU. So
 jobs run on a :class:`JobPool`: up to ``slots`` warm Ray Train runs ("members"), each a
 worker group whose train function takes jobs from a :class:`JobBroker` actor one after
-another, until it has had none for ``idle_timeout_s``. Ray Train still places, scales
+another, until it has had none for ``idle_timeout_s``. The pool's rules (hand-out,
+attempts, restarts, retirement) are plain data in :mod:`transfusion.job_broker`; the
+actor only forwards to them and adds the waiting. Ray Train still places, scales
 and restarts the workers; a job's training state lives in its own checkpoint folder
 (:mod:`transfusion.checkpoints`), so a restarted worker, or a later grid run, continues
 the job it was running from its last checkpoint.

@@ -7,9 +7,12 @@ tracking server; a grid is a parent run and each job a child run tagged with its
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -297,6 +300,8 @@ def model_version_tags(uri_text: str, *, uri: str | None = None) -> dict[str, st
 
 def download_registered_weights(uri_text: str, *, dst: Path | None = None) -> Path:
     """Local file of a ``models:/name/version`` (or ``/latest``) registered state dict."""
+    from transfusion.pretrained import weights_cache_dir
+
     parts = uri_text.removeprefix("models:/").split("/")
     if len(parts) != 2:
         raise ValueError(f"expected models:/<name>/<version>, got {uri_text!r}")
@@ -311,17 +316,27 @@ def download_registered_weights(uri_text: str, *, dst: Path | None = None) -> Pa
         model_version = c.get_model_version(name, version)
     except mlflow.exceptions.MlflowException:
         raise ValueError(f"registered model {name!r} has no version {version}") from None
-    dst = dst or Path(tempfile.mkdtemp(prefix="transfusion-weights-"))
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=model_version.source, dst_path=str(dst), tracking_uri=tracking_uri()
-    )
-    path = Path(local)
-    if path.is_dir():
-        candidates = sorted(path.rglob("*.pt"))
-        if not candidates:
-            raise ValueError(f"{uri_text} holds no .pt state dict")
-        path = candidates[0]
-    return path
+    if dst is None:
+        # One cached copy per registered artifact (its source names the run that logged
+        # it), not a new temporary folder per job that nobody removes.
+        key = hashlib.sha256(f"{tracking_uri()}|{model_version.source}".encode()).hexdigest()[:16]
+        dst = weights_cache_dir() / "models" / key
+    if not (dst.is_dir() and any(dst.rglob("*.pt"))):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        # Into a folder of its own, then renamed: concurrent jobs never read a partial file.
+        partial = Path(tempfile.mkdtemp(dir=dst.parent, prefix=".partial-"))
+        try:
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=model_version.source, dst_path=str(partial), tracking_uri=tracking_uri()
+            )
+            with contextlib.suppress(OSError):  # another job got there first
+                os.replace(partial, dst)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    candidates = sorted(dst.rglob("*.pt"))
+    if not candidates:
+        raise ValueError(f"{uri_text} holds no .pt state dict")
+    return candidates[0]
 
 
 def _register_models_scheme() -> None:

@@ -27,6 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
+from transfusion.analysis.formatting import mean_spread_text, sample_std
 from transfusion.analysis.records import JobRecord
 from transfusion.probes import MIN_ROWS_PER_DIM, load_probe, probe_layers, probe_sampling
 
@@ -370,18 +371,19 @@ class RepresentationCache:
 
 
 def _nan_stats(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std of the defined values; the std is NaN (printed "–") for fewer than two."""
     values = [v for v in values if not math.isnan(v)]
-    return (float(np.mean(values)), float(np.std(values))) if values else (math.nan, math.nan)
+    return (float(np.mean(values)), sample_std(values)) if values else (math.nan, math.nan)
 
 
 def mark_value(mean: float, std: float, rows_per_dim: float, minimum: float = MIN_ROWS_PER_DIM) -> str:
     """``0.812 ± 0.010``, or that marked "too few rows" when rows/dims is below ``minimum``."""
-    text = f"{mean:.3f} ± {std:.3f}"
+    text = mean_spread_text(mean, std)
     return f"{TOO_FEW_ROWS}: {text}" if not rows_per_dim >= minimum else text
 
 
 def format_chance(chance: float, chance_std: float) -> str:
-    return f"{chance:.3f} ± {chance_std:.3f}"
+    return mean_spread_text(chance, chance_std)
 
 
 # ------------------------------------------------------------ seed similarity

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transfusion.analysis.formatting import sample_std
 from transfusion.analysis.plotting import pyplot, save_figure
 from transfusion.analysis.records import JobRecord
 from transfusion.analysis.representations import (
@@ -193,8 +194,8 @@ def _nanmean(values: list[float]) -> float:
 
 
 def _nanstd(values: list[float]) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return float(np.std(values)) if values else math.nan
+    """Sample std of the defined values; NaN (an undefined spread, printed "–") for fewer than two."""
+    return sample_std([v for v in values if not math.isnan(v)])
 
 
 def _plt():
@@ -230,7 +231,8 @@ def plot_figure2(rows: list[PairSimilarity], path: Path) -> Path:
                     continue
                 r, x = match[0], g + (i - 0.5) * width
                 hollow = _too_few(r.rows_per_dim)
-                ax.bar(x, r.mean, width=width, yerr=r.std, capsize=3, color="none" if hollow else colours[comparison],
+                err = None if math.isnan(r.std) else r.std  # one pair: no spread to draw
+                ax.bar(x, r.mean, width=width, yerr=err, capsize=3, color="none" if hollow else colours[comparison],
                        edgecolor=colours[comparison], hatch="//" if hollow else None, label=label)  # fmt: skip
                 if not math.isnan(r.chance):
                     spread = _band_halfwidth(r.chance_std)

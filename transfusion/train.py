@@ -230,7 +230,6 @@ def make_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-
 def _finite_on_every_rank(loss: torch.Tensor, world_size: int) -> bool:
     """Whether the loss is finite on all ranks: a rank alone stopping would leave the
     others waiting in DDP's next all-reduce."""

@@ -147,4 +147,3 @@ def test_more_slots_start_more_members_and_forgotten_jobs_are_gone():
     assert broker.submit(_job("d"), max_failures=0) == [2]
     broker.forget("a")
     assert "a" not in broker.jobs
-

@@ -238,7 +238,6 @@ def make_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-
 def training_pool(spec: JobSpec, dataset: PreparedDataset) -> np.ndarray:
     """The job's training images: drawn with its own seed, or with ``train.subset_seed`` for every seed.
 

@@ -195,6 +195,14 @@ def _resume_candidate(experiment_id: str, spec: JobSpec):
 JOB_TIMINGS = ("time/launch_s", "time/setup_s", "time/finish_s")
 
 
+def job_task_options(spec: JobSpec) -> dict:
+    """Task-run name and tags saying which cell and seed a training task run is (Prefect UI filters by tag)."""
+    return {
+        "task_run_name": f"train-{spec.model}-{spec.init_label}-{spec.data_size}-s{spec.seed}",
+        "tags": [f"model:{spec.model}", f"init:{spec.init_label}", f"data_size:{spec.data_size}", f"seed:{spec.seed}"],
+    }
+
+
 @task(name="train-job", cache_policy=None, task_run_name="train-{spec.model}-{spec.init}-{spec.data_size}-s{spec.seed}")
 def train_job_task(
     spec: JobSpec,
@@ -232,6 +240,7 @@ def train_job_task(
         if source_uri:
             data_params["pretrained_uri"] = source_uri
         tracking.log_params(run_id, data_params)
+        tracking.log_dataset_inputs(run_id, spec, data_meta, source_uri=spec.dataset_source or dataset_root)
         request = LaunchRequest(
             spec=spec.model_dump(mode="json"),
             run_id=run_id,

@@ -17,6 +17,7 @@ model goes through ``prepare_model`` when there are several workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -130,7 +131,7 @@ def checkpoints_for(spec: JobSpec, storage_path: str, run_id: str) -> JobCheckpo
 def _run_job(request: LaunchRequest, *, storage_path: str, rank: int, world_size: int) -> dict[str, float]:
     """One job in this worker: resume from its checkpoint if it has one, train, log."""
     from transfusion.data.prepared import PreparedDataset
-    from transfusion.tracking import MlflowHooks
+    from transfusion.tracking import MlflowHooks, test_dataset_of
     from transfusion.train import NonFiniteLossError, run_training
 
     spec = JobSpec.model_validate(request.spec)
@@ -159,21 +160,27 @@ def _run_job(request: LaunchRequest, *, storage_path: str, rank: int, world_size
             open(request.kill_marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    hooks = MlflowHooks(request.run_id, uri=request.tracking_uri, checkpoint=save_checkpoint)
     dataset = PreparedDataset.open(request.dataset_root)
+    hooks = MlflowHooks(
+        request.run_id,
+        uri=request.tracking_uri,
+        checkpoint=save_checkpoint,
+        test_dataset=test_dataset_of(spec, dataset.meta),
+    )
     try:
-        result = run_training(
-            spec,
-            dataset,
-            hooks=hooks,
-            source_state=source_state,
-            resume=resume,
-            prepare_model=ray.train.torch.prepare_model if world_size > 1 else None,
-            rank=rank,
-            world_size=world_size,
-            fault_at_step=request.fault_at_step,
-            on_step=crash_once if request.kill_at_step is not None else None,
-        )
+        with contextlib.nullcontext(hooks) if rank else hooks:
+            result = run_training(
+                spec,
+                dataset,
+                hooks=hooks,
+                source_state=source_state,
+                resume=resume,
+                prepare_model=ray.train.torch.prepare_model if world_size > 1 else None,
+                rank=rank,
+                world_size=world_size,
+                fault_at_step=request.fault_at_step,
+                on_step=crash_once if request.kill_at_step is not None else None,
+            )
     except NonFiniteLossError as exc:
         # Deterministic: a restart would diverge again, so report instead of raising.
         return {"failed": f"NonFiniteLossError: {exc}"}

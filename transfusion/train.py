@@ -47,6 +47,10 @@ class TrainingHooks(Protocol):
 
     def checkpoint(self, state: dict[str, Any], *, step: int, metrics: dict[str, float]) -> None: ...
 
+    def log_model(self, model: nn.Module, *, input_example: np.ndarray, metrics: dict[str, float], step: int) -> None:
+        """The final model with an input batch and the test metrics it scored (logged with it)."""
+        ...
+
 
 class RecordingHooks:
     """Keeps everything in memory; for tests and bare runs."""
@@ -56,6 +60,7 @@ class RecordingHooks:
         self.artifacts: dict[str, Path] = {}
         self.checkpoints: list[tuple[int, dict[str, Any]]] = []
         self.artifact_dir = artifact_dir
+        self.model: nn.Module | None = None
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         self.metrics.extend((step, k, float(v)) for k, v in metrics.items())
@@ -72,6 +77,10 @@ class RecordingHooks:
     def checkpoint(self, state: dict[str, Any], *, step: int, metrics: dict[str, float]) -> None:
         # The state holds live tensors that later steps update in place.
         self.checkpoints.append((step, copy.deepcopy(state)))
+
+    def log_model(self, model: nn.Module, *, input_example: np.ndarray, metrics: dict[str, float], step: int) -> None:
+        self.model = model
+        self.log_metrics(metrics, step=step)
 
     def history(self, key: str) -> list[tuple[int, float]]:
         return [(s, v) for s, k, v in self.metrics if k == key]
@@ -385,10 +394,11 @@ def run_training(
         final["time/train_s"] = train_seconds
         final["time/gpu_s"] = train_seconds * (spec.train.gpus_per_job * world_size if on_gpu else 0.0)
         final["time/job_s"] = time.perf_counter() - started
-        hooks.log_metrics(final, step=step)
         weights = artifacts / "model.pt"
         torch.save(_unwrap(model).state_dict(), weights)
         hooks.log_artifact(weights, "checkpoint")
+        example = load_images(dataset, dataset.indices("test")[:2], torch.device("cpu"), model).numpy()
+        hooks.log_model(_unwrap(model), input_example=example, metrics=final, step=step)
     return TrainingResult(
         steps=step,
         train_seconds=train_seconds,

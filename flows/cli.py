@@ -25,6 +25,8 @@ QUIET_ENV = {
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_LOGGING_LOG_PRINTS": "false",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The temporary Prefect server's 20 s start limit fails a grid on a busy machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "RAY_DEDUP_LOGS": "1",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "TQDM_DISABLE": "1",
@@ -186,11 +188,11 @@ def command_run(args: argparse.Namespace) -> int:
 def command_ui(args: argparse.Namespace) -> int:
     from transfusion.data import transfusion_home
     from transfusion.services import start_mlflow_server
-    from transfusion.tracking import last_grid_experiment
+    from transfusion.tracking import experiment_page_url, last_grid_experiment
 
     server = start_mlflow_server(transfusion_home(), host=args.host, port=args.port)
     experiment_id = last_grid_experiment(uri=server.url)
-    url = f"{server.url}/#/experiments/{experiment_id}/runs" if experiment_id else server.url
+    url = experiment_page_url(server.url, experiment_id) if experiment_id else server.url
     print(f"MLflow UI at {url}  (the last grid's runs; Ctrl-C to stop)", flush=True)
     if args.open:
         webbrowser.open(url)

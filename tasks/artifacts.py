@@ -24,7 +24,7 @@ def _cell(value):
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def report_markdown(

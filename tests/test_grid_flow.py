@@ -206,10 +206,17 @@ def test_mlflow_ui_in_a_real_browser_shows_the_runs_and_compares_two(finished_sm
     server, client = _store_client(home)
     browser = _chromium()
     try:
+        from transfusion.tracking import experiment_page_url
+
         experiment = client.get_experiment_by_name("smoke")
         runs = client.search_runs([experiment.experiment_id])
         children = [r for r in runs if r.data.tags.get("transfusion.role") == "job"]
-        browser.get(f"{server.url}/#/experiments/{experiment.experiment_id}/runs")
+        # The page `transfusion ui` opens: the experiment itself, which lands on its runs table.
+        browser.get(experiment_page_url(server.url, experiment.experiment_id))
+        headers = "//*[@role='columnheader']"
+        _wait_for(browser, lambda b: "/runs" in b.current_url and b.find_elements(By.XPATH, headers))
+        header_text = _wait_for(browser, lambda b: " ".join(h.text for h in b.find_elements(By.XPATH, headers)))
+        assert "Dataset" in header_text and "Models" in header_text, header_text
         parent_row = "//*[text()='grid-smoke']/ancestor::*[@role='row'][1]//button"
         _wait_for(browser, lambda b: b.find_elements(By.XPATH, parent_row))[0].click()  # expand the grid's child runs
 
@@ -222,6 +229,19 @@ def test_mlflow_ui_in_a_real_browser_shows_the_runs_and_compares_two(finished_sm
         # Run names carry model, init, data size and seed: cbr-tiny-random-160-s0.
         for run in children:
             assert run.data.tags["mlflow.runName"].startswith(shown[run.info.run_id].rstrip(".…"))
+
+        # The table's scrolling part: each job's row fills Dataset (its train split with the
+        # data version, "+2" for val and test) and Models (its logged model).
+        version = children[0].data.params["data_version"]
+
+        def filled_rows(b):
+            texts = [e.text for e in b.find_elements(By.XPATH, "//*[@role='row']")]
+            found = [t for t in texts if t.startswith("synthetic-retina/")]
+            return found if len(found) == len(children) else None
+
+        for text in _wait_for(browser, filled_rows):
+            assert text.startswith(f"synthetic-retina/train ({version})") and "+2" in text, text
+            assert text.splitlines()[-1] == "model", text
         browser.save_screenshot(str(tmp_path / "runs.png"))
 
         ids = json.dumps([r.info.run_id for r in children[:2]])

@@ -69,6 +69,7 @@ def test_prefect_report_links_each_cell_to_its_seed_runs():
         "smoke", results_table(records), records, tracking_uri="http://h:5000/", grid_run=GridRun("7", "parent")
     )
     row = next(line for line in text.splitlines() if line.startswith("| cbr-tiny"))
-    assert "[seed 0](http://h:5000/#/experiments/7/runs/run0) [seed 1](http://h:5000/#/experiments/7/runs/run1)" in row
-    assert "(http://h:5000/#/experiments/7/runs/parent)" in text
+    for seed in (0, 1):
+        assert f"[seed {seed}](http://h:5000/#/experiments/7/runs/run{seed}?" in row
+    assert "(http://h:5000/#/experiments/7/runs/parent?workflowType=machine_learning)" in text
     assert artifact_key("Full_grid.v2", "results") == "full-grid-v2-results"

@@ -108,7 +108,7 @@ def _assert_prefect_artifacts_and_task_runs(api_url: str, children) -> None:
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [(r["model"], r["init"], r["data_size"], r["seeds"]) for r in rows] == [("cbr-tiny", "random", "80", 2)]
     for child in children:
-        assert f"/#/experiments/{child.info.experiment_id}/runs/{child.info.run_id})" in report.data
+        assert f"/#/experiments/{child.info.experiment_id}/runs/{child.info.run_id}?" in report.data
     assert float(progress.data) == 100.0 and "2 of 2 jobs finished" in progress.description
     train_runs = {t.name: set(t.tags) for t in task_runs if t.name.startswith("train-")}
     assert sorted(train_runs) == ["train-cbr-tiny-random-80-s0", "train-cbr-tiny-random-80-s1"]

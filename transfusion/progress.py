@@ -127,18 +127,19 @@ class ProgressListener:
 
 class LogLines(ProgressListener):
     """Plain lines (CI logs, served deployments): each finished job, and each running job
-    at most every ``every_s`` seconds."""
+    when its step moved, at most every ``every_s`` seconds."""
 
     def __init__(self, emit: Callable[[str], None], *, every_s: float = 30.0) -> None:
         self._emit = emit
         self._every_s = every_s
-        self._last: dict[str, float] = {}
+        self._last: dict[str, tuple[float, int]] = {}
 
     def changed(self, progress: GridProgress) -> None:
         now = time.monotonic()
         for key, job in progress.jobs.items():
-            if job.state is JobState.RUNNING and now - self._last.get(key, -math.inf) >= self._every_s:
-                self._last[key] = now
+            when, step = self._last.get(key, (-math.inf, -1))
+            if job.state is JobState.RUNNING and job.step != step and now - when >= self._every_s:
+                self._last[key] = (now, job.step)
                 self._emit(f"  {job.name}: {describe_running(job)}; grid ETA {format_seconds(progress.eta_seconds())}")
 
     def announce(self, progress: GridProgress, line: str) -> None:

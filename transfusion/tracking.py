@@ -450,6 +450,16 @@ def open_grid_run(grid: GridSpec, *, uri: str | None = None) -> GridRun:
     return GridRun(experiment_id, run.info.run_id)
 
 
+def experiment_page_url(server_url: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment, in its model-training view (the runs table).
+
+    MLflow >= 3.10 picks GenAI or model-training views from a global switch (the
+    ``workflowType`` query parameter, else the browser's last choice), no longer from the
+    experiment's kind tag alone; the parameter makes the link open on the runs either way.
+    """
+    return f"{server_url.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def last_grid_experiment(*, uri: str | None = None) -> str | None:
     """The experiment id of the grid run opened last on this tracking server (None: no grid yet)."""
     runs = client(uri).search_runs(

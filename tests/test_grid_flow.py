@@ -134,6 +134,10 @@ def test_rerun_trains_nothing_and_shows_the_same_table(finished_smoke_grid):
         runs = client.search_runs([experiment.experiment_id])
         assert sum(r.data.tags.get("transfusion.role") == "job" for r in runs) == 2
         assert sum(r.data.tags.get("transfusion.role") == "grid" for r in runs) == 1
+        # `transfusion ui` opens on the grid run last: this one.
+        from transfusion.tracking import last_grid_experiment
+
+        assert last_grid_experiment(uri=server.url) == experiment.experiment_id
     finally:
         server.stop()
 

@@ -8,12 +8,15 @@ transfusion ui                        # MLflow UI on the local store
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
+import threading
 import time
 import traceback
+import webbrowser
 from pathlib import Path
 
 import yaml
@@ -24,18 +27,41 @@ QUIET_ENV = {
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_LOGGING_LOG_PRINTS": "false",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    # Prefect's temporary server gets 20 s to come up by default: too few on a busy 2-core node.
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    # The temporary Prefect server's 20 s start limit fails a grid on a busy machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "RAY_DEDUP_LOGS": "1",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "TQDM_DISABLE": "1",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # MLflow's INFO lines ("Waiting up to 300 seconds for model version to finish creation").
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
     "DO_NOT_TRACK": "1",
 }
 _USER_ENV = frozenset(key for key in QUIET_ENV if key in os.environ)
+# Levels of the quiet environment that --verbose lifts (unless the user set them).
+VERBOSE_ENV = {"PREFECT_LOGGING_LEVEL": "INFO", "MLFLOW_LOGGING_LEVEL": "INFO"}
+# Loggers whose warnings tell a user of this tool nothing they can act on.
+QUIET_LOGGERS = {
+    # Local Ray clusters use token auth by default; the warning announces it on every start.
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+}
+_SET_HERE = {key for key in QUIET_ENV if key not in os.environ}
 for _key, _value in QUIET_ENV.items():
     os.environ.setdefault(_key, _value)
+
+
+def configure_logging(*, verbose: bool) -> None:
+    """WARNING and up from everyone, minus known noise; everything at INFO with ``--verbose``."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose:
+        for key, value in VERBOSE_ENV.items():
+            if key in _SET_HERE:
+                os.environ[key] = value
+        return
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -146,6 +172,74 @@ def load_grid_with_overrides(ref: str, overrides: list[str]):
     return GridSpec.model_validate(grid.model_dump(mode="json"))
 
 
+@contextlib.contextmanager
+def progress_display():
+    """Live progress of the grid's jobs on stderr: a rich table on a terminal, plain lines elsewhere."""
+    from transfusion.progress import LogLines, add_listener, remove_listener
+
+    if sys.stderr.isatty():
+        listener = RichProgress()
+    else:
+        listener = LogLines(lambda line: print(line, file=sys.stderr, flush=True))
+    add_listener(listener)
+    try:
+        yield
+    finally:
+        remove_listener(listener)
+        if isinstance(listener, RichProgress):
+            listener.close()
+
+
+class RichProgress:
+    """A live table of the running jobs (step/steps, val AUC, speed) under the finished-job lines."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self._live = None
+        self._lock = threading.Lock()  # the flow's thread and the progress poller both call in
+
+    def _table(self, progress):
+        from rich.table import Table
+
+        from transfusion.progress import format_seconds
+
+        eta = format_seconds(progress.eta_seconds())
+        table = Table(
+            title=f"grid {progress.grid}: {progress.finished}/{len(progress.jobs)} jobs done, ETA {eta}",
+            title_justify="left",
+            box=None,
+        )
+        for column in ("job", "step", "val/auc", "steps/s"):
+            table.add_column(column, justify="left" if column == "job" else "right")
+        for job in progress.running:
+            auc = "" if job.val_auc != job.val_auc else f"{job.val_auc:.3f}"
+            speed = "" if job.steps_per_s != job.steps_per_s else f"{job.steps_per_s:.2f}"
+            table.add_row(job.name, f"{job.step}/{job.steps}", auc, speed)
+        return table
+
+    def changed(self, progress) -> None:
+        from rich.live import Live
+
+        with self._lock:
+            if self._live is None:
+                self._live = Live(self._table(progress), console=self.console, refresh_per_second=2, transient=True)
+                self._live.start()
+            else:
+                self._live.update(self._table(progress))
+
+    def announce(self, progress, line: str) -> None:
+        self.console.print(line, highlight=False, markup=False)
+        self.changed(progress)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._live is not None:
+                self._live.stop()
+                self._live = None
+
+
 def command_run(args: argparse.Namespace) -> int:
     from tasks.training import prepare_dataset_task
 
@@ -156,7 +250,8 @@ def command_run(args: argparse.Namespace) -> int:
     from flows.grid import transfusion
 
     started = time.perf_counter()
-    summary = transfusion(grid)
+    with progress_display():
+        summary = transfusion(grid)
     elapsed = time.perf_counter() - started
     print()
     print(f"Grid {summary.grid}: {summary.finished} trained, {summary.skipped} already done, "
@@ -182,9 +277,14 @@ def command_run(args: argparse.Namespace) -> int:
 def command_ui(args: argparse.Namespace) -> int:
     from flows.runtime import start_mlflow_server
     from transfusion.data import transfusion_home
+    from transfusion.tracking import experiment_page_url, last_grid_experiment
 
     server = start_mlflow_server(transfusion_home(), host=args.host, port=args.port)
-    print(f"MLflow UI at {server.url}  (Ctrl-C to stop)", flush=True)
+    experiment_id = last_grid_experiment(uri=server.url)
+    url = experiment_page_url(server.url, experiment_id) if experiment_id else server.url
+    print(f"MLflow UI at {url}  (the last grid's runs; Ctrl-C to stop)", flush=True)
+    if args.open:
+        webbrowser.open(url)
     try:
         while server.process.poll() is None:
             time.sleep(1)
@@ -292,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="serve the MLflow UI on the local store")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=port_number, default=5000)
+    ui.add_argument("--open", action="store_true", help="open the page in a web browser")
     ui.set_defaults(func=command_ui)
 
     ana = sub.add_parser("analyze", help="re-run the analyses of a trained grid from its stored artifacts")
@@ -368,9 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(verbose=args.verbose)
     _quiet_orchestration_logs(args.verbose)
     try:
         return args.func(args)

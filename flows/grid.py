@@ -25,11 +25,14 @@ from tasks.analysis import (
     results_table_task,
     seed_similarity_task,
 )
+from tasks.artifacts import publish_results_artifacts_task
 from tasks.pretraining import resolve_pretrained_task
+from tasks.progress import GridProgressArtifact, job_label, watch_grid
 from tasks.training import (
     JobOutcome,
     end_failed_run,
     finish_grid_run_task,
+    job_task_options,
     open_grid_run_task,
     pending_jobs_task,
     preflight_task,
@@ -75,8 +78,7 @@ def _progress(text: str) -> None:
 
 
 def _describe(outcome: JobOutcome) -> str:
-    spec = outcome.spec
-    name = f"{spec.model} {spec.init_label} {spec.data_size} seed {spec.seed}"
+    name = job_label(outcome.spec)
     if outcome.status == "FAILED":
         return f"{name}: FAILED ({outcome.reason})"
     auc = outcome.metrics.get("test/auc", float("nan"))
@@ -108,7 +110,7 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
             f"tracking at {summary.tracking_uri}"
         )
         futures = [
-            train_job_task.submit(
+            train_job_task.with_options(**job_task_options(spec)).submit(
                 spec,
                 grid_run,
                 dataset_root,
@@ -119,15 +121,17 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
             for spec in jobs
         ]
         outcomes = []
-        for done, future in enumerate(as_completed(futures), start=1):
-            try:
-                outcome = future.result()
-            except Exception as exc:  # e.g. pretrained weights could not be resolved
-                spec = jobs[futures.index(future)]
-                reason = first_line(exc)
-                outcome = JobOutcome(spec.job_key, spec, "FAILED", None, reason=reason)
-            outcomes.append(outcome)
-            _progress(f"[{done}/{len(jobs)}] {_describe(outcome)}")
+        progress_artifact = GridProgressArtifact(grid.name, len(jobs))
+        with watch_grid(grid.name, jobs, grid_run) as progress:
+            for done, future in enumerate(as_completed(futures), start=1):
+                try:
+                    outcome = future.result()
+                except Exception as exc:  # e.g. pretrained weights could not be resolved
+                    spec = jobs[futures.index(future)]
+                    outcome = JobOutcome(spec.job_key, spec, "FAILED", None, reason=first_line(exc))
+                outcomes.append(outcome)
+                progress.finish(outcome.job_key, ok=outcome.ok, line=f"[{done}/{len(jobs)}] {_describe(outcome)}")
+                progress_artifact.update(progress)
         return outcomes
     finally:
         if slots:
@@ -150,6 +154,7 @@ def transfusion(grid: GridSpec | PresetName, stage: Stage = "all", report_dir: s
                 records = collect_records_task(grid)
                 summary.rows = results_table_task(grid, grid_run, records)
                 summary.table_markdown = to_markdown(summary.rows)
+                publish_results_artifacts_task(grid.name, summary.rows, records, tracking_uri, grid_run)
                 summary.similarity_markdown = seed_similarity_task(grid, grid_run, records)
                 summary.report_dir = analyze_grid_task(grid, grid_run, records, report_dir)
                 transfer = Path(summary.report_dir) / "transfer_effect.md"

@@ -3,23 +3,28 @@
     python -m flows.serve            # against $PREFECT_API_URL
 
 The deployments (names, parameters, schedules, concurrency limits) are read from the
-repository's ``prefect.yaml``, so serving and ``prefect deploy --all`` agree.
+repository's ``prefect.yaml``, so serving and ``prefect deploy --all`` agree. It ships
+inside the ``flows`` package (``flows/prefect.yaml`` links to it in a checkout), so an
+installed wheel serves the same deployments from any directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-PREFECT_YAML = REPO / "prefect.yaml"
+
+def prefect_yaml_text() -> str:
+    """The deployments file, from the installed package or the checkout alike."""
+    return resources.files("flows").joinpath("prefect.yaml").read_text()
 
 
-def load_deployment_specs(path: Path = PREFECT_YAML) -> list[dict]:
-    data = yaml.safe_load(path.read_text())
+def load_deployment_specs(path: Path | None = None) -> list[dict]:
+    data = yaml.safe_load(path.read_text() if path else prefect_yaml_text())
     return list(data.get("deployments") or [])
 
 

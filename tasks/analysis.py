@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -119,6 +120,7 @@ def results_table_task(grid: GridSpec, grid_run: tracking.GridRun, records: list
         plot_results(rows, out / "results.png", title=f"{grid.name}: test AUC (mean ± std over seeds)")
         for name in ("results.csv", "results.md", "results.png"):
             tracking.log_artifact(grid_run.run_id, out / name, "tables")
+    tracking.log_results_table(grid_run.run_id, [dataclasses.asdict(row) for row in rows])
     return rows
 
 

@@ -199,6 +199,18 @@ def _resume_candidate(experiment_id: str, spec: JobSpec):
 JOB_TIMINGS = ("time/launch_s", "time/setup_s", "time/finish_s")
 
 
+def job_task_options(spec: JobSpec) -> dict:
+    """Task-run name and tags saying which cell and seed a training task run is (Prefect UI filters by tag).
+
+    ``TRAIN_TAG`` stays among them: its tag concurrency limit is the grid's run policy.
+    """
+    return {
+        "task_run_name": f"train-{spec.run_name}",
+        "tags": [TRAIN_TAG, f"model:{spec.model}", f"init:{spec.init_label}", f"data_size:{spec.data_size}",
+                 f"seed:{spec.seed}"],
+    }  # fmt: skip
+
+
 @task(name="train-job", cache_policy=None, tags=[TRAIN_TAG], task_run_name="train-{spec.run_name}")
 def train_job_task(
     spec: JobSpec,
@@ -244,6 +256,7 @@ def train_job_task(
                 quality = source_quality(source_uri)
                 tracking.set_tags(run_id, source_tags(source_uri, quality, weak_source or WeakSourceSettings()))
             tracking.log_params(run_id, data_params)
+            tracking.log_dataset_inputs(run_id, spec, data_meta, source_uri=spec.dataset_source or dataset_root)
             dataset_uri, worker_source_uri = for_workers(dataset_root, source_uri)
             request = LaunchRequest(
                 spec=spec.model_dump(mode="json"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
 import pytest
 
@@ -15,7 +16,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def finished_smoke_grid(tmp_path_factory):
     home = tmp_path_factory.mktemp("smoke-home")
-    first = run_cli("run", "smoke", home=home)
+    # Sampled every second, so that even these seconds-long jobs log system metrics.
+    first = run_cli("run", "smoke", home=home, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     assert first.returncode == 0, first.stdout + first.stderr
     return home, first
 
@@ -40,6 +42,8 @@ def test_smoke_grid_leaves_one_finished_child_run_per_job(finished_smoke_grid):
     server, client = _store_client(home)
     try:
         experiment = client.get_experiment_by_name("smoke")
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        assert "2 training jobs on synthetic-retina" in experiment.tags["mlflow.note.content"]
         runs = client.search_runs([experiment.experiment_id])
         parents = [r for r in runs if r.data.tags.get("transfusion.role") == "grid"]
         children = [r for r in runs if r.data.tags.get("transfusion.role") == "job"]
@@ -68,6 +72,13 @@ def test_smoke_grid_leaves_one_finished_child_run_per_job(finished_smoke_grid):
             probes = {f.path for f in client.list_artifacts(run.info.run_id, "probes")}
             assert probes == {"probes/step-0.npz", "probes/step-6.npz"}
             assert [f.path for f in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/model.pt"]
+            assert any(key.startswith("system/cpu_utilization") for key in metrics), sorted(metrics)
+            assert any(key.startswith("system/system_memory_usage") for key in metrics), sorted(metrics)
+            _assert_dataset_inputs_and_logged_model(home, server.url, client, run)
+        table = client.download_artifacts(parents[0].info.run_id, "tables/results.json")
+        table = json.loads(open(table).read())
+        assert table["columns"][:3] == ["model", "init", "data_size"]
+        assert table["data"][0][:3] == ["cbr-tiny", "random", "160"]
         tables = {f.path for f in client.list_artifacts(parents[0].info.run_id, "tables")}
         assert {"tables/results.csv", "tables/results.md", "tables/results.png", "tables/seed_similarity.md"} <= tables
         text = client.download_artifacts(parents[0].info.run_id, "tables/results.csv")
@@ -88,6 +99,38 @@ def test_report_threshold_option_reaches_the_report(finished_smoke_grid, tmp_pat
     assert "Figure 5: convergence (threshold 0.930, absolute)" in text
 
 
+def _assert_dataset_inputs_and_logged_model(home, tracking_uri, client, run):
+    """The job's splits are run inputs and its final weights an MLflow model that scores the logged test AUC."""
+    import mlflow.pytorch
+    import torch
+
+    from transfusion.data import PreparedDataset
+    from transfusion.train import evaluate
+
+    version = run.data.params["data_version"]
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["synthetic-retina/test", "synthetic-retina/train", "synthetic-retina/val"]
+    for name, item in inputs.items():
+        split = name.rsplit("/", 1)[1]
+        assert item.dataset.digest == version
+        assert [(t.key, t.value) for t in item.tags] == [("mlflow.data.context", split)]
+        profile = json.loads(item.dataset.profile)
+        assert profile["labels"] == 1 and profile["images"] == {"train": 160, "val": 64, "test": 64}[split]
+        assert version in item.dataset.source
+    models = run.outputs.model_outputs
+    assert len(models) == 1 and models[0].step == 6
+    logged = client.get_logged_model(models[0].model_id)
+    assert logged.source_run_id == run.info.run_id and logged.status.to_proto() == 2  # READY
+    linked = {m.key: m for m in logged.metrics}
+    assert linked["test/auc"].value == run.data.metrics["test/auc"]
+    assert linked["test/auc"].dataset_name == "synthetic-retina/test" and linked["test/auc"].dataset_digest == version
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    dataset = PreparedDataset.open(home / "data" / "synthetic-retina" / version)
+    scores = evaluate(model, dataset, dataset.indices("test"), prefix="test", batch_size=64, device=torch.device("cpu"))
+    assert scores["test/auc"] == pytest.approx(run.data.metrics["test/auc"], abs=1e-6)
+
+
 def test_rerun_trains_nothing_and_shows_the_same_table(finished_smoke_grid):
     home, first = finished_smoke_grid
     again = run_cli("run", "smoke", home=home)
@@ -101,6 +144,10 @@ def test_rerun_trains_nothing_and_shows_the_same_table(finished_smoke_grid):
         runs = client.search_runs([experiment.experiment_id])
         assert sum(r.data.tags.get("transfusion.role") == "job" for r in runs) == 2
         assert sum(r.data.tags.get("transfusion.role") == "grid" for r in runs) == 1
+        # `transfusion ui` opens on the grid run last: this one.
+        from transfusion.tracking import last_grid_experiment
+
+        assert last_grid_experiment(uri=server.url) == experiment.experiment_id
     finally:
         server.stop()
 
@@ -173,10 +220,17 @@ def test_mlflow_ui_in_a_real_browser_shows_the_runs_and_compares_two(finished_sm
     server, client = _store_client(home)
     browser = _chromium()
     try:
+        from transfusion.tracking import experiment_page_url
+
         experiment = client.get_experiment_by_name("smoke")
         runs = client.search_runs([experiment.experiment_id])
         children = [r for r in runs if r.data.tags.get("transfusion.role") == "job"]
-        browser.get(f"{server.url}/#/experiments/{experiment.experiment_id}/runs")
+        # The page `transfusion ui` opens: the experiment itself, which lands on its runs table.
+        browser.get(experiment_page_url(server.url, experiment.experiment_id))
+        headers = "//*[@role='columnheader']"
+        _wait_for(browser, lambda b: "/runs" in b.current_url and b.find_elements(By.XPATH, headers))
+        header_text = _wait_for(browser, lambda b: " ".join(h.text for h in b.find_elements(By.XPATH, headers)))
+        assert "Dataset" in header_text and "Models" in header_text, header_text
         parent_row = "//*[text()='grid-smoke']/ancestor::*[@role='row'][1]//button"
         _wait_for(browser, lambda b: b.find_elements(By.XPATH, parent_row))[0].click()  # expand the grid's child runs
 
@@ -189,6 +243,19 @@ def test_mlflow_ui_in_a_real_browser_shows_the_runs_and_compares_two(finished_sm
         # Run names carry model, init, data size and seed: cbr-tiny-random-160-s0.
         for run in children:
             assert run.data.tags["mlflow.runName"].startswith(shown[run.info.run_id].rstrip(".…"))
+
+        # The table's scrolling part: each job's row fills Dataset (its train split with the
+        # data version, "+2" for val and test) and Models (its logged model).
+        version = children[0].data.params["data_version"]
+
+        def filled_rows(b):
+            texts = [e.text for e in b.find_elements(By.XPATH, "//*[@role='row']")]
+            found = [t for t in texts if t.startswith("synthetic-retina/")]
+            return found if len(found) == len(children) else None
+
+        for text in _wait_for(browser, filled_rows):
+            assert text.startswith(f"synthetic-retina/train ({version})") and "+2" in text, text
+            assert text.splitlines()[-1] == "model", text
         browser.save_screenshot(str(tmp_path / "runs.png"))
 
         ids = json.dumps([r.info.run_id for r in children[:2]])

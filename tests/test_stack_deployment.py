@@ -86,6 +86,35 @@ def test_deployment_run_trains_into_mlflow_and_s3(stack):
         job_key = child.data.tags["job_key"]
         state = re.compile(rf"jobs/[^/]+-{job_key}/{child.info.run_id}/state-\d{{8}}\.pt$")
         assert any(state.search(key) for key in checkpoint_keys), checkpoint_keys
+    _assert_prefect_artifacts_and_task_runs(env["PREFECT_API_URL"], children)
+
+
+def _assert_prefect_artifacts_and_task_runs(api_url: str, children) -> None:
+    """The flow run's results table, linked report and finished progress are in the Prefect UI; task
+    runs are named and tagged by model, init, data size and seed."""
+    import asyncio
+
+    from prefect.client.orchestration import PrefectClient
+
+    async def read():
+        async with PrefectClient(api_url) as client:
+            return await client.read_artifacts(), await client.read_task_runs()
+
+    artifacts, task_runs = asyncio.run(read())
+    by_key = {a.key: a for a in artifacts if a.key}
+    table, report, progress = (by_key[f"stack-smoke-{what}"] for what in ("results", "report", "progress"))
+    assert (table.type, report.type, progress.type) == ("table", "markdown", "progress")
+    assert table.flow_run_id == report.flow_run_id == progress.flow_run_id is not None
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [(r["model"], r["init"], r["data_size"], r["seeds"]) for r in rows] == [("cbr-tiny", "random", "80", 2)]
+    for child in children:
+        assert f"/#/experiments/{child.info.experiment_id}/runs/{child.info.run_id}?" in report.data
+    assert float(progress.data) == 100.0 and "2 of 2 jobs finished" in progress.description
+    train_runs = {t.name: set(t.tags) for t in task_runs if t.name.startswith("train-")}
+    assert sorted(train_runs) == ["train-cbr-tiny-random-80-s0", "train-cbr-tiny-random-80-s1"]
+    for seed in (0, 1):
+        tags = train_runs[f"train-cbr-tiny-random-80-s{seed}"]
+        assert {"model:cbr-tiny", "init:random", "data_size:80", f"seed:{seed}"} <= tags
 
 
 def test_server_rejects_a_bad_grid_before_any_run(stack):

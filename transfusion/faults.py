@@ -65,6 +65,9 @@ class FaultInjection:
     def checkpoint(self, state: dict[str, Any], *, step: int, metrics: dict[str, float]) -> None:
         self.hooks.checkpoint(state, step=step, metrics=metrics)
 
+    def log_model(self, model: torch.nn.Module, *, input_example, metrics: dict[str, float], step: int) -> None:
+        self.hooks.log_model(model, input_example=input_example, metrics=metrics, step=step)
+
     def corrupt_loss(self, loss: torch.Tensor, *, step: int) -> torch.Tensor:
         return loss * float("nan") if step == self.nan_at_step else loss
 

@@ -147,7 +147,7 @@ def _run_job(request: LaunchRequest, *, storage_path: str, rank: int, world_size
     """One job in this worker: resume from its checkpoint if it has one, train, log."""
     from transfusion.data.node_cache import dataset_for_node, weights_for_node
     from transfusion.faults import FaultInjection
-    from transfusion.tracking import MlflowHooks, set_tags
+    from transfusion.tracking import MlflowHooks, set_tags, test_dataset_of
     from transfusion.train import run_training
 
     spec = JobSpec.model_validate(request.spec)
@@ -174,20 +174,27 @@ def _run_job(request: LaunchRequest, *, storage_path: str, rank: int, world_size
     if rank == 0:
         # Which Ray node ran (this attempt of) the job: placement is visible in the runs table.
         set_tags(request.run_id, {"ray_node": ray.get_runtime_context().get_node_id()}, uri=request.tracking_uri)
-    hooks = MlflowHooks(request.run_id, uri=request.tracking_uri, checkpoint=save_checkpoint)
-    if request.fault_at_step is not None or request.kill_at_step is not None:
-        hooks = FaultInjection(hooks, nan_at_step=request.fault_at_step, kill_at_step=request.kill_at_step,
-                               kill_marker=request.kill_marker)  # fmt: skip
-    result = run_training(
-        spec,
-        dataset,
-        hooks=hooks,
-        source_state=source_state,
-        resume=resume,
-        prepare_model=ray.train.torch.prepare_model if world_size > 1 else None,
-        rank=rank,
-        world_size=world_size,
+    hooks = MlflowHooks(
+        request.run_id,
+        uri=request.tracking_uri,
+        checkpoint=save_checkpoint,
+        test_dataset=test_dataset_of(spec, dataset.meta),
     )
+    # The chief's hooks are a context (system metrics while the job runs); other ranks log nothing.
+    with contextlib.nullcontext(hooks) if rank else hooks:
+        if request.fault_at_step is not None or request.kill_at_step is not None:
+            hooks = FaultInjection(hooks, nan_at_step=request.fault_at_step, kill_at_step=request.kill_at_step,
+                                   kill_marker=request.kill_marker)  # fmt: skip
+        result = run_training(
+            spec,
+            dataset,
+            hooks=hooks,
+            source_state=source_state,
+            resume=resume,
+            prepare_model=ray.train.torch.prepare_model if world_size > 1 else None,
+            rank=rank,
+            world_size=world_size,
+        )
     return {
         "steps": float(result.steps),
         **result.final_metrics,

@@ -1,13 +1,17 @@
-"""Everything that talks to MLflow: runs, metrics, artifacts, the model registry.
+"""Everything that talks to MLflow: runs, metrics, artifacts, datasets, models, the registry.
 
 This is the only library module that imports MLflow. Jobs log over HTTP to a
 tracking server; a grid is a parent run and each job a child run tagged with its
-``job_key``, which is how a re-run finds work already done.
+``job_key``, which is how a re-run finds work already done. Each job run also carries
+what the MLflow UI shows as first-class entities: its dataset splits as run inputs, its
+final weights as a logged model (with the test metrics it scored) and the node's
+system metrics while it trained.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -15,13 +19,23 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    LoggedModelStatus,
+    Metric,
+    Param,
+    RunTag,
+)
 from mlflow.tracking import MlflowClient
 
 from transfusion.config import GridSpec, JobSpec
@@ -32,6 +46,15 @@ T = TypeVar("T")
 ROLE_TAG = "transfusion.role"
 PARENT_TAG = "mlflow.parentRunId"
 REASON_TAG = "failure_reason"
+OPENED_TAG = "transfusion.opened_at"  # ms since the epoch, zero-padded so that it sorts as text
+# The MLflow UI opens an experiment of this kind on its training-runs view (runs table,
+# models, datasets) instead of the GenAI view (traces) it picks for an untagged one.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"
+MODEL_NAME = "model"
+# Tags the MLflow compare view lines a grid's cells up by (on job runs and the parent's table).
+CELL_TAGS = ("model", "init", "data_size", "seed")
 
 
 def tracking_uri() -> str:
@@ -59,16 +82,39 @@ def with_retries(action: Callable[[], T], *, what: str, attempts: int = 6, base_
     raise AssertionError("unreachable")
 
 
-def ensure_experiment(name: str, *, uri: str | None = None) -> str:
+def ensure_experiment(name: str, *, description: str | None = None, uri: str | None = None) -> str:
+    """The experiment's id, created if needed, tagged as a model-training experiment."""
     c = client(uri)
     experiment = c.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return c.create_experiment(name)
-    except mlflow.exceptions.MlflowException:
-        # Another process created it between our lookup and create.
-        return c.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        try:
+            experiment_id = c.create_experiment(name)
+        except mlflow.exceptions.MlflowException:
+            # Another process created it between our lookup and create.
+            experiment_id = c.get_experiment_by_name(name).experiment_id
+    else:
+        experiment_id = experiment.experiment_id
+    # Set on every open: experiments made before these tags existed get them too.
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    if description:
+        tags[DESCRIPTION_TAG] = description
+    for key, value in tags.items():
+        if experiment is None or experiment.tags.get(key) != value:
+            with_retries(lambda k=key, v=value: c.set_experiment_tag(experiment_id, k, v), what="tag experiment")
+    return experiment_id
+
+
+def describe_grid(grid: GridSpec) -> str:
+    """One paragraph saying what the grid trains, for the experiment's description."""
+    inits = ", ".join(dict.fromkeys(job.init_label for job in grid.jobs()))
+    sizes = ", ".join(str(s) for s in grid.data_sizes)
+    source = f" ({grid.dataset_source})" if grid.dataset_source else ""
+    return (
+        f"Grid {grid.name!r}: {len(grid.jobs())} training jobs on {grid.dataset}{source} — "
+        f"models {', '.join(grid.models)} x inits {inits} x data sizes {sizes} x seeds "
+        f"{', '.join(map(str, grid.seeds))}, {grid.train.steps} steps each. The parent run "
+        f"grid-{grid.name} holds the results table; each job run its dataset, model and metrics."
+    )
 
 
 def job_params(spec: JobSpec) -> dict[str, str]:
@@ -195,13 +241,173 @@ def metric_history(run_id: str, key: str, *, uri: str | None = None) -> list[tup
     return sorted((m.step, m.value) for m in history)
 
 
-class MlflowHooks:
-    """:class:`transfusion.train.TrainingHooks` that log to one MLflow run."""
+def split_dataset_name(dataset: str, split: str) -> str:
+    return f"{dataset}/{split}"
 
-    def __init__(self, run_id: str, *, uri: str | None = None, checkpoint=None) -> None:
+
+def dataset_digest(meta: dict[str, Any]) -> str:
+    """A prepared dataset's version, which changes whenever its images or labels do."""
+    return str(meta.get("version") or "unversioned")[:36]  # MLflow's digest column holds 36 characters
+
+
+def test_dataset_of(spec: JobSpec, meta: dict[str, Any]) -> tuple[str, str]:
+    """(name, digest) of the dataset input a job's test metrics come from."""
+    return split_dataset_name(spec.dataset, "test"), dataset_digest(meta)
+
+
+def log_dataset_inputs(
+    run_id: str, spec: JobSpec, meta: dict[str, Any], *, source_uri: str, uri: str | None = None
+) -> None:
+    """The job's train, val and test splits as MLflow run inputs (the runs table's Dataset column).
+
+    Digest is the prepared dataset's version; the profile says how many images and
+    labels the job used from the split (its training subset for ``train``).
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():
+        # A local path matches MLflow's local-artifact source twice over; it warns, then picks it.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(source_uri)
+    counts = dict(meta.get("counts") or {})
+    if spec.data_size != "full":
+        counts["train"] = min(int(spec.data_size), int(counts.get("train", spec.data_size)))
+    labels = list(meta.get("label_names") or [])
+    inputs = []
+    for split in ("train", "val", "test"):
+        profile = {"images": int(counts.get(split, 0)), "labels": len(labels), "label_names": labels}
+        dataset = Dataset(
+            name=split_dataset_name(spec.dataset, split),
+            digest=dataset_digest(meta),
+            source_type=source._get_source_type(),
+            source=source.to_json(),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", split)]))
+    c = client(uri)
+    with_retries(lambda: c.log_inputs(run_id, datasets=inputs), what="log dataset inputs")
+
+
+def log_final_model(
+    run_id: str,
+    model,
+    *,
+    input_example,
+    metrics: dict[str, float],
+    step: int,
+    test_dataset: tuple[str, str] | None = None,
+    uri: str | None = None,
+) -> str:
+    """Logs ``model`` as this run's MLflow model and links ``metrics`` to it; returns its ``models:/`` URI.
+
+    ``mlflow.pytorch.load_model`` of the URI gives the module back; ``test_dataset`` is
+    the (name, digest) of the dataset input the test metrics were computed on.
+    """
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    c = client(uri)
+    run = c.get_run(run_id)
+    # A CPU float32 copy: loadable anywhere, and the training device may be a GPU.
+    model = copy.deepcopy(model).to("cpu", torch.float32)
+    logged = with_retries(
+        lambda: c.create_logged_model(
+            run.info.experiment_id,
+            name=MODEL_NAME,
+            source_run_id=run_id,
+            params=dict(run.data.params),
+            tags={k: run.data.tags[k] for k in (*CELL_TAGS, "job_key", "grid") if k in run.data.tags},
+            model_type="image-classifier",
+        ),
+        what="create logged model",
+    )
+    model.eval()
+    with torch.no_grad():
+        output = model(torch.from_numpy(input_example)).float().numpy()
+    # Given outright, requirements and signature need no trial load of the model in a
+    # subprocess, which would cost seconds per job.
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri or tracking_uri())
+    try:
+        mlflow.pytorch.log_model(
+            model,
+            name=MODEL_NAME,
+            model_id=logged.model_id,
+            signature=infer_signature(input_example, output),
+            input_example=input_example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "transfusion"],
+            # The module itself (its class comes from transfusion.models): it can be put in
+            # eval mode, fine-tuned or probed; a torch.export program could not.
+            serialization_format="pickle",
+        )
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    with_retries(
+        lambda: c.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)]), what="link model to run"
+    )
+    now = int(time.time() * 1000)
+    name, digest = test_dataset or (None, None)
+    batch = [
+        Metric(k, float(v), now, step, model_id=logged.model_id, dataset_name=name, dataset_digest=digest)
+        if k.startswith("test/")
+        else Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+    ]
+    with_retries(lambda: c.log_batch(run_id, metrics=batch), what="log final metrics")
+    with_retries(lambda: c.finalize_logged_model(logged.model_id, LoggedModelStatus.READY), what="finalize model")
+    return f"models:/{logged.model_id}"
+
+
+def logged_models_of(run_id: str, *, uri: str | None = None) -> list[str]:
+    """``models:/`` URIs of the models a run logged (its outputs)."""
+    run = client(uri).get_run(run_id)
+    outputs = run.outputs.model_outputs if run.outputs else []
+    return [f"models:/{o.model_id}" for o in outputs]
+
+
+class MlflowHooks:
+    """:class:`transfusion.train.TrainingHooks` that log to one MLflow run.
+
+    Used as a context manager it also samples the node's system metrics (CPU, memory,
+    GPU where present) into the run while the job trains.
+    """
+
+    def __init__(
+        self, run_id: str, *, uri: str | None = None, checkpoint=None, test_dataset: tuple[str, str] | None = None
+    ) -> None:
         self.run_id = run_id
         self.uri = uri or tracking_uri()
         self._checkpoint = checkpoint
+        self._test_dataset = test_dataset
+        self._monitor = None
+
+    def __enter__(self) -> MlflowHooks:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as exc:  # a job trains without system metrics rather than not at all
+            log.warning("no system metrics for run %s: %s", self.run_id, exc)
+            self._monitor = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+
+    def log_model(self, model, *, input_example, metrics: dict[str, float], step: int) -> None:
+        log_final_model(
+            self.run_id,
+            model,
+            input_example=input_example,
+            metrics=metrics,
+            step=step,
+            test_dataset=self._test_dataset,
+            uri=self.uri,
+        )
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         log_metrics(self.run_id, metrics, step=step, uri=self.uri)
@@ -223,23 +429,88 @@ class GridRun:
 def open_grid_run(grid: GridSpec, *, uri: str | None = None) -> GridRun:
     """The grid's parent run: reused if this exact grid ran before, else created."""
     c = client(uri)
-    experiment_id = ensure_experiment(grid.name, uri=uri)
+    experiment_id = ensure_experiment(grid.name, description=describe_grid(grid), uri=uri)
     existing = c.search_runs(
         [experiment_id],
         filter_string=f"tags.grid_key = '{grid.grid_key}' and tags.`{ROLE_TAG}` = 'grid'",
         max_results=1,
         order_by=["attributes.start_time DESC"],
     )
+    opened = {OPENED_TAG: f"{int(time.time() * 1000):015d}"}
     if existing:
         run_id = existing[0].info.run_id
         reopen_run(run_id, uri=uri)
+        set_tags(run_id, opened, uri=uri)
         return GridRun(experiment_id, run_id)
     run = c.create_run(
         experiment_id,
-        tags={ROLE_TAG: "grid", "grid": grid.name, "grid_key": grid.grid_key, "mlflow.runName": f"grid-{grid.name}"},
+        tags={
+            ROLE_TAG: "grid",
+            "grid": grid.name,
+            "grid_key": grid.grid_key,
+            "mlflow.runName": f"grid-{grid.name}",
+            **opened,
+        },
     )
     log_json(run.info.run_id, grid.model_dump(mode="json"), "grid.json", uri=uri)
     return GridRun(experiment_id, run.info.run_id)
+
+
+def experiment_page_url(server_url: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment, in its model-training view (the runs table).
+
+    MLflow >= 3.10 picks GenAI or model-training views from a global switch (the
+    ``workflowType`` query parameter, else the browser's last choice), no longer from the
+    experiment's kind tag alone; the parameter makes the link open on the runs either way.
+    """
+    return f"{server_url.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def last_grid_experiment(*, uri: str | None = None) -> str | None:
+    """The experiment id of the grid run opened last on this tracking server (None: no grid yet)."""
+    runs = client(uri).search_runs(
+        [e.experiment_id for e in client(uri).search_experiments()],
+        filter_string=f"tags.`{ROLE_TAG}` = 'grid'",
+        order_by=[f"tags.`{OPENED_TAG}` DESC"],
+        max_results=1,
+    )
+    return runs[0].info.experiment_id if runs else None
+
+
+RESULTS_TABLE = "tables/results.json"
+
+
+def log_results_table(run_id: str, rows: list[dict[str, Any]], *, uri: str | None = None) -> None:
+    """The grid's results as an MLflow table on its parent run (the UI's table artifact view)."""
+    columns = {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
+    c = client(uri)
+    with_retries(lambda: c.log_table(run_id, data=columns, artifact_file=RESULTS_TABLE), what="log results table")
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    job_key: str
+    run_id: str
+    step: int
+    val_auc: float | None
+
+
+def running_jobs(experiment_id: str, parent_run_id: str, *, uri: str | None = None) -> list[RunningJob]:
+    """The grid's RUNNING job runs with their latest training step and validation AUC."""
+    c = client(uri)
+    runs = c.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        max_results=1000,
+    )
+    found = []
+    for run in runs:
+        # The loss is logged several times between evaluations: its last step is where the job is.
+        history = c.get_metric_history(run.info.run_id, "train/loss")
+        step = max((m.step for m in history), default=0)
+        auc = run.data.metrics.get("val/auc")
+        found.append(RunningJob(run.data.tags.get("job_key", ""), run.info.run_id, step, auc))
+    return found
 
 
 def experiment_id_for(name: str, *, uri: str | None = None) -> str | None:

@@ -63,6 +63,10 @@ class TrainingHooks(Protocol):
 
     def checkpoint(self, state: dict[str, Any], *, step: int, metrics: dict[str, float]) -> None: ...
 
+    def log_model(self, model: nn.Module, *, input_example: np.ndarray, metrics: dict[str, float], step: int) -> None:
+        """The final model with an input batch and the test metrics it scored (logged with it)."""
+        ...
+
 
 class RecordingHooks:
     """Keeps everything in memory; for tests and bare runs."""
@@ -72,6 +76,7 @@ class RecordingHooks:
         self.artifacts: dict[str, Path] = {}
         self.checkpoints: list[tuple[int, dict[str, Any]]] = []
         self.artifact_dir = artifact_dir
+        self.model: nn.Module | None = None
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         self.metrics.extend((step, k, float(v)) for k, v in metrics.items())
@@ -88,6 +93,10 @@ class RecordingHooks:
     def checkpoint(self, state: dict[str, Any], *, step: int, metrics: dict[str, float]) -> None:
         # The state holds live tensors that later steps update in place.
         self.checkpoints.append((step, copy.deepcopy(state)))
+
+    def log_model(self, model: nn.Module, *, input_example: np.ndarray, metrics: dict[str, float], step: int) -> None:
+        self.model = model
+        self.log_metrics(metrics, step=step)
 
     def history(self, key: str) -> list[tuple[int, float]]:
         return [(s, v) for s, k, v in self.metrics if k == key]
@@ -488,10 +497,13 @@ def finish(state: LoopState, *, train_seconds: float, started: float) -> dict[st
     final["time/train_s"] = train_seconds
     final["time/gpu_s"] = train_seconds * (t.gpus_per_job * state.world_size if state.on_gpu else 0.0)
     final["time/job_s"] = time.perf_counter() - started
-    state.hooks.log_metrics(final, step=state.step)
     weights = state.workdir / "model.pt"
     torch.save(state.model_without_ddp.state_dict(), weights)
     state.hooks.log_artifact(weights, "checkpoint")
+    # The final model as a first-class model (MLflow: a logged model linked to these test metrics).
+    model = state.model_without_ddp
+    example = load_images(state.dataset, state.dataset.indices("test")[:2], torch.device("cpu"), model).numpy()
+    state.hooks.log_model(model, input_example=example, metrics=final, step=state.step)
     return final
 
 
@@ -568,6 +580,10 @@ class CsvHooks:
     def checkpoint(self, state: dict[str, Any], *, step: int, metrics: dict[str, float]) -> None:
         if self.rank == 0:
             self.checkpoints.save(state, step=step)
+
+    def log_model(self, model: nn.Module, *, input_example: np.ndarray, metrics: dict[str, float], step: int) -> None:
+        # Standalone: the weights are already under checkpoint/model.pt; the metrics go to the CSV.
+        self.log_metrics(metrics, step=step)
 
 
 def _source_state(spec: JobSpec) -> dict[str, torch.Tensor] | None:

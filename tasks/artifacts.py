@@ -1,0 +1,70 @@
+"""A grid's results in the Prefect UI: the results table and a Markdown report linking each cell to its MLflow runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from transfusion import tracking
+from transfusion.analysis.records import JobRecord
+from transfusion.analysis.tables import ResultRow
+
+
+def artifact_key(grid: str, what: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{grid}-{what}".lower()).strip("-")
+
+
+def _cell(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def report_markdown(
+    grid: str, rows: list[ResultRow], records: list[JobRecord], *, tracking_uri: str, grid_run: tracking.GridRun
+) -> str:
+    """The results table with each (model, init, data size) cell linked to its seeds' MLflow runs."""
+    runs: dict[tuple[str, str, str], list[JobRecord]] = {}
+    for record in records:
+        runs.setdefault((record.model, record.init, record.data_size), []).append(record)
+    parent = run_url(tracking_uri, grid_run.experiment_id, grid_run.run_id)
+    lines = [
+        f"# Grid {grid}: test AUC over seeds",
+        "",
+        f"Mean ± std over seeds, in percent. Parent MLflow run: [grid-{grid}]({parent}) "
+        "(tables/ and report/ artifacts hold the figures and the full report).",
+        "",
+        "| model | init | data size | seeds | test AUC | test AUPRC | MLflow runs |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        cell = sorted(runs.get((row.model, row.init, row.data_size), []), key=lambda r: r.seed)
+        links = " ".join(f"[seed {r.seed}]({run_url(tracking_uri, grid_run.experiment_id, r.run_id)})" for r in cell)
+        lines.append(
+            f"| {row.model} | {row.init} | {row.data_size} | {row.seeds} | {row.auc_text()} | {row.auprc_text()} "
+            f"| {links or 'none'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@task(name="publish-prefect-artifacts", cache_policy=None)
+def publish_results_artifacts_task(
+    grid: str, rows: list[ResultRow], records: list[JobRecord], tracking_uri: str, grid_run: tracking.GridRun
+) -> None:
+    """The results table as a Prefect table artifact and the linked report as a Markdown artifact."""
+    table = [{k: _cell(v) for k, v in dataclasses.asdict(row).items()} for row in rows]
+    create_table_artifact(
+        table, key=artifact_key(grid, "results"), description=f"grid {grid}: test AUC/AUPRC mean and std over seeds"
+    )
+    create_markdown_artifact(
+        report_markdown(grid, rows, records, tracking_uri=tracking_uri, grid_run=grid_run),
+        key=artifact_key(grid, "report"),
+        description=f"grid {grid}: results with links to the MLflow runs",
+    )

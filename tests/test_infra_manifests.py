@@ -791,7 +791,7 @@ def test_compose_wires_the_services_together():
     for url in (env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"], env["AWS_ENDPOINT_URL"]):
         assert urlparse(url).hostname in services, f"{url} names no service"
     assert env["RAY_ADDRESS"].split(":")[0] in services
-    # Every Ray node and driver shares TRANSFUSION_HOME.
+    # On one Docker host the Ray nodes share the driver's TRANSFUSION_HOME and read its dataset in place.
     for name in ("flow-server", "ray-head", "ray-gpu-worker"):
         mounts = {m.split(":")[1] for m in services[name]["volumes"]}
         assert services[name]["environment"]["TRANSFUSION_HOME"] in mounts, name

@@ -189,7 +189,10 @@ def test_kustomize_build_renders_valid_objects():
     assert rendered.returncode == 0, rendered.stderr
     objects = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
     kinds = {doc["kind"] for doc in objects}
-    assert {"Namespace", "ServiceAccount", "PersistentVolumeClaim", "StatefulSet", "Deployment", "RayCluster"} <= kinds
+    assert {"Namespace", "ServiceAccount", "StatefulSet", "Deployment", "RayCluster"} <= kinds
+    # No volume shared between pods: each PostgreSQL replica's claim is its own.
+    assert "PersistentVolumeClaim" not in kinds
+    assert "ReadWriteMany" not in access_modes(objects)
     images = set()
     for doc in objects:
         if doc["kind"] != "Namespace":
@@ -533,13 +536,14 @@ def test_base_job_template_renders_a_valid_kubernetes_job():
     (container,) = pod["containers"]
     assert container["args"] == ["prefect", "flow-run", "execute"]
     assert "transfusion-cpu" in container["image"]
-    # The flow run's pod is a Ray driver: it joins the cluster and shares TRANSFUSION_HOME.
+    # The flow run's pod is a Ray driver: it joins the cluster, with a TRANSFUSION_HOME of its own.
     config_maps = generated_config_maps()
     referenced = {ref["configMapRef"]["name"] for ref in container["envFrom"] if "configMapRef" in ref}
     assert referenced == {"transfusion-config", "transfusion-driver"} <= set(config_maps)
     assert config_maps["transfusion-driver"]["TRANSFUSION_RAY_JOIN"] == "1"
     (volume,) = pod["volumes"]
-    assert volume["persistentVolumeClaim"]["claimName"] == one("PersistentVolumeClaim")["metadata"]["name"]
+    home_size = base_job_template()["variables"]["properties"]["home_size_limit"]["default"]
+    assert volume["emptyDir"]["sizeLimit"] == home_size
     mount = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}[volume["name"]]
     assert mount == config_maps["transfusion-config"]["TRANSFUSION_HOME"]
 
@@ -638,6 +642,93 @@ def test_every_referenced_config_map_exists():
             assert ref["key"] in config_maps[ref["name"]], f"ConfigMap {ref['name']} has no key {ref['key']}"
 
 
+# ---------------------------------------------- node-local disks, data through object storage
+
+QUANTITY = re.compile(r"(\d+)(Ki|Mi|Gi|Ti)?")
+
+
+def quantity_bytes(text: str) -> int:
+    number, unit = QUANTITY.fullmatch(str(text)).groups()
+    return int(number) * 1024 ** ("_KMGT".index(unit[0]) if unit else 0)
+
+
+def access_modes(obj) -> list[str]:
+    """Every access mode any volume claim (template) anywhere in obj asks for."""
+    if isinstance(obj, dict):
+        own = list(obj["accessModes"]) if isinstance(obj.get("accessModes"), list) else []
+        return own + [mode for value in obj.values() for mode in access_modes(value)]
+    if isinstance(obj, list):
+        return [mode for item in obj for mode in access_modes(item)]
+    return []
+
+
+def transfusion_pods() -> list[tuple[str, dict]]:
+    """(label, pod spec) of every pod that runs transfusion code: each Ray group of the
+    RayCluster and the RayJob, and the flow-run Job's pod (a Ray driver)."""
+    pods = []
+    for source, spec in (("raycluster", one("RayCluster")["spec"]), ("rayjob", rayjob()["spec"]["rayClusterSpec"])):
+        pods.append((f"{source}-head", spec["headGroupSpec"]["template"]["spec"]))
+        pods += [(f"{source}-{g['groupName']}", g["template"]["spec"]) for g in spec["workerGroupSpecs"]]
+    job = render_flow_run_job(base_job_template(), {"name": "x", "command": "prefect flow-run execute"})
+    pods.append(("flow-run", job["spec"]["template"]["spec"]))
+    return pods
+
+
+def container_env(container: dict) -> dict[str, str]:
+    """The environment a container gets from the generated ConfigMaps and its own env."""
+    maps = generated_config_maps()
+    env: dict[str, str] = {}
+    for ref in container.get("envFrom") or []:
+        if "configMapRef" in ref:
+            env.update(maps[ref["configMapRef"]["name"]])
+    env.update({item["name"]: item["value"] for item in container.get("env") or [] if "value" in item})
+    return env
+
+
+def test_no_manifest_claims_a_volume_shared_between_pods():
+    manifests = all_manifests()
+    assert "ReadWriteMany" not in access_modes(manifests)
+    assert not [obj for obj in manifests if obj["kind"] == "PersistentVolumeClaim"]
+    assert not (K8S / "shared-home.yaml").exists()
+
+
+@pytest.mark.parametrize(("label", "pod"), transfusion_pods(), ids=[label for label, _ in transfusion_pods()])
+def test_transfusion_home_is_node_local_and_sized(label, pod):
+    """TRANSFUSION_HOME (with the node cache in it) is an emptyDir on the node's own disk,
+    with a size limit, and the pod asks the scheduler for that much ephemeral storage."""
+    (container,) = pod["containers"]
+    env = container_env(container)
+    home = env["TRANSFUSION_HOME"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert not [name for name, v in volumes.items() if "persistentVolumeClaim" in v], f"{label} mounts a claim"
+    (name,) = [m["name"] for m in container["volumeMounts"] if m["mountPath"] == home]
+    size = volumes[name]["emptyDir"]["sizeLimit"]
+    assert quantity_bytes(size) >= 50 * 1024**3, f"{label}: {size} cannot hold one paper dataset (36 GB)"
+    requested = container["resources"]["requests"]["ephemeral-storage"]
+    assert quantity_bytes(requested) >= quantity_bytes(size), f"{label} requests less disk than its volume may use"
+
+
+@pytest.mark.parametrize(("label", "pod"), transfusion_pods(), ids=[label for label, _ in transfusion_pods()])
+def test_jobs_read_and_write_through_object_storage(label, pod, monkeypatch):
+    """With the pod's environment the data plane publishes to S3, caches on the pod's own
+    volume, and checkpoints go to S3: nothing a job reads or resumes from is on a shared disk."""
+    from transfusion.data import node_cache
+
+    (container,) = pod["containers"]
+    env = container_env(container)
+    for key in ("TRANSFUSION_STORAGE_PATH", "TRANSFUSION_DATA_PATH"):
+        url = urlparse(env[key])
+        assert url.scheme == "s3" and url.netloc, f"{label}: {key}={env[key]} is not an s3:// bucket"
+    for key in ("TRANSFUSION_HOME", "TRANSFUSION_NODE_CACHE", "TRANSFUSION_STORAGE_PATH", "TRANSFUSION_DATA_PATH"):
+        monkeypatch.delenv(key, raising=False)
+        if key in env:
+            monkeypatch.setenv(key, env[key])
+    assert node_cache.is_object_store(node_cache.data_path())
+    assert node_cache.data_path() == env["TRANSFUSION_DATA_PATH"]
+    home = Path(env["TRANSFUSION_HOME"]).resolve()
+    assert node_cache.node_cache_root().is_relative_to(home), "the node cache must live on the node-local volume"
+
+
 # ------------------------------------------------------------------------------ compose
 
 
@@ -700,7 +791,7 @@ def test_compose_wires_the_services_together():
     for url in (env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"], env["AWS_ENDPOINT_URL"]):
         assert urlparse(url).hostname in services, f"{url} names no service"
     assert env["RAY_ADDRESS"].split(":")[0] in services
-    # Every Ray node and driver shares TRANSFUSION_HOME.
+    # On one Docker host the Ray nodes share the driver's TRANSFUSION_HOME and read its dataset in place.
     for name in ("flow-server", "ray-head", "ray-gpu-worker"):
         mounts = {m.split(":")[1] for m in services[name]["volumes"]}
         assert services[name]["environment"]["TRANSFUSION_HOME"] in mounts, name

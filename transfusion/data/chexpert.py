@@ -21,13 +21,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from transfusion.data.build import label_strata, read_csv, split_by_strata
-from transfusion.data.declared import (
-    DatasetDeclaration,
-    DeclaredSource,
-    ImageListing,
-    LabelledImageSet,
-    register_declared,
-)
+from transfusion.data.declared import DatasetDeclaration, DeclaredSource, ImageListing, LabelledImageSet
 from transfusion.data.prepared import SPLITS
 
 RECIPE_VERSION = "1"
@@ -199,15 +193,12 @@ def read_chexpert_rows(given: DeclaredSource, opts: ChexpertOptions) -> Labelled
     )
 
 
-register_declared(
-    "chexpert",
-    DatasetDeclaration(
-        recipe=RECIPE_VERSION,
-        options=CHEXPERT_OPTIONS,
-        needs="the folder or s3:// prefix holding train.csv",
-        read_options=read_chexpert_options,
-        index=chexpert_index,
-        read_rows=read_chexpert_rows,
-    ),
-    "CheXpert: five pathologies (multi-label), patient-separated splits, 224 px greyscale.",
+CHEXPERT = DatasetDeclaration(
+    recipe=RECIPE_VERSION,
+    options=CHEXPERT_OPTIONS,
+    needs="the folder or s3:// prefix holding train.csv",
+    read_options=read_chexpert_options,
+    index=chexpert_index,
+    read_rows=read_chexpert_rows,
 )
+CHEXPERT.register("chexpert", doc="CheXpert: five pathologies (multi-label), patient-separated splits, 224 px grey.")

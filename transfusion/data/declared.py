@@ -125,6 +125,15 @@ class DatasetDeclaration:
     accepts_file: bool = False
     decodes_files: bool = True
 
+    def register(self, name: str, *, doc: str) -> None:
+        """Registers this dataset in ``DATASETS`` under ``name``."""
+
+        def prepare(request: PrepareRequest, data_root: Path) -> PreparedDataset:
+            return prepare_declared(self, request, data_root)
+
+        prepare.__doc__ = doc
+        DATASETS.register(name)(prepare)
+
 
 def _open_declared_source(declaration: DatasetDeclaration, request: PrepareRequest, data_root: Path) -> DataSource:
     if not request.source:
@@ -205,13 +214,3 @@ def prepare_declared(declaration: DatasetDeclaration, request: PrepareRequest, d
         skip_bad=skip_bad and declaration.decodes_files,
         workers=workers,
     )
-
-
-def register_declared(name: str, declaration: DatasetDeclaration, doc: str) -> None:
-    """Registers ``declaration`` in ``DATASETS`` under ``name``."""
-
-    def prepare(request: PrepareRequest, data_root: Path) -> PreparedDataset:
-        return prepare_declared(declaration, request, data_root)
-
-    prepare.__doc__ = doc
-    DATASETS.register(name)(prepare)

@@ -23,13 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from transfusion.data.build import AUGMENT_POLICIES, SPLIT_CODES, label_strata, read_csv, split_by_strata
-from transfusion.data.declared import (
-    DatasetDeclaration,
-    DeclaredSource,
-    ImageListing,
-    LabelledImageSet,
-    register_declared,
-)
+from transfusion.data.declared import DatasetDeclaration, DeclaredSource, ImageListing, LabelledImageSet
 from transfusion.data.imaging import CROPS
 
 RECIPE_VERSION = "1"
@@ -169,20 +163,6 @@ def read_folder_rows(given: DeclaredSource, opts: FolderOptions) -> LabelledImag
     )
 
 
-register_declared(
-    "folder",
-    DatasetDeclaration(
-        recipe=RECIPE_VERSION,
-        options=FOLDER_OPTIONS,
-        needs="a folder or s3:// prefix holding its index CSV (option csv, default labels.csv)",
-        read_options=read_folder_options,
-        index=lambda given, opts: {"index": given.source.fingerprint(opts.csv)},
-        read_rows=read_folder_rows,
-    ),
-    "Images listed in a CSV with label columns; see the module docstring for options.",
-)
-
-
 def _check_patient_separation(groups: np.ndarray, split: np.ndarray, csv_path: Path, column: str) -> None:
     patients, inverse = np.unique(groups, return_inverse=True)
     lowest = np.full(len(patients), 9, dtype=np.int64)
@@ -192,3 +172,14 @@ def _check_patient_separation(groups: np.ndarray, split: np.ndarray, csv_path: P
     mixed = np.flatnonzero(lowest != highest)
     if len(mixed):
         raise ValueError(f"{csv_path} column {column!r}: patient {patients[mixed[0]]!r} appears in more than one split")
+
+
+FOLDER = DatasetDeclaration(
+    recipe=RECIPE_VERSION,
+    options=FOLDER_OPTIONS,
+    needs="a folder or s3:// prefix holding its index CSV (option csv, default labels.csv)",
+    read_options=read_folder_options,
+    index=lambda given, opts: {"index": given.source.fingerprint(opts.csv)},
+    read_rows=read_folder_rows,
+)
+FOLDER.register("folder", doc="Images listed in a CSV with label columns; see the module docstring for options.")

@@ -14,13 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfusion.data.declared import (
-    DatasetDeclaration,
-    DeclaredSource,
-    ImageListing,
-    LabelledImageSet,
-    register_declared,
-)
+from transfusion.data.declared import DatasetDeclaration, DeclaredSource, ImageListing, LabelledImageSet
 from transfusion.data.sources import DataSource
 
 RECIPE_VERSION = 1
@@ -90,16 +84,13 @@ def read_imagenet_rows(given: DeclaredSource, per_class: int) -> LabelledImageSe
     )
 
 
-register_declared(
-    "imagenet-folder",
-    DatasetDeclaration(
-        recipe=RECIPE_VERSION,
-        options=OPTIONS,
-        needs="a folder or s3:// prefix with train/ and val/",
-        read_options=lambda given: given.options.integer("per_class", 0, low=0),
-        index=imagenet_index,
-        read_rows=read_imagenet_rows,
-        accepts_file=True,
-    ),
-    "Many-class natural images from ``train/<class>/`` and ``val/<class>/`` folders.",
+IMAGENET_FOLDER = DatasetDeclaration(
+    recipe=RECIPE_VERSION,
+    options=OPTIONS,
+    needs="a folder or s3:// prefix with train/ and val/",
+    read_options=lambda given: given.options.integer("per_class", 0, low=0),
+    index=imagenet_index,
+    read_rows=read_imagenet_rows,
+    accepts_file=True,
 )
+IMAGENET_FOLDER.register("imagenet-folder", doc="Many-class natural images from train/<class>/ and val/<class>/.")

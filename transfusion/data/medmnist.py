@@ -22,7 +22,7 @@ import numpy as np
 
 from transfusion.data import imaging
 from transfusion.data.build import AUGMENT_POLICIES
-from transfusion.data.declared import DatasetDeclaration, DeclaredSource, LabelledImageSet, register_declared
+from transfusion.data.declared import DatasetDeclaration, DeclaredSource, LabelledImageSet
 from transfusion.data.prepared import SPLITS
 from transfusion.data.synthetic_retina import GRADE_NAMES
 
@@ -229,17 +229,14 @@ def read_medmnist_rows(given: DeclaredSource, opts: MedmnistOptions) -> Labelled
     )
 
 
-register_declared(
-    "medmnist",
-    DatasetDeclaration(
-        recipe=RECIPE_VERSION,
-        options=MEDMNIST_OPTIONS,
-        needs="an .npz file, a folder with one, or an s3:// URI",
-        read_options=read_medmnist_options,
-        index=lambda given, opts: {"index": given.source.fingerprint(opts.npz_path.name), "preset": opts.preset},
-        read_rows=read_medmnist_rows,
-        accepts_file=True,
-        decodes_files=False,
-    ),
-    "A MedMNIST-format npz with its own train/val/test splits.",
+MEDMNIST = DatasetDeclaration(
+    recipe=RECIPE_VERSION,
+    options=MEDMNIST_OPTIONS,
+    needs="an .npz file, a folder with one, or an s3:// URI",
+    read_options=read_medmnist_options,
+    index=lambda given, opts: {"index": given.source.fingerprint(opts.npz_path.name), "preset": opts.preset},
+    read_rows=read_medmnist_rows,
+    accepts_file=True,
+    decodes_files=False,
 )
+MEDMNIST.register("medmnist", doc="A MedMNIST-format npz with its own train/val/test splits.")

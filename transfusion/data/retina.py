@@ -19,13 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from transfusion.data.build import AUGMENT_POLICIES, parse_grade, read_csv, split_by_strata
-from transfusion.data.declared import (
-    DatasetDeclaration,
-    DeclaredSource,
-    ImageListing,
-    LabelledImageSet,
-    register_declared,
-)
+from transfusion.data.declared import DatasetDeclaration, DeclaredSource, ImageListing, LabelledImageSet
 from transfusion.data.synthetic_retina import GRADE_NAMES
 
 RECIPE_VERSION = "1"
@@ -121,6 +115,4 @@ def retina_declaration(fmt: RetinaFormat) -> DatasetDeclaration:
 
 
 for _name, _fmt in RETINA_FORMATS.items():
-    register_declared(
-        _name, retina_declaration(_fmt), f"Fundus photos from {_fmt.csv}; target: referable DR (grade >= 2)."
-    )
+    retina_declaration(_fmt).register(_name, doc=f"Fundus photos from {_fmt.csv}; target: referable DR (grade >= 2).")

@@ -177,7 +177,7 @@ def _check_patient_separation(groups: np.ndarray, split: np.ndarray, csv_path: P
 FOLDER = DatasetDeclaration(
     recipe=RECIPE_VERSION,
     options=FOLDER_OPTIONS,
-    needs="a folder or s3:// prefix holding its index CSV (option csv, default labels.csv)",
+    needs="a folder or s3:// prefix holding the index CSV named by option csv, by default labels.csv",
     read_options=read_folder_options,
     index=lambda given, opts: {"index": given.source.fingerprint(opts.csv)},
     read_rows=read_folder_rows,

@@ -4,8 +4,9 @@ The template (:mod:`transfusion.data.declared`) reads a dataset's index into a
 :class:`LabelledImages` table and calls :func:`write_prepared`, which decodes every
 image (threads: PIL releases the GIL while decoding and resizing), collects *all* bad
 files before failing, and writes through :class:`PreparedDatasetWriter` so nothing
-half-written is left behind. The version key hashes the source identity, index fingerprints, options and resolution:
-preparing again with the same inputs finds the prepared set and decodes nothing.
+half-written is left behind. The version key hashes the source identity, index
+fingerprints, options and resolution: preparing again with the same inputs finds the
+prepared set and decodes nothing.
 """
 
 from __future__ import annotations

@@ -4,6 +4,12 @@ A preparer is registered under a dataset name and turns a source (a path, an
 ``s3://`` URI, or nothing for procedural data) into the prepared on-disk form under
 ``$TRANSFUSION_HOME/data/<name>/<version key>``. Preparing again finds the cache and
 decodes nothing.
+
+A source-backed dataset is a :class:`~transfusion.data.declared.DatasetDeclaration`
+(recipe, options, what the source must be) plus a row reader; one template,
+:func:`~transfusion.data.declared.prepare_declared`, does the rest for all of them
+(``chexpert.py``, ``retina.py``, ``medmnist.py``, ``folder.py``, ``imagenet_folder.py``).
+The procedural sets are :class:`~transfusion.data.synthetic.ProceduralSet` declarations.
 """
 
 from __future__ import annotations

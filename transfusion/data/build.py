@@ -1,11 +1,12 @@
-"""Builds a prepared dataset from labelled images: shared by the real-data preparers.
+"""Builds a prepared dataset from labelled images: the parts the dataset template uses.
 
-A preparer reads its index (CSV, npz) into a :class:`LabelledImages` table, assigns
-splits, and calls :func:`write_prepared`, which decodes every image (threads: PIL
-releases the GIL while decoding and resizing), collects *all* bad files before failing,
-and writes through :class:`PreparedDatasetWriter` so nothing half-written is left behind.
-The version key hashes the source identity, index fingerprints, options and resolution:
-preparing again with the same inputs finds the prepared set and decodes nothing.
+The template (:mod:`transfusion.data.declared`) reads a dataset's index into a
+:class:`LabelledImages` table and calls :func:`write_prepared`, which decodes every
+image (threads: PIL releases the GIL while decoding and resizing), collects *all* bad
+files before failing, and writes through :class:`PreparedDatasetWriter` so nothing
+half-written is left behind. The version key hashes the source identity, index
+fingerprints, options and resolution: preparing again with the same inputs finds the
+prepared set and decodes nothing.
 """
 
 from __future__ import annotations

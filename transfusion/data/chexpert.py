@@ -13,32 +13,16 @@ are not in ``train.csv``), and train/validation are a seeded patient split of
 
 from __future__ import annotations
 
-import logging
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from transfusion.data import DATASETS, PrepareRequest, imaging
-from transfusion.data.build import (
-    DatasetOptions,
-    FirstListing,
-    LabelledImages,
-    check_splits,
-    home_of,
-    label_strata,
-    member_path,
-    open_if_prepared,
-    read_csv,
-    split_by_strata,
-    version_key,
-    write_prepared,
-)
-from transfusion.data.prepared import SPLITS, PreparedDataset
-from transfusion.data.sources import open_source
-
-log = logging.getLogger(__name__)
+from transfusion.data.build import label_strata, read_csv, split_by_strata
+from transfusion.data.declared import DatasetDeclaration, DeclaredSource, ImageListing, LabelledImageSet
+from transfusion.data.prepared import SPLITS
 
 RECIPE_VERSION = "1"
 PAPER_PATHOLOGIES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
@@ -67,8 +51,6 @@ CHEXPERT_OPTIONS = (
     "test_fraction",
     "split_seed",
     "augment",
-    "skip_bad",
-    "workers",
 )
 _PATIENT = re.compile(r"(?:^|/)(patient\d+)(?:/|$)")
 _VALUES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": 0.0}
@@ -105,19 +87,13 @@ def _path_base(root: Path, first_path: str) -> int:
 
 
 def _read_index(
-    csv_path: Path,
-    root: Path,
-    *,
-    labels: list[str],
-    uncertain: float,
-    frontal_only: bool,
-    listed: FirstListing,
-) -> tuple[list[str], list[Path], np.ndarray, list[str], int]:
-    """Rows of one CheXpert CSV: names, files, targets, patients, lateral views dropped."""
+    csv_path: Path, listing: ImageListing, *, labels: list[str], uncertain: float, frontal_only: bool
+) -> tuple[np.ndarray, list[str], int]:
+    """Rows of one CheXpert CSV into ``listing``: their targets, patients, lateral views dropped."""
     required = ["Path", *labels] + (["Frontal/Lateral"] if frontal_only else [])
     rows = read_csv(csv_path, required=required)
-    drop = _path_base(root, rows[0][1]["Path"])
-    names, files, targets, patients = [], [], [], []
+    drop = _path_base(listing.root, rows[0][1]["Path"])
+    targets, patients = [], []
     lateral = 0
     for line, row in rows:
         where = f"{csv_path} line {line}"
@@ -132,121 +108,97 @@ def _read_index(
                 continue
         path = row["Path"].replace("\\", "/")
         parts = PurePosixPath(path).parts
-        relative = "/".join(parts[drop:]) if len(parts) > drop else path
-        files.append(member_path(root, relative, where=f"{where} column 'Path'"))
-        listed.add(files[-1], name=relative, where=where)
-        names.append(relative)
+        listing.add("/".join(parts[drop:]) if len(parts) > drop else path, where=where, column="Path")
         patients.append(patient_of(path, where=f"{where} column 'Path'"))
         targets.append([parse_observation(row[c], uncertain=uncertain, where=f"{where} column {c!r}") for c in labels])
-    target_array = np.asarray(targets, dtype=np.float32).reshape(len(names), len(labels))
-    return names, files, target_array, patients, lateral
+    return np.asarray(targets, dtype=np.float32).reshape(len(patients), len(labels)), patients, lateral
 
 
-@DATASETS.register("chexpert")
-def prepare_chexpert(request: PrepareRequest, data_root: Path) -> PreparedDataset:
-    """CheXpert: five pathologies (multi-label), patient-separated splits, 224 px greyscale."""
-    options = DatasetOptions(request, CHEXPERT_OPTIONS)
-    policy = options.choice("uncertainty", "u-ones", UNCERTAINTY_POLICIES)
-    frontal_only = options.boolean("frontal_only", True)
-    labels = options.names("labels", PAPER_PATHOLOGIES) or list(PAPER_PATHOLOGIES)
+@dataclass(frozen=True)
+class ChexpertOptions:
+    policy: str
+    frontal_only: bool
+    labels: list[str]
+    val_fraction: float
+    test_fraction: float | None
+    split_seed: int
+    augment: str
+    # valid.csv is the test split unless the caller asks for a test split cut from train.csv.
+    use_valid: bool
+
+
+def read_chexpert_options(given: DeclaredSource) -> ChexpertOptions:
+    o = given.options
+    policy = o.choice("uncertainty", "u-ones", UNCERTAINTY_POLICIES)
+    frontal_only = o.boolean("frontal_only", True)
+    labels = o.names("labels", PAPER_PATHOLOGIES) or list(PAPER_PATHOLOGIES)
     unknown = [label for label in labels if label not in OBSERVATIONS]
     if unknown:
         raise ValueError(f"option labels: unknown observation {unknown[0]!r}; valid: {', '.join(OBSERVATIONS)}")
-    val_fraction = options.fraction("val_fraction", 0.05) or 0.0
-    test_fraction = options.fraction("test_fraction", None)
-    split_seed = options.integer("split_seed", 0)
-    augment = options.choice("augment", "xray", ("xray", "natural", "none"))
-    skip_bad = options.boolean("skip_bad", False)
-    workers = options.integer("workers", 2, low=1)
-    if not request.source:
-        raise ValueError("dataset 'chexpert' needs a source: the folder or s3:// prefix holding train.csv")
-    source = open_source(request.source, home=home_of(data_root))
-    if source.file is not None:
-        raise ValueError(f"dataset 'chexpert' needs the folder holding train.csv, got the file {request.source}")
-    # valid.csv is the test split unless the caller asks for a test split cut from train.csv.
-    use_valid = test_fraction is None and (source.root / "valid.csv").is_file()
-    index_files = ["train.csv"] + (["valid.csv"] if use_valid else [])
-    key = version_key(
-        resolution=request.resolution,
-        parts={
-            "recipe": RECIPE_VERSION,
-            "source": source.identity,
-            "index": {f: source.fingerprint(f) for f in index_files},
-            "options": options.key_part(),
-            "use_valid": use_valid,
-        },
-    )
-    root = data_root / key
-    found = open_if_prepared(root, skip_bad=skip_bad)
-    if found is not None:
-        return found
+    val_fraction = o.fraction("val_fraction", 0.05) or 0.0
+    test_fraction = o.fraction("test_fraction", None)
+    split_seed = o.integer("split_seed", 0)
+    augment = o.choice("augment", "xray", ("xray", "natural", "none"))
+    use_valid = test_fraction is None and (given.source.root / "valid.csv").is_file()
+    return ChexpertOptions(policy, frontal_only, labels, val_fraction, test_fraction, split_seed, augment, use_valid)
 
-    uncertain = UNCERTAINTY_POLICIES[policy]
+
+def chexpert_index(given: DeclaredSource, opts: ChexpertOptions) -> dict[str, object]:
+    files = ["train.csv"] + (["valid.csv"] if opts.use_valid else [])
+    return {"index": {f: given.source.fingerprint(f) for f in files}, "use_valid": opts.use_valid}
+
+
+def read_chexpert_rows(given: DeclaredSource, opts: ChexpertOptions) -> LabelledImageSet:
+    """train.csv (train/val by patient) and valid.csv (test); patients never span two splits."""
+    root = given.source.root
     # One listing for both index files: an image in train.csv and valid.csv is in train and test.
-    read = dict(root=source.root, labels=labels, uncertain=uncertain, frontal_only=frontal_only, listed=FirstListing())
-    names, files, targets, patients, lateral = _read_index(source.root / "train.csv", **read)
-    if not names:
-        raise ValueError(f"{source.root / 'train.csv'}: no images left after frontal_only={frontal_only}")
-    patients_array = np.asarray(patients)
-    split = split_by_strata(
-        label_strata(targets),
-        groups=patients_array,
-        val_fraction=val_fraction,
-        test_fraction=0.0 if use_valid else (test_fraction if test_fraction is not None else 0.1),
-        seed=split_seed,
-    )
-    origin = str(source.root / "train.csv")
-    if use_valid:
-        valid_csv = source.root / "valid.csv"
-        t_names, t_files, t_targets, t_patients, t_lateral = _read_index(valid_csv, **read)
+    listing = ImageListing(root)
+    read = dict(labels=opts.labels, uncertain=UNCERTAINTY_POLICIES[opts.policy], frontal_only=opts.frontal_only)
+    targets, patients, lateral = _read_index(root / "train.csv", listing, **read)
+    if not patients:
+        raise ValueError(f"{root / 'train.csv'}: no images left after frontal_only={opts.frontal_only}")
+    test_fraction = 0.0 if opts.use_valid else (opts.test_fraction if opts.test_fraction is not None else 0.1)
+    split = split_by_strata(label_strata(targets), groups=np.asarray(patients), val_fraction=opts.val_fraction,
+                            test_fraction=test_fraction, seed=opts.split_seed)  # fmt: skip
+    origin = str(root / "train.csv")
+    seeded = f"seeded patient split of train.csv (seed {opts.split_seed}, val {opts.val_fraction}"
+    rule = f"{seeded}, test {opts.test_fraction})"
+    if opts.use_valid:
+        valid_csv = root / "valid.csv"
+        t_targets, t_patients, t_lateral = _read_index(valid_csv, listing, **read)
         shared = sorted(set(t_patients) & set(patients))
         if shared:
             raise ValueError(
-                f"{valid_csv}: patient {shared[0]} is also in train.csv "
-                f"({len(shared)} shared patients); "
+                f"{valid_csv}: patient {shared[0]} is also in train.csv ({len(shared)} shared patients); "
                 "splits must be patient-separated (set test_fraction to split train.csv instead)"
             )
-        names, files, patients_array = (
-            names + t_names,
-            files + t_files,
-            np.concatenate([patients_array, t_patients]),
-        )
+        patients += t_patients
         targets = np.concatenate([targets, t_targets]) if len(t_targets) else targets
-        split = np.concatenate([split, np.full(len(t_names), SPLITS["test"], dtype=np.int8)])
+        split = np.concatenate([split, np.full(len(t_patients), SPLITS["test"], dtype=np.int8)])
         lateral += t_lateral
         origin += f" and {valid_csv}"
-    check_splits(split, name=request.name, origin=origin)
-    resolution = request.resolution
-
-    def load(i: int) -> np.ndarray:
-        return imaging.load_image(files[i], resolution=resolution, channels=1, crop="center")
-
-    table = LabelledImages(names=names, load=load, targets=targets, split=split, groups=patients_array)
-    log.info("preparing chexpert %s: %d images (%d lateral left out)", key, len(names), lateral)
-    return write_prepared(
-        root,
-        table,
-        meta={
-            "name": request.name,
-            "version": key,
-            "resolution": resolution,
-            "label_names": list(labels),
-            "task": "binary",
-            "augment": augment,
-            "uncertainty": policy,
-            "frontal_only": frontal_only,
-            "lateral_left_out": lateral,
-            "source": source.uri,
-            "source_identity": source.identity,
-            "options": options.key_part(),
-            "split_rule": (
-                f"test: valid.csv; train/val: seeded patient split of train.csv (seed {split_seed}, val {val_fraction})"
-                if use_valid
-                else f"seeded patient split of train.csv (seed {split_seed}, val {val_fraction}, test {test_fraction})"
-            ),
-        },
-        resolution=resolution,
+        rule = f"test: valid.csv; train/val: {seeded})"
+    return LabelledImageSet(
+        targets=targets,
+        split=split,
+        label_names=list(opts.labels),
+        task="binary",
+        augment=opts.augment,
+        split_rule=rule,
         channels=1,
-        skip_bad=skip_bad,
-        workers=workers,
+        origin=origin,
+        listing=listing,
+        groups=np.asarray(patients),
+        meta={"uncertainty": opts.policy, "frontal_only": opts.frontal_only, "lateral_left_out": lateral},
     )
+
+
+CHEXPERT = DatasetDeclaration(
+    recipe=RECIPE_VERSION,
+    options=CHEXPERT_OPTIONS,
+    needs="the folder or s3:// prefix holding train.csv",
+    read_options=read_chexpert_options,
+    index=chexpert_index,
+    read_rows=read_chexpert_rows,
+)
+CHEXPERT.register("chexpert", doc="CheXpert: five pathologies (multi-label), patient-separated splits, 224 px grey.")

@@ -16,34 +16,15 @@ Options (all optional except where the defaults do not fit):
 
 from __future__ import annotations
 
-import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from transfusion.data import DATASETS, PrepareRequest, imaging
-from transfusion.data.build import (
-    AUGMENT_POLICIES,
-    SPLIT_CODES,
-    DatasetOptions,
-    FirstListing,
-    LabelledImages,
-    check_splits,
-    home_of,
-    label_strata,
-    member_path,
-    open_if_prepared,
-    read_csv,
-    split_by_strata,
-    version_key,
-    write_prepared,
-)
+from transfusion.data.build import AUGMENT_POLICIES, SPLIT_CODES, label_strata, read_csv, split_by_strata
+from transfusion.data.declared import DatasetDeclaration, DeclaredSource, ImageListing, LabelledImageSet
 from transfusion.data.imaging import CROPS
-from transfusion.data.prepared import PreparedDataset
-from transfusion.data.sources import open_source
-
-log = logging.getLogger(__name__)
 
 RECIPE_VERSION = "1"
 FOLDER_OPTIONS = (
@@ -61,100 +42,94 @@ FOLDER_OPTIONS = (
     "val_fraction",
     "test_fraction",
     "split_seed",
-    "skip_bad",
-    "workers",
 )
 _BINARY = {"1": 1.0, "1.0": 1.0, "true": 1.0, "0": 0.0, "0.0": 0.0, "false": 0.0, "": math.nan}
 
 
-@DATASETS.register("folder")
-def prepare_folder(request: PrepareRequest, data_root: Path) -> PreparedDataset:
-    """Images listed in a CSV with label columns; see the module docstring for options."""
-    options = DatasetOptions(request, FOLDER_OPTIONS)
-    csv_name = options.text("csv", "labels.csv") or "labels.csv"
-    image_column = options.text("image_column", "image") or "image"
-    split_column = options.text("split_column", None)
-    patient_column = options.text("patient_column", None)
-    image_dir = (options.text("image_dir", "") or "").strip("/")
-    image_suffix = options.text("image_suffix", "") or ""
-    task = options.choice("task", "binary", ("binary", "multiclass"))
-    channels = int(options.choice("channels", "3", ("1", "3")))
-    crop = options.choice("crop", "center", CROPS)
-    augment = options.choice("augment", "none", AUGMENT_POLICIES)
-    val_fraction = options.fraction("val_fraction", 0.1) or 0.0
-    test_fraction = options.fraction("test_fraction", 0.2) or 0.0
-    split_seed = options.integer("split_seed", 0)
-    skip_bad = options.boolean("skip_bad", False)
-    workers = options.integer("workers", 2, low=1)
-    if not request.source:
-        raise ValueError(f"dataset 'folder' needs a source: the folder or s3:// prefix holding {csv_name}")
-    source = open_source(request.source, home=home_of(data_root))
-    if source.file is not None:
-        raise ValueError(f"dataset 'folder' needs a folder holding {csv_name}, got the file {request.source}")
-    key = version_key(
-        resolution=request.resolution,
-        parts={
-            "recipe": RECIPE_VERSION,
-            "source": source.identity,
-            "index": source.fingerprint(csv_name),
-            "options": options.key_part(),
-        },
-    )
-    root = data_root / key
-    found = open_if_prepared(root, skip_bad=skip_bad)
-    if found is not None:
-        return found
+@dataclass(frozen=True)
+class FolderOptions:
+    csv: str
+    image_column: str
+    split_column: str | None
+    patient_column: str | None
+    image_dir: str
+    image_suffix: str
+    task: str
+    channels: int
+    crop: str
+    augment: str
+    val_fraction: float
+    test_fraction: float
+    split_seed: int
 
-    csv_path = source.root / csv_name
-    special = [c for c in (image_column, split_column, patient_column) if c]
-    rows = read_csv(csv_path, required=special + list(options.names("label_columns", None) or []))
+
+def read_folder_options(given: DeclaredSource) -> FolderOptions:
+    o = given.options
+    return FolderOptions(
+        csv=o.text("csv", "labels.csv") or "labels.csv",
+        image_column=o.text("image_column", "image") or "image",
+        split_column=o.text("split_column", None),
+        patient_column=o.text("patient_column", None),
+        image_dir=(o.text("image_dir", "") or "").strip("/"),
+        image_suffix=o.text("image_suffix", "") or "",
+        task=o.choice("task", "binary", ("binary", "multiclass")),
+        channels=int(o.choice("channels", "3", ("1", "3"))),
+        crop=o.choice("crop", "center", CROPS),
+        augment=o.choice("augment", "none", AUGMENT_POLICIES),
+        val_fraction=o.fraction("val_fraction", 0.1) or 0.0,
+        test_fraction=o.fraction("test_fraction", 0.2) or 0.0,
+        split_seed=o.integer("split_seed", 0),
+    )
+
+
+def _row_labels(row: dict[str, str], columns: list[str], *, task: str, where: str) -> list[float] | str:
+    """A binary row's 0/1/blank (NaN: unknown) per column, or a multiclass row's class name."""
+    if task == "multiclass":
+        if not row[columns[0]]:
+            raise ValueError(f"{where} column {columns[0]!r}: empty class")
+        return row[columns[0]]
+    for column in columns:
+        if row[column].lower() not in _BINARY:
+            raise ValueError(f"{where} column {column!r}: unknown label value {row[column]!r} (expected 1, 0 or blank)")
+    return [_BINARY[row[column].lower()] for column in columns]
+
+
+def read_folder_rows(given: DeclaredSource, opts: FolderOptions) -> LabelledImageSet:
+    """One CSV row per image: path, labels, and optionally split and patient columns."""
+    csv_path = given.source.root / opts.csv
+    special = [c for c in (opts.image_column, opts.split_column, opts.patient_column) if c]
+    # label_columns is read here, after the version key: it is keyed by the CSV's content.
+    rows = read_csv(csv_path, required=special + list(given.options.names("label_columns", None) or []))
     header = list(rows[0][1])
-    label_columns = options.names("label_columns", None) or [c for c in header if c not in special]
+    label_columns = given.options.names("label_columns", None) or [c for c in header if c not in special]
     if not label_columns:
         raise ValueError(f"{csv_path}: no label columns (columns: {', '.join(header)})")
-    if task == "multiclass" and len(label_columns) != 1:
+    if opts.task == "multiclass" and len(label_columns) != 1:
         raise ValueError(f"task=multiclass needs exactly one label column, got {', '.join(label_columns)}")
 
-    names, files, raw_labels, splits, patients = [], [], [], [], []
-    listed = FirstListing()
+    listing, raw_labels, splits, patients = ImageListing(given.source.root), [], [], []
     for line, row in rows:
         where = f"{csv_path} line {line}"
-        relative = row[image_column] + image_suffix
-        relative = f"{image_dir}/{relative}" if image_dir else relative
-        files.append(member_path(source.root, relative, where=f"{where} column {image_column!r}"))
-        listed.add(files[-1], name=relative, where=where)
-        names.append(relative)
-        if split_column:
-            value = row[split_column].lower()
+        relative = row[opts.image_column] + opts.image_suffix
+        listing.add(f"{opts.image_dir}/{relative}" if opts.image_dir else relative, where=where,
+                    column=opts.image_column)  # fmt: skip
+        if opts.split_column:
+            value = row[opts.split_column].lower()
             if value not in SPLIT_CODES:
                 raise ValueError(
-                    f"{where} column {split_column!r}: unknown split {row[split_column]!r} "
+                    f"{where} column {opts.split_column!r}: unknown split {row[opts.split_column]!r} "
                     "(expected train, val or test)"
                 )
             splits.append(SPLIT_CODES[value])
-        if patient_column:
-            if not row[patient_column]:
-                raise ValueError(f"{where} column {patient_column!r}: empty patient id")
-            patients.append(row[patient_column])
-        if task == "binary":
-            values = []
-            for column in label_columns:
-                value = row[column].lower()
-                if value not in _BINARY:
-                    raise ValueError(
-                        f"{where} column {column!r}: unknown label value {row[column]!r} (expected 1, 0 or blank)"
-                    )
-                values.append(_BINARY[value])
-            raw_labels.append(values)
-        else:
-            value = row[label_columns[0]]
-            if not value:
-                raise ValueError(f"{where} column {label_columns[0]!r}: empty class")
-            raw_labels.append(value)
+        if opts.patient_column:
+            if not row[opts.patient_column]:
+                raise ValueError(f"{where} column {opts.patient_column!r}: empty patient id")
+            patients.append(row[opts.patient_column])
+        raw_labels.append(_row_labels(row, label_columns, task=opts.task, where=where))
 
     grades = None
-    if task == "binary":
-        targets = np.asarray(raw_labels, dtype=np.float32).reshape(len(names), len(label_columns))
+    if opts.task == "binary":
+        targets = np.asarray(raw_labels, dtype=np.float32).reshape(len(listing), len(label_columns))
         label_names = list(label_columns)
         strata = label_strata(targets)
     else:
@@ -162,48 +137,29 @@ def prepare_folder(request: PrepareRequest, data_root: Path) -> PreparedDataset:
         grades = np.asarray([label_names.index(v) for v in raw_labels], dtype=np.int64)
         targets = np.eye(len(label_names), dtype=np.float32)[grades]
         strata = grades
-    groups = np.asarray(patients) if patient_column else None
-    if split_column:
+    groups = np.asarray(patients) if opts.patient_column else None
+    if opts.split_column:
         split = np.asarray(splits, dtype=np.int8)
         if groups is not None:
-            _check_patient_separation(groups, split, csv_path, patient_column)
+            _check_patient_separation(groups, split, csv_path, opts.patient_column)
+        rule = f"column {opts.split_column!r}"
     else:
-        split = split_by_strata(
-            strata,
-            groups=groups,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            seed=split_seed,
-        )
-    check_splits(split, name=request.name, origin=str(csv_path))
-    resolution = request.resolution
-
-    def load(i: int) -> np.ndarray:
-        return imaging.load_image(files[i], resolution=resolution, channels=channels, crop=crop)
-
-    table = LabelledImages(names=names, load=load, targets=targets, split=split, grades=grades, groups=groups)
-    log.info("preparing folder %s: %d images from %s", key, len(names), source.uri)
-    return write_prepared(
-        root,
-        table,
-        meta={
-            "name": request.name,
-            "version": key,
-            "resolution": resolution,
-            "label_names": label_names,
-            "task": task,
-            "augment": augment,
-            "source": source.uri,
-            "source_identity": source.identity,
-            "options": options.key_part(),
-            "split_rule": f"column {split_column!r}"
-            if split_column
-            else f"seeded stratified split (seed {split_seed}, val {val_fraction}, test {test_fraction})",
-        },
-        resolution=resolution,
-        channels=channels,
-        skip_bad=skip_bad,
-        workers=workers,
+        split = split_by_strata(strata, groups=groups, val_fraction=opts.val_fraction,
+                                test_fraction=opts.test_fraction, seed=opts.split_seed)  # fmt: skip
+        rule = f"seeded stratified split (seed {opts.split_seed}, val {opts.val_fraction}, test {opts.test_fraction})"
+    return LabelledImageSet(
+        targets=targets,
+        split=split,
+        label_names=label_names,
+        task=opts.task,
+        augment=opts.augment,
+        split_rule=rule,
+        channels=opts.channels,
+        origin=str(csv_path),
+        listing=listing,
+        crop=opts.crop,
+        grades=grades,
+        groups=groups,
     )
 
 
@@ -216,3 +172,14 @@ def _check_patient_separation(groups: np.ndarray, split: np.ndarray, csv_path: P
     mixed = np.flatnonzero(lowest != highest)
     if len(mixed):
         raise ValueError(f"{csv_path} column {column!r}: patient {patients[mixed[0]]!r} appears in more than one split")
+
+
+FOLDER = DatasetDeclaration(
+    recipe=RECIPE_VERSION,
+    options=FOLDER_OPTIONS,
+    needs="a folder or s3:// prefix holding the index CSV named by option csv, by default labels.csv",
+    read_options=read_folder_options,
+    index=lambda given, opts: {"index": given.source.fingerprint(opts.csv)},
+    read_rows=read_folder_rows,
+)
+FOLDER.register("folder", doc="Images listed in a CSV with label columns; see the module docstring for options.")

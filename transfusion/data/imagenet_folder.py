@@ -9,49 +9,35 @@ training images of each class (e.g. an ImageNet-100-sized subset for a quick pre
 from __future__ import annotations
 
 import hashlib
-import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from transfusion.data import DATASETS, PrepareRequest, imaging
-from transfusion.data.build import (
-    DatasetOptions,
-    LabelledImages,
-    check_splits,
-    home_of,
-    inside_root,
-    open_if_prepared,
-    version_key,
-    write_prepared,
-)
-from transfusion.data.prepared import PreparedDataset
-from transfusion.data.sources import open_source
-
-log = logging.getLogger(__name__)
+from transfusion.data.declared import DatasetDeclaration, DeclaredSource, ImageListing, LabelledImageSet
+from transfusion.data.sources import DataSource
 
 RECIPE_VERSION = 1
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
-OPTIONS = ("per_class", "skip_bad", "workers")
+OPTIONS = ("per_class",)
 
 
-def _images(directory: Path, root: Path) -> list[Path]:
-    found = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    for path in found:
-        inside_root(root, path, where=str(directory))
-    return found
+@dataclass(frozen=True)
+class ClassFolders:
+    """The images of ``train/<class>/`` and ``val/<class>/``, in listing order."""
+
+    classes: list[str]
+    files: list[Path]
+    labels: list[int]
+    split: list[int]
 
 
-@DATASETS.register("imagenet-folder")
-def prepare_imagenet_folder(request: PrepareRequest, data_root: Path) -> PreparedDataset:
-    """Many-class natural images from ``train/<class>/`` and ``val/<class>/`` folders."""
-    options = DatasetOptions(request, OPTIONS)
-    per_class = options.integer("per_class", 0, low=0)
-    skip_bad = options.boolean("skip_bad", False)
-    workers = options.integer("workers", 2, low=1)
-    if not request.source:
-        raise ValueError("dataset 'imagenet-folder' needs a source: a folder or s3:// prefix with train/ and val/")
-    source = open_source(request.source, home=home_of(data_root))
+def _images(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def list_class_folders(source: DataSource, per_class: int) -> ClassFolders:
+    """Classes are the sorted ``train/`` sub-folders; ``per_class`` caps their training images."""
     train_dir, val_dir = source.root / "train", source.root / "val"
     for directory in (train_dir, val_dir):
         if not directory.is_dir():
@@ -59,60 +45,52 @@ def prepare_imagenet_folder(request: PrepareRequest, data_root: Path) -> Prepare
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if len(classes) < 2:
         raise ValueError(f"{train_dir} holds {len(classes)} class folders; a classification source needs at least 2")
-
-    files, labels, split = [], [], []
+    folders = ClassFolders(classes, [], [], [])
     for label, name in enumerate(classes):
-        train_images = _images(train_dir / name, source.root)
-        if per_class:
-            train_images = train_images[:per_class]
-        val_images = _images(val_dir / name, source.root) if (val_dir / name).is_dir() else []
-        files += train_images + val_images
-        labels += [label] * (len(train_images) + len(val_images))
+        train_images = _images(train_dir / name)[: per_class or None]
+        val_images = _images(val_dir / name) if (val_dir / name).is_dir() else []
+        folders.files.extend(train_images + val_images)
+        folders.labels.extend([label] * (len(train_images) + len(val_images)))
         # Alternate val images between validation and test so both see every class.
-        split += [0] * len(train_images) + [1 + (i % 2) for i in range(len(val_images))]
-    split_all = np.asarray(split, dtype=np.int8)
-    check_splits(split_all, name=request.name, origin=str(source.root))
-    listing = hashlib.sha256("\n".join(f"{f.relative_to(source.root)}:{f.stat().st_size}" for f in files).encode())
-    key = version_key(
-        resolution=request.resolution,
-        parts={"recipe": RECIPE_VERSION, "source": source.identity, "index": listing.hexdigest(),
-               "options": options.key_part()},
-    )  # fmt: skip
-    root = data_root / key
-    found = open_if_prepared(root, skip_bad=skip_bad)
-    if found is not None:
-        return found
-    resolution = request.resolution
+        folders.split.extend([0] * len(train_images) + [1 + (i % 2) for i in range(len(val_images))])
+    return folders
 
-    def load(i: int) -> np.ndarray:
-        return imaging.load_image(files[i], resolution=resolution, channels=3, crop="center")
 
-    labels_all = np.asarray(labels, dtype=np.int64)
-    table = LabelledImages(
-        names=[str(f.relative_to(source.root)) for f in files],
-        load=load,
-        targets=np.eye(len(classes), dtype=np.float32)[labels_all],
-        split=split_all,
-        grades=labels_all,
-    )
-    log.info("preparing imagenet-folder %s: %d images, %d classes", key, len(files), len(classes))
-    return write_prepared(
-        root,
-        table,
-        meta={
-            "name": request.name,
-            "version": key,
-            "resolution": resolution,
-            "label_names": classes,
-            "task": "multiclass",
-            "augment": "natural",
-            "source": source.uri,
-            "source_identity": source.identity,
-            "options": options.key_part(),
-            "split_rule": "train/ is training; val/ alternates validation and test",
-        },
-        resolution=resolution,
+def imagenet_index(given: DeclaredSource, per_class: int) -> dict[str, object]:
+    """The listing (paths and sizes) is the index: a folder has no index file to fingerprint."""
+    root = given.source.root
+    files = list_class_folders(given.source, per_class).files
+    listing = hashlib.sha256("\n".join(f"{f.relative_to(root)}:{f.stat().st_size}" for f in files).encode())
+    return {"index": listing.hexdigest()}
+
+
+def read_imagenet_rows(given: DeclaredSource, per_class: int) -> LabelledImageSet:
+    folders = list_class_folders(given.source, per_class)
+    listing = ImageListing(given.source.root)
+    for file in folders.files:
+        listing.add(str(file.relative_to(given.source.root)), where=str(file.parent))
+    labels = np.asarray(folders.labels, dtype=np.int64)
+    return LabelledImageSet(
+        targets=np.eye(len(folders.classes), dtype=np.float32)[labels],
+        split=np.asarray(folders.split, dtype=np.int8),
+        label_names=folders.classes,
+        task="multiclass",
+        augment="natural",
+        split_rule="train/ is training; val/ alternates validation and test",
         channels=3,
-        skip_bad=skip_bad,
-        workers=workers,
+        origin=str(given.source.root),
+        listing=listing,
+        grades=labels,
     )
+
+
+IMAGENET_FOLDER = DatasetDeclaration(
+    recipe=RECIPE_VERSION,
+    options=OPTIONS,
+    needs="a folder or s3:// prefix with train/ and val/",
+    read_options=lambda given: given.options.integer("per_class", 0, low=0),
+    index=imagenet_index,
+    read_rows=read_imagenet_rows,
+    accepts_file=True,
+)
+IMAGENET_FOLDER.register("imagenet-folder", doc="Many-class natural images from train/<class>/ and val/<class>/.")

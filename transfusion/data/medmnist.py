@@ -14,27 +14,17 @@ Otherwise labels ``(N, 1)`` with C classes become a one-hot multiclass task and
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from transfusion.data import DATASETS, PrepareRequest, imaging
-from transfusion.data.build import (
-    AUGMENT_POLICIES,
-    DatasetOptions,
-    LabelledImages,
-    home_of,
-    open_if_prepared,
-    version_key,
-    write_prepared,
-)
-from transfusion.data.prepared import SPLITS, PreparedDataset
-from transfusion.data.sources import open_source
+from transfusion.data import imaging
+from transfusion.data.build import AUGMENT_POLICIES
+from transfusion.data.declared import DatasetDeclaration, DeclaredSource, LabelledImageSet
+from transfusion.data.prepared import SPLITS
 from transfusion.data.synthetic_retina import GRADE_NAMES
-
-log = logging.getLogger(__name__)
 
 RECIPE_VERSION = "1"
 CHESTMNIST_LABELS = (
@@ -54,7 +44,7 @@ CHESTMNIST_LABELS = (
     "hernia",
 )
 PRESETS = ("retinamnist", "chestmnist", "generic")
-MEDMNIST_OPTIONS = ("preset", "file", "label_names", "augment", "skip_bad", "workers")
+MEDMNIST_OPTIONS = ("preset", "file", "label_names", "augment")
 _KEYS = ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels")
 
 
@@ -156,37 +146,28 @@ def _refuse_duplicate_images(
             index += 1
 
 
-@DATASETS.register("medmnist")
-def prepare_medmnist(request: PrepareRequest, data_root: Path) -> PreparedDataset:
-    """A MedMNIST-format npz with its own train/val/test splits."""
-    options = DatasetOptions(request, MEDMNIST_OPTIONS)
-    if not request.source:
-        raise ValueError("dataset 'medmnist' needs a source: an .npz file, a folder with one, or an s3:// URI")
-    source = open_source(request.source, home=home_of(data_root))
-    npz_path = _find_npz(source.root, source.file or options.text("file", None), source.uri)
-    preset = options.choice("preset", _guess_preset(npz_path.name), PRESETS)
-    default_augment = {"retinamnist": "fundus", "chestmnist": "xray"}.get(preset, "none")
-    augment = options.choice("augment", default_augment, AUGMENT_POLICIES)
-    names = options.names("label_names", None)
-    workers = options.integer("workers", 2, low=1)
-    options.boolean("skip_bad", False)  # accepted for a uniform CLI; arrays cannot be bad files
-    key = version_key(
-        resolution=request.resolution,
-        parts={
-            "recipe": RECIPE_VERSION,
-            "source": source.identity,
-            "index": source.fingerprint(npz_path.name),
-            "options": options.key_part(),
-            "preset": preset,
-        },
-    )
-    root = data_root / key
-    found = open_if_prepared(root, skip_bad=True)
-    if found is not None:
-        return found
+@dataclass(frozen=True)
+class MedmnistOptions:
+    npz_path: Path
+    preset: str
+    augment: str
+    label_names: list[str] | None
 
+
+def read_medmnist_options(given: DeclaredSource) -> MedmnistOptions:
+    """The npz and its preset come first: the preset's default is guessed from the file name."""
+    o, source = given.options, given.source
+    npz_path = _find_npz(source.root, source.file or o.text("file", None), source.uri)
+    preset = o.choice("preset", _guess_preset(npz_path.name), PRESETS)
+    default_augment = {"retinamnist": "fundus", "chestmnist": "xray"}.get(preset, "none")
+    augment = o.choice("augment", default_augment, AUGMENT_POLICIES)
+    return MedmnistOptions(npz_path, preset, augment, o.names("label_names", None))
+
+
+def _split_arrays(npz_path: Path) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """Images and (N, L) labels of train, val, test, checked; and their channel count."""
     arrays = _load_arrays(npz_path)
-    images_by_split, labels_by_split, split_codes = [], [], []
+    images_by_split, labels_by_split = [], []
     channels: int | None = None
     for split_name in ("train", "val", "test"):
         images, labels = arrays[f"{split_name}_images"], arrays[f"{split_name}_labels"]
@@ -205,7 +186,13 @@ def prepare_medmnist(request: PrepareRequest, data_root: Path) -> PreparedDatase
         channels = split_channels
         images_by_split.append(images)
         labels_by_split.append(labels.reshape(len(labels), -1) if labels.ndim > 1 else labels[:, None])
-        split_codes.append(np.full(len(images), SPLITS[split_name], dtype=np.int8))
+    return images_by_split, labels_by_split, channels
+
+
+def read_medmnist_rows(given: DeclaredSource, opts: MedmnistOptions) -> LabelledImageSet:
+    """MedMNIST's own splits; the pixels are each image's id for the duplicate check."""
+    npz_path, resolution = opts.npz_path, given.resolution
+    images_by_split, labels_by_split, channels = _split_arrays(npz_path)
     # Index the per-split arrays in place: concatenating would hold every image twice.
     offsets = np.cumsum([0] + [len(images) for images in images_by_split])
 
@@ -214,11 +201,9 @@ def prepare_medmnist(request: PrepareRequest, data_root: Path) -> PreparedDatase
         return f"{('train', 'val', 'test')[part]}_{kind} row {i - offsets[part]}"
 
     targets, grades, label_names, task = _labels_to_targets(
-        np.concatenate(labels_by_split), preset=preset, path=npz_path, names=names, row_name=row_name
+        np.concatenate(labels_by_split), preset=opts.preset, path=npz_path, names=opts.label_names, row_name=row_name
     )
     _refuse_duplicate_images(images_by_split, path=npz_path, row_name=lambda i: row_name(i, "images"))
-    total = int(offsets[-1])
-    resolution = request.resolution
 
     def load(i: int) -> np.ndarray:
         part = int(np.searchsorted(offsets, i, side="right")) - 1
@@ -227,35 +212,31 @@ def prepare_medmnist(request: PrepareRequest, data_root: Path) -> PreparedDatase
             return pixels[..., None] if pixels.ndim == 2 else pixels
         return imaging.fit_array(pixels, resolution=resolution, channels=channels)
 
-    table = LabelledImages(
-        names=[f"{npz_path.name}[{i}]" for i in range(total)],
-        load=load,
+    codes = [np.full(len(im), code, dtype=np.int8) for im, code in zip(images_by_split, SPLITS.values(), strict=True)]
+    return LabelledImageSet(
         targets=targets,
-        split=np.concatenate(split_codes),
-        grades=grades,
-    )
-    log.info("preparing medmnist %s (%s): %d images from %s", key, preset, total, source.uri)
-    meta = {
-        "name": request.name,
-        "version": key,
-        "resolution": resolution,
-        "label_names": label_names,
-        "task": task,
-        "augment": augment,
-        "preset": preset,
-        "source": source.uri,
-        "source_identity": source.identity,
-        "options": options.key_part(),
-        "split_rule": "MedMNIST's own train/val/test",
-    }
-    if preset == "retinamnist":
-        meta["grade_names"] = list(GRADE_NAMES)
-    return write_prepared(
-        root,
-        table,
-        meta=meta,
-        resolution=resolution,
+        split=np.concatenate(codes),
+        label_names=label_names,
+        task=task,
+        augment=opts.augment,
+        split_rule="MedMNIST's own train/val/test",
         channels=channels,
-        skip_bad=False,
-        workers=workers,
+        origin=str(npz_path),
+        names=[f"{npz_path.name}[{i}]" for i in range(int(offsets[-1]))],
+        load=load,
+        grades=grades,
+        meta={"preset": opts.preset, **({"grade_names": list(GRADE_NAMES)} if opts.preset == "retinamnist" else {})},
     )
+
+
+MEDMNIST = DatasetDeclaration(
+    recipe=RECIPE_VERSION,
+    options=MEDMNIST_OPTIONS,
+    needs="an .npz file, a folder with one, or an s3:// URI",
+    read_options=read_medmnist_options,
+    index=lambda given, opts: {"index": given.source.fingerprint(opts.npz_path.name), "preset": opts.preset},
+    read_rows=read_medmnist_rows,
+    accepts_file=True,
+    decodes_files=False,
+)
+MEDMNIST.register("medmnist", doc="A MedMNIST-format npz with its own train/val/test splits.")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageFilter
 
-from transfusion.data.seeds import derived_seed
+from transfusion.data.seeds import render_split
 from transfusion.data.seeds import stream as _stream
 
 GENERATOR_VERSION = "1"
@@ -176,12 +176,8 @@ def sample_labels(count: int, rng: np.random.Generator) -> np.ndarray:
 def generate_chest_split(resolution: int, count: int, *, seed: int, split_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Images ``(count, H, W, 1)`` and labels ``(count, 5)``; a function of (seed, split_id)."""
     labels = sample_labels(count, _stream(seed, split_id, 0))
-    images = np.empty((count, resolution, resolution, 1), dtype=np.uint8)
-    for i in range(count):
-        images[i] = render_chest(
-            resolution,
-            scene_seed=derived_seed(seed, split_id, i, 1),
-            labels=labels[i],
-            lesion_seed=derived_seed(seed, split_id, i, 2),
-        )
+    images = render_split(
+        lambda i, scene, lesion: render_chest(resolution, scene_seed=scene, labels=labels[i], lesion_seed=lesion),
+        (resolution, resolution, 1), seed=seed, split_id=split_id, count=count,
+    )  # fmt: skip
     return images, labels

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from transfusion.data.seeds import derived_seed
+from transfusion.data.seeds import render_split
 from transfusion.data.seeds import stream as _stream
 
 GRADE_NAMES = ("none", "mild", "moderate", "severe", "proliferative")
@@ -167,12 +167,8 @@ def sample_grades(count: int, rng: np.random.Generator) -> np.ndarray:
 def generate_split(resolution: int, count: int, *, seed: int, split_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Images and grades of one split; deterministic in (seed, split_id, index)."""
     grades = sample_grades(count, _stream(seed, split_id, 0))
-    images = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
-    for i in range(count):
-        images[i] = render_fundus(
-            resolution,
-            scene_seed=derived_seed(seed, split_id, i, 1),
-            grade=int(grades[i]),
-            lesion_seed=derived_seed(seed, split_id, i, 2),
-        )
+    images = render_split(
+        lambda i, scene, lesion: render_fundus(resolution, scene_seed=scene, grade=int(grades[i]), lesion_seed=lesion),
+        (resolution, resolution, 3), seed=seed, split_id=split_id, count=count,
+    )  # fmt: skip
     return images, grades

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 
 UNDEFINED = "–"
 
@@ -14,6 +15,13 @@ def sample_std(values: list[float]) -> float:
         return float("nan")
     mean = sum(finite) / len(finite)
     return math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+
+
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A GitHub-flavoured Markdown table, one line per row, ending in a newline."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def mean_spread_text(mean: float, spread: float, *, scale: float = 1.0, digits: int = 3) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfusion.analysis.formatting import sample_std
+from transfusion.analysis.formatting import markdown_table, sample_std
 from transfusion.analysis.plotting import pyplot, save_figure
 from transfusion.analysis.records import JobRecord
 from transfusion.analysis.representations import (
@@ -299,29 +299,22 @@ def plot_figure4(rows: list[LayerMovement], path: Path) -> Path:
 
 
 def figure2_markdown(rows: list[PairSimilarity]) -> str:
-    lines = [
-        "| model | data size | comparison | measure | mean ± std | pairs | rows/dims | chance |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.model} | {r.data_size} | {r.comparison} | {r.measure} | {mark_value(r.mean, r.std, r.rows_per_dim)}"
-            f" | {r.pairs} | {r.rows_per_dim:.1f} | {format_chance(r.chance, r.chance_std)} |"
-        )
-    return "\n".join(lines) + "\n"
+    columns = ["model", "data size", "comparison", "measure", "mean ± std", "pairs", "rows/dims", "chance"]
+    return markdown_table(columns, (
+        [r.model, r.data_size, r.comparison, r.measure, mark_value(r.mean, r.std, r.rows_per_dim), r.pairs,
+         f"{r.rows_per_dim:.1f}", format_chance(r.chance, r.chance_std)]
+        for r in rows
+    ))  # fmt: skip
 
 
 def figure4_markdown(rows: list[LayerMovement]) -> str:
     """Per model and layer: random-init vs pretrained movement and their difference."""
-    lines = [
-        "| model | data size | layer | init | similarity(init, trained) | runs | rows/dims | chance |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.model} | {r.data_size} | {r.layer} | {r.init} | {mark_value(r.mean, r.std, r.rows_per_dim)}"
-            f" | {r.runs} | {r.rows_per_dim:.1f} | {format_chance(r.chance, r.chance_std)} |"
-        )
+    columns = ["model", "data size", "layer", "init", "similarity(init, trained)", "runs", "rows/dims", "chance"]
+    lines = [markdown_table(columns, (
+        [r.model, r.data_size, r.layer, r.init, mark_value(r.mean, r.std, r.rows_per_dim), r.runs,
+         f"{r.rows_per_dim:.1f}", format_chance(r.chance, r.chance_std)]
+        for r in rows
+    )).rstrip("\n")]  # fmt: skip
     by = {(r.model, r.data_size, r.layer, r.init): r for r in rows}
     diffs = []
     for (model, size, layer, init), row in by.items():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfusion.analysis.formatting import UNDEFINED, mean_spread_text, sample_std
+from transfusion.analysis.formatting import UNDEFINED, markdown_table, mean_spread_text, sample_std
 from transfusion.analysis.plotting import pyplot, save_figure
 from transfusion.analysis.records import JobRecord
 
@@ -56,12 +56,18 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), sample_std(values)
 
 
-def results_table(records: list[JobRecord]) -> list[ResultRow]:
-    """One row per (model, init, data size) over the FINISHED records, in first-seen order."""
+def finished_by_cell(records: list[JobRecord]) -> dict[tuple[str, str, str], list[JobRecord]]:
+    """FINISHED records grouped by (model, init, data size), in first-seen order."""
     cells: dict[tuple[str, str, str], list[JobRecord]] = defaultdict(list)
     for record in records:
         if record.status == "FINISHED":
             cells[record.cell].append(record)
+    return cells
+
+
+def results_table(records: list[JobRecord]) -> list[ResultRow]:
+    """One row per (model, init, data size) over the FINISHED records, in first-seen order."""
+    cells = finished_by_cell(records)
     rows = []
     for (model, init, size), members in cells.items():
         auc = _mean_std([r.metrics.get("test/auc", float("nan")) for r in members])
@@ -162,10 +168,7 @@ def pathology_table(
     records: list[JobRecord], pathologies: tuple[str, ...] = CHEXPERT_PATHOLOGIES
 ) -> list[PathologyRow]:
     """Table 2 layout: test AUC and AUPRC per pathology, mean ± std over the FINISHED seeds of each cell."""
-    cells: dict[tuple[str, str, str], list[JobRecord]] = defaultdict(list)
-    for record in records:
-        if record.status == "FINISHED":
-            cells[record.cell].append(record)
+    cells = finished_by_cell(records)
     rows = []
     for (model, init, size), members in cells.items():
 
@@ -262,17 +265,13 @@ def write_csv(rows: list[ResultRow], path: Path) -> Path:
 
 
 def to_markdown(rows: list[ResultRow], *, title: str | None = None) -> str:
-    lines = [f"### {title}", ""] if title else []
-    lines += [
-        "| model | init | data size | seeds | test AUC % | test AUPRC % | train s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.model} | {init_text(r.init, r.source_weak)} | {r.data_size} | {r.seeds} | {r.auc_text()} "
-            f"| {r.auprc_text()} | {r.train_seconds:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+    heading = f"### {title}\n\n" if title else ""
+    columns = ["model", "init", "data size", "seeds", "test AUC %", "test AUPRC %", "train s"]
+    return heading + markdown_table(columns, (
+        [r.model, init_text(r.init, r.source_weak), r.data_size, r.seeds, r.auc_text(), r.auprc_text(),
+         f"{r.train_seconds:.0f}"]
+        for r in rows
+    ))  # fmt: skip
 
 
 def plot_results(rows: list[ResultRow], path: Path, *, title: str = "Test AUC by model and init") -> Path:

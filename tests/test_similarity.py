@@ -612,7 +612,9 @@ def test_every_registered_measure_scores_in_unit_interval(name: str) -> None:
     assert measure is SIMILARITIES.get(name)
     result = measure(x[:100], y[:100])
     assert isinstance(result, (CCAResult, CKAResult))
-    assert 0.0 <= result.score <= 1.0
+    # A representation is identical to itself; two different ones score strictly between 0 and that.
+    assert measure(x[:100], x[:100]).score == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 < result.score < 1.0 - 1e-6
 
 
 def test_unknown_similarity_lists_valid_names() -> None:

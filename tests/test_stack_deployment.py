@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from flows.runtime import find_weed, free_ports
+from flows.serve import load_deployment_specs
 from flows.stack import WORK_POOL
 from tests.conftest import REPO
 
@@ -101,12 +102,23 @@ def _assert_prefect_artifacts_and_task_runs(api_url: str, children) -> None:
 
     async def read():
         async with PrefectClient(api_url) as client:
-            deployment = await client.read_deployment_by_name("transfusion/demo")
+            deployments = await client.read_deployments()
             flow_runs = await client.read_flow_runs()
-            return deployment, flow_runs, await client.read_artifacts(), await client.read_task_runs()
+            return deployments, flow_runs, await client.read_artifacts(), await client.read_task_runs()
 
-    deployment, flow_runs, artifacts, task_runs = asyncio.run(read())
-    assert deployment.work_pool_name == WORK_POOL
+    deployments, flow_runs, artifacts, task_runs = asyncio.run(read())
+    # Every deployment of prefect.yaml is in the pool, as declared there.
+    by_name = {d.name: d for d in deployments}
+    specs = load_deployment_specs()
+    assert sorted(by_name) == sorted(spec["name"] for spec in specs)
+    for spec in specs:
+        deployed = by_name[spec["name"]]
+        assert (deployed.work_pool_name, deployed.entrypoint) == (WORK_POOL, "flows.grid.transfusion")
+        assert (deployed.parameters, sorted(deployed.tags)) == (spec["parameters"], sorted(spec["tags"]))
+        assert deployed.global_concurrency_limit.limit == spec["concurrency_limit"]
+        declared = [(c["cron"], c.get("active", True)) for c in spec.get("schedules") or []]
+        assert [(s.schedule.cron, s.active) for s in deployed.schedules] == declared
+    deployment = by_name["demo"]
     [flow_run] = [r for r in flow_runs if r.deployment_id == deployment.id]
     assert flow_run.work_pool_name == WORK_POOL and flow_run.state.is_completed()
     by_key = {a.key: a for a in artifacts if a.key}

@@ -1,10 +1,12 @@
 """``transfusion stack up|down|status|env``: the real services, on loopback, for one user.
 
 Starts an S3-compatible server (SeaweedFS), an MLflow server (SQLite backend,
-artifacts in S3), a Prefect server, a Ray head, and a process serving every
-deployment of ``prefect.yaml``; records them in ``$TRANSFUSION_HOME/stack/state.json``
-and writes the environment that points clients at them to ``stack/env`` (mode 600:
-it holds the generated S3 credentials, which never go into logs or parameters).
+artifacts in S3), a Prefect server, a Ray head, a process work pool holding every
+deployment of ``prefect.yaml`` and a ``prefect worker`` polling it: the shape of the
+Kubernetes work pool in infra/, with flow runs as local processes instead of pods
+(``--serve``: one process serving the deployments instead, no pool); records them in
+``$TRANSFUSION_HOME/stack/state.json`` and writes the environment that points clients
+at them to ``stack/env`` (mode 600: it holds the generated S3 credentials, which never go into logs or parameters).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from flows.runtime import (
@@ -34,7 +39,10 @@ from transfusion.data import transfusion_home
 ARTIFACT_BUCKET = "transfusion-artifacts"
 CHECKPOINT_BUCKET = "transfusion-checkpoints"
 DATA_BUCKET = "transfusion-data"
-ORDER = ("s3", "mlflow", "prefect", "ray", "serve")
+WORK_POOL = "transfusion-local"
+WORKER_NAME = "transfusion-local-worker"
+# "worker" and "serve" are the two ways of running deployments; a stack has one of them.
+ORDER = ("s3", "mlflow", "prefect", "ray", "worker", "serve")
 
 
 def stack_dir() -> Path:
@@ -87,7 +95,70 @@ def stack_env(state: dict) -> dict[str, str]:
     return env
 
 
-def stack_up(*, prefect_port: int, mlflow_port: int, s3_port: int, ray_port: int, num_cpus: int | None) -> dict:
+def _worker_registered(api_url: str, pool: str, worker_name: str) -> bool:
+    request = urllib.request.Request(
+        f"{api_url}/work_pools/{pool}/workers/filter", data=b"{}", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return any(w.get("name") == worker_name for w in json.load(response))
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _code_root() -> str:
+    """The directory holding the ``flows`` package: a checkout or site-packages alike."""
+    import flows
+
+    return str(Path(flows.__file__).resolve().parent.parent)
+
+
+def _start_deployment_runner(directory: Path, run_env: dict[str, str], *, serve: bool) -> ServiceProcess:
+    """``serve``: one process serving every deployment. Otherwise: deploy them to the process work
+    pool (module entrypoints, so no pull step or storage: the flow-run process imports the code
+    found on the worker's ``PYTHONPATH``) and start a worker polling it."""
+    if serve:
+        ready = directory / "serve.ready"
+        ready.unlink(missing_ok=True)
+        return start_service(
+            "serve", [sys.executable, "-m", "flows.serve", "--ready-file", str(ready)],
+            health_url=None, url="", log_dir=directory / "logs", env=run_env, ready_file=ready, timeout=180,
+        )  # fmt: skip
+    pythonpath = os.pathsep.join(p for p in (_code_root(), os.environ.get("PYTHONPATH")) if p)
+    run_env = {**run_env, "PYTHONPATH": pythonpath}
+    log_dir = directory / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    deploy_log = log_dir / "deploy.log"
+    with open(deploy_log, "ab") as log_file:
+        deployed = subprocess.run(
+            [sys.executable, "-m", "flows.serve", "--work-pool", WORK_POOL],
+            env={**os.environ, **run_env}, stdout=log_file, stderr=subprocess.STDOUT, timeout=300,
+        )  # fmt: skip
+    if deployed.returncode != 0:
+        tail = deploy_log.read_text()[-2000:]
+        raise RuntimeError(f"deploying prefect.yaml to work pool {WORK_POOL} failed; see {deploy_log}\n{tail}")
+    worker = start_service(
+        "worker",
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--type", "process",
+         "--name", WORKER_NAME],
+        health_url=None, url=WORK_POOL, log_dir=log_dir,
+        # Picks a queued run up within 2 s rather than the default 10.
+        env={**run_env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+    )  # fmt: skip
+    try:
+        poll_until(
+            lambda: _worker_registered(run_env["PREFECT_API_URL"], WORK_POOL, WORKER_NAME),
+            timeout=120, what="prefect worker", process=worker.process, log_path=worker.log_path,
+        )  # fmt: skip
+    except BaseException:
+        worker.stop()
+        raise
+    return worker
+
+
+def stack_up(
+    *, prefect_port: int, mlflow_port: int, s3_port: int, ray_port: int, num_cpus: int | None, serve: bool = False
+) -> dict:
     if read_state().get("services"):
         raise RuntimeError(f"a stack is already recorded in {_state_path()}; run 'transfusion stack down' first")
     home = transfusion_home()
@@ -123,13 +194,9 @@ def stack_up(*, prefect_port: int, mlflow_port: int, s3_port: int, ray_port: int
             "TRANSFUSION_HOME": str(home),
             "TRANSFUSION_STORAGE_PATH": f"s3://{CHECKPOINT_BUCKET}/ray",
         }
-        serve_env = {**aws, **ray_auth, **env, "PREFECT_LOGGING_LEVEL": "INFO"}
-        ready = directory / "serve.ready"
-        ready.unlink(missing_ok=True)
-        started["serve"] = start_service(
-            "serve", [sys.executable, "-m", "flows.serve", "--ready-file", str(ready)],
-            health_url=None, url="", log_dir=directory / "logs", env=serve_env, ready_file=ready, timeout=180,
-        )  # fmt: skip
+        run_env = {**aws, **ray_auth, **env, "PREFECT_LOGGING_LEVEL": "INFO"}
+        runner = _start_deployment_runner(directory, run_env, serve=serve)
+        started[runner.name] = runner
     except BaseException:
         for name in reversed(list(started)):
             started[name].stop()
@@ -161,9 +228,10 @@ def stack_down() -> list[str]:
 
 def stack_status() -> dict[str, str]:
     state = read_state()
+    services = state.get("services", {})
     status = {}
-    for name in ORDER:
-        service = state.get("services", {}).get(name)
+    for name in [n for n in ORDER if n in services] if services else ORDER:
+        service = services.get(name)
         if not service:
             status[name] = "not started"
             continue
@@ -184,7 +252,7 @@ def stack_status() -> dict[str, str]:
 def add_stack_commands(sub: argparse._SubParsersAction) -> None:
     stack = sub.add_parser("stack", help="start/stop the real services (S3, MLflow, Prefect, Ray) on loopback")
     actions = stack.add_subparsers(dest="stack_command", required=True)
-    up = actions.add_parser("up", help="start the services and serve the deployments")
+    up = actions.add_parser("up", help="start the services, a process work pool with the deployments and its worker")
     from flows.cli import port_number, positive_int
 
     up.add_argument("--prefect-port", type=port_number, default=4200)
@@ -192,6 +260,10 @@ def add_stack_commands(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--s3-port", type=port_number, default=8333)
     up.add_argument("--ray-port", type=port_number, default=6379)
     up.add_argument("--num-cpus", type=positive_int, default=None)
+    up.add_argument(
+        "--serve", action="store_true",
+        help=f"serve the deployments from one process instead of the {WORK_POOL} work pool and its worker",
+    )  # fmt: skip
     up.set_defaults(func=_cmd_up)
     actions.add_parser("down", help="stop everything the stack started").set_defaults(func=_cmd_down)
     actions.add_parser("status", help="health of each service").set_defaults(func=_cmd_status)
@@ -203,10 +275,11 @@ def add_stack_commands(sub: argparse._SubParsersAction) -> None:
 def _cmd_up(args: argparse.Namespace) -> int:
     state = stack_up(
         prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, s3_port=args.s3_port,
-        ray_port=args.ray_port, num_cpus=args.num_cpus,
+        ray_port=args.ray_port, num_cpus=args.num_cpus, serve=args.serve,
     )  # fmt: skip
+    described = {"serve": "serving prefect.yaml deployments", "worker": f"polling work pool {WORK_POOL}"}
     for name, service in state["services"].items():
-        print(f"{name:8s} {service['url'] or 'serving prefect.yaml deployments'}  (log {service['log']})")
+        print(f"{name:8s} {described.get(name, service['url'])}  (log {service['log']})")
     print(f"\nPoint your shell at it:  eval $(transfusion stack env)\n"
           f"Then e.g.:  prefect deployment run transfusion/demo --watch\n"
           f"MLflow UI: {state['env']['MLFLOW_TRACKING_URI']}   "

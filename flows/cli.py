@@ -512,23 +512,33 @@ class SignalShutdown:
         logging.disable(logging.CRITICAL)
         threading.excepthook = lambda args: None
 
-    def finish(self, exc: BaseException) -> None:
-        """The clean stop after ``exc`` reached :func:`main`; never returns."""
+    def finish(self, exc: BaseException) -> int:
+        """The clean stop after ``exc`` reached :func:`main`.
+
+        After a signal it never returns. A KeyboardInterrupt raised without one (code
+        calling :func:`main` in-process) only ends the open runs and returns the code:
+        the caller's processes are not this command's to stop.
+        """
         if self.interrupt is None:
             from tasks.training import interrupt_of
 
-            self.interrupt = interrupt_of(exc)
-            self._quiet()
+            interrupt = interrupt_of(exc)
+            print(self._line(interrupt), file=sys.stderr, flush=True)
+            return interrupt.exit_code
         self._exit(forced=False)
+        return self.interrupt.exit_code  # not reached
+
+    def _line(self, interrupt) -> str:
+        line = f"transfusion: {interrupt}"
+        if self.command in COMMANDS_WITH_RUNS:
+            line += "; runs marked KILLED, re-run to continue"
+        return line
 
     def _exit(self, *, forced: bool) -> None:
         release_started_processes(self.interrupt, forced=forced)
-        line = f"transfusion: {self.interrupt}"
-        if self.command in COMMANDS_WITH_RUNS:
-            line += "; runs marked KILLED, re-run to continue"
         with contextlib.suppress(Exception):
             sys.stdout.flush()
-            print(line, file=sys.stderr, flush=True)
+            print(self._line(self.interrupt), file=sys.stderr, flush=True)
         # os._exit: Prefect's and Ray's threads may still wait on what was just stopped.
         os._exit(self.interrupt.exit_code)
 
@@ -573,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return args.func(args)
         except (KeyboardInterrupt, TerminationSignal) as exc:
-            shutdown.finish(exc)
+            return shutdown.finish(exc)
         except Exception as exc:
             return _report_error(exc, verbose=args.verbose)
 

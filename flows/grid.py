@@ -30,6 +30,7 @@ from tasks.pretraining import resolve_pretrained_task
 from tasks.progress import GridProgressArtifact, job_label, watch_grid
 from tasks.training import (
     JobOutcome,
+    clear_interrupt,
     end_failed_run,
     finish_grid_run_task,
     interrupt_of,
@@ -91,6 +92,7 @@ def _describe(outcome: JobOutcome) -> str:
 
 def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSummary) -> list[JobOutcome]:
     """The training stages: resolve pretrained sources, then every job (skipping finished ones)."""
+    clear_interrupt()
     dataset_root = prepare_dataset_task(grid)
     # Ray starts only when there is something to train: a re-run of a done grid is quick.
     pending = pending_jobs_task(grid, grid_run) if stage != "pretrain" else 1

@@ -198,6 +198,11 @@ def interrupting() -> BaseException | None:
     return _INTERRUPT[0]
 
 
+def clear_interrupt() -> None:
+    """A new grid of this process starts: an earlier flow's interrupt is not its own."""
+    _INTERRUPT[0] = None
+
+
 def interrupt_open_runs(exc: BaseException) -> int:
     """Ends every job run this process has open KILLED with ``exc``'s reason; returns how many.
 

@@ -15,8 +15,6 @@ import yaml
 
 from tests.conftest import REPO, processes_mentioning, run_cli
 
-pytestmark = pytest.mark.slow
-
 # One job, long enough to be mid-training when signalled; checkpoints every 3 steps.
 GRID = {
     "name": "interrupted",
@@ -109,11 +107,13 @@ def _assert_stopped_cleanly(home: Path, code: int, stderr: str, seconds: float, 
     assert not processes_mentioning(str(home)), processes_mentioning(str(home))
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_job_closes_every_run_and_leaves_no_server(tmp_path):
     code, stderr, seconds = _interrupt_mid_job(tmp_path, signal.SIGINT)
     _assert_stopped_cleanly(tmp_path, code, stderr, seconds, "SIGINT", 130)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_job_then_rerun_continues_from_checkpoint(tmp_path):
     code, stderr, seconds = _interrupt_mid_job(tmp_path, signal.SIGTERM)
     _assert_stopped_cleanly(tmp_path, code, stderr, seconds, "SIGTERM", 143)
@@ -138,3 +138,41 @@ def test_sigterm_mid_job_then_rerun_continues_from_checkpoint(tmp_path):
     repeated = sorted({s for s in steps if steps.count(s) > 1})
     assert all(s > 3 for s in repeated), repeated
     assert not processes_mentioning(str(tmp_path))
+
+
+def _sleeper() -> subprocess.Popen:
+    process = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{process.pid}/cmdline").read_bytes() != b"sleep\x00120\x00" and time.monotonic() < deadline:
+        time.sleep(0.05)  # until it has exec'd
+    return process
+
+
+def test_a_tied_server_whose_owner_died_is_stopped_by_the_next_start(tmp_path):
+    import json
+
+    from flows.runtime import reap_orphaned_services
+
+    dead_owner = subprocess.Popen(["true"])
+    dead_owner.wait()
+    orphan, adopted, reused = _sleeper(), _sleeper(), _sleeper()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    try:
+        records = {
+            "orphan": {"pid": orphan.pid, "owner": dead_owner.pid},
+            "adopted": {"pid": adopted.pid, "owner": os.getpid()},  # its owner still runs
+            # pid reused by another program since: never killed
+            "reused": {"pid": reused.pid, "owner": dead_owner.pid, "cmdline": "mlflow\x00server\x00"},
+        }
+        for name, record in records.items():
+            record.setdefault("cmdline", "sleep\x00120\x00")
+            (run_dir / f"{name}.json").write_text(json.dumps(record))
+        assert reap_orphaned_services(run_dir) == ["orphan"]
+        assert orphan.wait(timeout=10) == -signal.SIGKILL
+        assert adopted.poll() is None and reused.poll() is None
+        assert sorted(p.name for p in run_dir.iterdir()) == ["adopted.json"]
+    finally:
+        for process in (orphan, adopted, reused):
+            process.kill()
+            process.wait()

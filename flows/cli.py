@@ -482,29 +482,45 @@ class SignalShutdown:
     def __init__(self, command: str) -> None:
         self.command = command
         self.interrupt = None
+        self._signals = 0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> SignalShutdown:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
+            if "tasks.training" in sys.modules or self.command in COMMANDS_WITH_RUNS:
+                from tasks.training import INTERRUPT_LISTENERS
+
+                INTERRUPT_LISTENERS.append(self._stopping)
         return self
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        if "tasks.training" in sys.modules:
+            with contextlib.suppress(ValueError):
+                sys.modules["tasks.training"].INTERRUPT_LISTENERS.remove(self._stopping)
 
     def _handle(self, signum: int, frame) -> None:
         from transfusion.errors import Interrupted
 
-        if self.interrupt is not None:
+        self._signals += 1
+        if self._signals > 1:
             self._exit(forced=True)
-        self.interrupt = Interrupted(signum)
+        # Set already when Prefect caught a SIGTERM first (it re-sends it here once the flow has unwound).
+        self._stopping(Interrupted(signum))
+        raise self.interrupt
+
+    def _stopping(self, interrupt) -> None:
+        """The first interrupt, seen here or (SIGTERM during a Prefect flow) by the flow."""
+        if self.interrupt is not None or not self._previous or not interrupt.delivered:
+            return
+        self.interrupt = interrupt
         self._quiet()
         watchdog = threading.Timer(INTERRUPT_GRACE_S, self._exit, kwargs={"forced": True})
         watchdog.daemon = True
         watchdog.start()
-        raise self.interrupt
 
     @staticmethod
     def _quiet() -> None:
@@ -549,7 +565,8 @@ def release_started_processes(interrupt: BaseException, *, forced: bool) -> None
     Only modules already imported are asked (nothing to stop in one never loaded);
     ``forced`` skips whatever could wait (MLflow calls, a graceful Ray shutdown).
     """
-    if not forced and "tasks.training" in sys.modules:
+    # Only while a tracking server answers (the embedded one is gone once its flow has unwound).
+    if not forced and "tasks.training" in sys.modules and os.environ.get("MLFLOW_TRACKING_URI"):
         with contextlib.suppress(Exception):
             sys.modules["tasks.training"].interrupt_open_runs(interrupt)
     if not forced and "transfusion.launcher" in sys.modules:

@@ -194,6 +194,11 @@ _INTERRUPT: list[BaseException | None] = [None]
 INTERRUPTIONS_TAG = "interruptions"
 
 
+# Called once with the interrupt when this process starts stopping for one (the CLI
+# quiets its logs and arms its watchdog: Prefect may have caught the signal first).
+INTERRUPT_LISTENERS: list = []
+
+
 def interrupting() -> BaseException | None:
     return _INTERRUPT[0]
 
@@ -209,7 +214,10 @@ def interrupt_open_runs(exc: BaseException) -> int:
     Jobs finishing meanwhile are not reported FAILED for the errors the interrupt causes
     (their workers go with Ray), and the next grid run continues each from its last checkpoint.
     """
+    first = _INTERRUPT[0] is None
     _INTERRUPT[0] = exc
+    for listener in list(INTERRUPT_LISTENERS) if first else []:
+        listener(exc)
     with _OPEN_RUNS_LOCK:
         runs = dict(_OPEN_RUNS)
         _OPEN_RUNS.clear()
@@ -362,7 +370,7 @@ def interrupt_of(exc: BaseException) -> Interrupted | None:
     if isinstance(exc, Interrupted):
         return exc
     if isinstance(exc, KeyboardInterrupt):
-        return Interrupted(signal.SIGINT)
+        return Interrupted(signal.SIGINT, delivered=False)
     if isinstance(exc, TerminationSignal):
         return Interrupted(exc.signal)
     return None
@@ -375,6 +383,8 @@ def end_failed_run(run_id: str, exc: BaseException) -> None:
     """
     interrupt = interrupt_of(exc)
     interrupted = interrupt is not None or isinstance(exc, SystemExit)
+    if interrupt is not None:  # a flow stopping for a signal: its jobs' runs go with it
+        interrupt_open_runs(interrupt)
     try:
         tracking.end_run(run_id, "KILLED" if interrupted else "FAILED", reason=failure_reason(interrupt or exc))
     except Exception:

@@ -75,13 +75,25 @@ def run_cli(*args: str, home: Path, env: dict | None = None, timeout: float = 60
     )
 
 
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
 def processes_mentioning(text: str) -> list[str]:
     """Live processes (other than this one) whose command line or environment names ``text``,
     as ``pid: command``; a server a test started carries its TRANSFUSION_HOME in one of them."""
     found = []
     needle = text.encode()
+    ours = _ancestors()  # pytest and whatever started it (its command line may name the temp folder)
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+        if not proc.name.isdigit() or int(proc.name) in ours:
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes()

@@ -13,10 +13,12 @@ def first_line(exc: BaseException, *, limit: int = REASON_LIMIT) -> str:
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM asked this process to stop: every handler of KeyboardInterrupt sees it."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, *, delivered: bool = True) -> None:
         import signal
 
         self.signum = signum
+        # False: a KeyboardInterrupt raised by code, not by a signal this process received.
+        self.delivered = delivered
         self.signal_name = signal.Signals(signum).name
         super().__init__(f"interrupted by {self.signal_name}")
 

@@ -555,6 +555,9 @@ class SignalShutdown:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             print(self._line(self.interrupt), file=sys.stderr, flush=True)
+        if "transfusion.launcher" in sys.modules:  # last: threads touching Ray after this may end the process
+            with contextlib.suppress(Exception):
+                sys.modules["transfusion.launcher"].kill_local_ray()
         # os._exit: Prefect's and Ray's threads may still wait on what was just stopped.
         os._exit(self.interrupt.exit_code)
 
@@ -569,9 +572,9 @@ def release_started_processes(interrupt: BaseException, *, forced: bool) -> None
     if not forced and "tasks.training" in sys.modules and os.environ.get("MLFLOW_TRACKING_URI"):
         with contextlib.suppress(Exception):
             sys.modules["tasks.training"].interrupt_open_runs(interrupt)
-    if not forced and "transfusion.launcher" in sys.modules:
+    if not forced and "transfusion.launcher" in sys.modules:  # no queued job starts
         with contextlib.suppress(Exception):
-            sys.modules["transfusion.launcher"].shutdown_ray(wait=False)
+            sys.modules["transfusion.launcher"].close_pools(wait=False)
     if "flows.runtime" in sys.modules:
         with contextlib.suppress(Exception):
             sys.modules["flows.runtime"].stop_tied_services(force=forced)

@@ -149,15 +149,16 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
 
 
 def stop_jobs_for_interrupt(exc: BaseException) -> None:
-    """No queued job starts, running ones are ended KILLED (the tracking server still answers),
-    and their workers stop with this process's Ray; a re-run continues each from its checkpoint."""
-    from transfusion.launcher import shutdown_ray
+    """No queued job starts (the pools' brokers go), running jobs' runs end KILLED while the
+    tracking server still answers; their workers go with this process's Ray, and a re-run
+    continues each job from its last checkpoint."""
+    from transfusion.launcher import close_pools
 
     interrupt_open_runs(exc)
     try:
-        shutdown_ray(wait=False)
+        close_pools(wait=False)
     except Exception:
-        log.debug("could not stop Ray", exc_info=True)
+        log.debug("could not close the job pools", exc_info=True)
 
 
 @flow(name="transfusion", task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=False)

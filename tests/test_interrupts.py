@@ -103,7 +103,9 @@ def _assert_stopped_cleanly(home: Path, code: int, stderr: str, seconds: float, 
     runs = _runs(home)
     assert runs and all(status == "KILLED" for _, status, _ in runs), runs  # the grid's run and the job's
     assert {tags.get("failure_reason") for _, _, tags in runs} == {f"interrupted by {name}"}
-    time.sleep(1)  # process groups killed a moment ago
+    deadline = time.monotonic() + 10  # Ray's workers notice their raylet is gone within moments
+    while processes_mentioning(str(home)) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert not processes_mentioning(str(home)), processes_mentioning(str(home))
 
 

@@ -87,12 +87,23 @@ def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> d
     return ray.cluster_resources()
 
 
-def shutdown_ray(*, wait: bool = True) -> None:
-    """Closes the pools and leaves Ray; ``wait=False`` (an interrupt): running jobs are not waited for,
-    their workers stop with Ray and the jobs continue from their last checkpoint on the next run."""
-    close_pools(wait=wait)
+def shutdown_ray() -> None:
+    close_pools()
     if ray.is_initialized():
         ray.shutdown()
+
+
+def kill_local_ray() -> None:
+    """An interrupt's last step: kills the local Ray this driver started (GCS, raylet, its
+    workers mid-job) outright; a re-run continues each job from its last checkpoint.
+
+    Not ``ray.shutdown()``: a thread still waiting on Ray would then make Ray's core
+    worker end this process on the spot, before the caller has finished stopping.
+    A cluster at ``$RAY_ADDRESS`` is not this process's to stop.
+    """
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None and not os.environ.get("RAY_ADDRESS"):
+        node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
 
 
 @dataclass(frozen=True)

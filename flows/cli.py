@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -279,7 +280,7 @@ def command_ui(args: argparse.Namespace) -> int:
     from transfusion.data import transfusion_home
     from transfusion.tracking import experiment_page_url, last_grid_experiment
 
-    server = start_mlflow_server(transfusion_home(), host=args.host, port=args.port)
+    server = start_mlflow_server(transfusion_home(), host=args.host, port=args.port, tied=True)
     experiment_id = last_grid_experiment(uri=server.url)
     url = experiment_page_url(server.url, experiment_id) if experiment_id else server.url
     print(f"MLflow UI at {url}  (the last grid's runs; Ctrl-C to stop)", flush=True)
@@ -288,8 +289,6 @@ def command_ui(args: argparse.Namespace) -> int:
     try:
         while server.process.poll() is None:
             time.sleep(1)
-    except KeyboardInterrupt:
-        pass
     finally:
         server.stop()
     return 0
@@ -463,6 +462,133 @@ def _quiet_orchestration_logs(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+# Kubernetes' default grace period is 30 s: what a clean stop has not done by then, a forced one does.
+INTERRUPT_GRACE_S = 25.0
+# Commands whose interrupt leaves MLflow runs to continue.
+COMMANDS_WITH_RUNS = frozenset({"run", "pretrain", "analyze", "report"})
+
+
+class SignalShutdown:
+    """One shutdown path for SIGINT and SIGTERM.
+
+    The first signal raises :class:`~transfusion.errors.Interrupted` in the main thread
+    (a KeyboardInterrupt: every ``finally`` and interrupt handler on the way runs) and
+    arms a watchdog; :meth:`finish` then ends the open runs KILLED, stops Ray, Prefect's
+    temporary server and every tied service, prints one line and exits 128 + signal.
+    A second signal, or the watchdog after ``INTERRUPT_GRACE_S``, exits at once, still
+    killing the servers' process groups.
+    """
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.interrupt = None
+        self._signals = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> SignalShutdown:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+            if "tasks.training" in sys.modules or self.command in COMMANDS_WITH_RUNS:
+                from tasks.training import INTERRUPT_LISTENERS
+
+                INTERRUPT_LISTENERS.append(self._stopping)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        if "tasks.training" in sys.modules:
+            with contextlib.suppress(ValueError):
+                sys.modules["tasks.training"].INTERRUPT_LISTENERS.remove(self._stopping)
+
+    def _handle(self, signum: int, frame) -> None:
+        from transfusion.errors import Interrupted
+
+        self._signals += 1
+        if self._signals > 1:
+            self._exit(forced=True)
+        # Set already when Prefect caught a SIGTERM first (it re-sends it here once the flow has unwound).
+        self._stopping(Interrupted(signum))
+        raise self.interrupt
+
+    def _stopping(self, interrupt) -> None:
+        """The first interrupt, seen here or (SIGTERM during a Prefect flow) by the flow."""
+        if self.interrupt is not None or not self._previous or not interrupt.delivered:
+            return
+        self.interrupt = interrupt
+        self._quiet()
+        watchdog = threading.Timer(INTERRUPT_GRACE_S, self._exit, kwargs={"forced": True})
+        watchdog.daemon = True
+        watchdog.start()
+
+    @staticmethod
+    def _quiet() -> None:
+        # What unwinds now (Prefect's crash report, Ray's workers, job threads) is expected: one line says it all.
+        logging.disable(logging.CRITICAL)
+        threading.excepthook = lambda args: None
+
+    def finish(self, exc: BaseException) -> int:
+        """The clean stop after ``exc`` reached :func:`main`.
+
+        After a signal it never returns. A KeyboardInterrupt raised without one (code
+        calling :func:`main` in-process) only ends the open runs and returns the code:
+        the caller's processes are not this command's to stop.
+        """
+        if self.interrupt is None:
+            from tasks.training import interrupt_of
+
+            interrupt = interrupt_of(exc)
+            print(self._line(interrupt), file=sys.stderr, flush=True)
+            return interrupt.exit_code
+        self._exit(forced=False)
+        return self.interrupt.exit_code  # not reached
+
+    def _line(self, interrupt) -> str:
+        line = f"transfusion: {interrupt}"
+        if self.command in COMMANDS_WITH_RUNS:
+            line += "; runs marked KILLED, re-run to continue"
+        return line
+
+    def _exit(self, *, forced: bool) -> None:
+        release_started_processes(self.interrupt, forced=forced)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            print(self._line(self.interrupt), file=sys.stderr, flush=True)
+        if "transfusion.launcher" in sys.modules:  # last: threads touching Ray after this may end the process
+            with contextlib.suppress(Exception):
+                sys.modules["transfusion.launcher"].kill_local_ray()
+        # os._exit: Prefect's and Ray's threads may still wait on what was just stopped.
+        os._exit(self.interrupt.exit_code)
+
+
+def release_started_processes(interrupt: BaseException, *, forced: bool) -> None:
+    """Everything this process started goes: its open runs end KILLED, Ray and the servers stop.
+
+    Only modules already imported are asked (nothing to stop in one never loaded);
+    ``forced`` skips whatever could wait (MLflow calls, a graceful Ray shutdown).
+    """
+    # Only while a tracking server answers (the embedded one is gone once its flow has unwound).
+    if not forced and "tasks.training" in sys.modules and os.environ.get("MLFLOW_TRACKING_URI"):
+        with contextlib.suppress(Exception):
+            sys.modules["tasks.training"].interrupt_open_runs(interrupt)
+    if not forced and "transfusion.launcher" in sys.modules:  # no queued job starts
+        with contextlib.suppress(Exception):
+            sys.modules["transfusion.launcher"].close_pools(wait=False)
+    if "flows.runtime" in sys.modules:
+        with contextlib.suppress(Exception):
+            sys.modules["flows.runtime"].stop_tied_services(force=forced)
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is not None:  # Prefect's temporary server (a child process of this one)
+        for server in list(server_module.SubprocessASGIServer._instances.values()):
+            process = getattr(server, "server_process", None)
+            with contextlib.suppress(Exception):
+                if forced and process is not None:
+                    process.kill()
+                else:
+                    server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -471,16 +597,22 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     configure_logging(verbose=args.verbose)
     _quiet_orchestration_logs(args.verbose)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("transfusion: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"transfusion: error: {error_line(exc)}", file=sys.stderr, flush=True)
-        return 2
+    from prefect.exceptions import TerminationSignal
+
+    with SignalShutdown(args.command) as shutdown:
+        try:
+            return args.func(args)
+        except (KeyboardInterrupt, TerminationSignal) as exc:
+            return shutdown.finish(exc)
+        except Exception as exc:
+            return _report_error(exc, verbose=args.verbose)
+
+
+def _report_error(exc: Exception, *, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exc()
+    print(f"transfusion: error: {error_line(exc)}", file=sys.stderr, flush=True)
+    return 2
 
 
 if __name__ == "__main__":

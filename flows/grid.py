@@ -30,8 +30,12 @@ from tasks.pretraining import resolve_pretrained_task
 from tasks.progress import GridProgressArtifact, job_label, watch_grid
 from tasks.training import (
     JobOutcome,
+    clear_interrupt,
     end_failed_run,
     finish_grid_run_task,
+    interrupt_of,
+    interrupt_open_runs,
+    interrupting,
     job_task_options,
     open_grid_run_task,
     pending_jobs_task,
@@ -88,6 +92,7 @@ def _describe(outcome: JobOutcome) -> str:
 
 def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSummary) -> list[JobOutcome]:
     """The training stages: resolve pretrained sources, then every job (skipping finished ones)."""
+    clear_interrupt()
     dataset_root = prepare_dataset_task(grid)
     # Ray starts only when there is something to train: a re-run of a done grid is quick.
     pending = pending_jobs_task(grid, grid_run) if stage != "pretrain" else 1
@@ -133,9 +138,27 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
                 progress.finish(outcome.job_key, ok=outcome.ok, line=f"[{done}/{len(jobs)}] {_describe(outcome)}")
                 progress_artifact.update(progress)
         return outcomes
+    except BaseException as exc:
+        interrupt = interrupt_of(exc)  # SIGINT/SIGTERM: the CLI raises Interrupted, Prefect TerminationSignal
+        if interrupt is not None:
+            stop_jobs_for_interrupt(interrupt)
+        raise
     finally:
-        if slots:
+        if slots and interrupting() is None:
             stop_compute_task()  # the warm workers go before the analyses
+
+
+def stop_jobs_for_interrupt(exc: BaseException) -> None:
+    """No queued job starts (the pools' brokers go), running jobs' runs end KILLED while the
+    tracking server still answers; their workers go with this process's Ray, and a re-run
+    continues each job from its last checkpoint."""
+    from transfusion.launcher import close_pools
+
+    interrupt_open_runs(exc)
+    try:
+        close_pools(wait=False)
+    except Exception:
+        log.debug("could not close the job pools", exc_info=True)
 
 
 @flow(name="transfusion", task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=False)

@@ -103,8 +103,12 @@ def start_mlflow_server(
     backend_uri: str | None = None,
     artifacts_destination: str | None = None,
     timeout: float = 90.0,
+    tied: bool = False,
 ) -> ServiceProcess:
-    """Starts ``mlflow server`` (SQLite at ``home/mlflow.db``, artifacts under ``home/artifacts``)."""
+    """Starts ``mlflow server`` (SQLite at ``home/mlflow.db``, artifacts under ``home/artifacts``).
+
+    ``tied``: the server lives only as long as this process (see :func:`start_service`).
+    """
     home.mkdir(parents=True, exist_ok=True)
     if port is None:
         port = free_port(host)
@@ -127,6 +131,7 @@ def start_mlflow_server(
         log_dir=home / "logs",
         env={"MLFLOW_TRACKING_URI": ""},  # the server must not act as a client of another one
         timeout=timeout,
+        tied=tied,
     )
     log.info("MLflow server at %s (log %s)", url, server.log_path)
     return server
@@ -139,7 +144,7 @@ def tracking_service(home: Path) -> Iterator[str]:
     if configured:
         yield configured
         return
-    server = start_mlflow_server(home)
+    server = start_mlflow_server(home, tied=True)
     os.environ["MLFLOW_TRACKING_URI"] = server.url
     try:
         yield server.url
@@ -156,9 +161,78 @@ class ServiceProcess:
     url: str
     process: subprocess.Popen
     log_path: Path
+    pid_file: Path | None = None
 
     def stop(self) -> None:
         stop_process_group(self.process)
+        _TIED.pop(self.process.pid, None)
+        if self.pid_file is not None:
+            self.pid_file.unlink(missing_ok=True)
+
+
+# Services tied to this process's lifetime, by pid: an interrupt stops them all.
+_TIED: dict[int, ServiceProcess] = {}
+
+
+def tied_services() -> list[ServiceProcess]:
+    return list(_TIED.values())
+
+
+def stop_tied_services(*, force: bool = False) -> None:
+    """Stops every tied service still running; ``force``: SIGKILL their process groups at once
+    (a second Ctrl-C: no waiting, and still no server left behind)."""
+    for service in list(_TIED.values()):
+        if force:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(service.process.pid, signal.SIGKILL)
+            _TIED.pop(service.process.pid, None)
+            if service.pid_file is not None:
+                service.pid_file.unlink(missing_ok=True)
+        else:
+            with contextlib.suppress(Exception):
+                service.stop()
+
+
+def _cmdline(pid: int) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphaned_services(run_dir: Path) -> list[str]:
+    """Stops tied services whose owner died without stopping them (a SIGKILLed ``transfusion``).
+
+    Each pid file names the service's pid, its command line and its owner's pid; a
+    service is only killed while its command line still matches (pids are reused).
+    """
+    reaped = []
+    for pid_file in sorted(run_dir.glob("*.json")) if run_dir.is_dir() else []:
+        try:
+            record = json.loads(pid_file.read_text())
+            pid, owner, cmdline = int(record["pid"]), int(record["owner"]), record["cmdline"].encode()
+        except (OSError, ValueError, KeyError, TypeError):
+            pid_file.unlink(missing_ok=True)
+            continue
+        if _alive(owner) and _cmdline(owner) is not None:
+            continue  # its owner still runs (maybe this process): not an orphan
+        if _cmdline(pid) == cmdline:
+            log.warning("stopping %s (pid %d) left by a transfusion process that died", pid_file.stem, pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            reaped.append(pid_file.stem)
+        pid_file.unlink(missing_ok=True)
+    return reaped
 
 
 def start_service(
@@ -171,9 +245,19 @@ def start_service(
     env: dict[str, str] | None = None,
     timeout: float = 120.0,
     ready_file: Path | None = None,
+    tied: bool = False,
 ) -> ServiceProcess:
-    """Starts ``command`` detached (own session), waits until it answers, logs to ``log_dir``."""
+    """Starts ``command`` detached (own session), waits until it answers, logs to ``log_dir``.
+
+    ``tied``: the service belongs to this process's lifetime. It is stopped on an
+    interrupt (:func:`stop_tied_services`), and a pid file under ``log_dir/../run``
+    lets the next start stop it if this process is killed outright
+    (:func:`reap_orphaned_services`). Untied services (``transfusion stack up``)
+    outlive the command that started them.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = log_dir.parent / "run"
+    reap_orphaned_services(run_dir)
     log_path = log_dir / f"{name}.log"
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
@@ -184,15 +268,22 @@ def start_service(
             start_new_session=True,
             env={**os.environ, **(env or {})},
         )
+    service = ServiceProcess(name=name, url=url, process=process, log_path=log_path)
+    if tied:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        service.pid_file = run_dir / f"{name}-{process.pid}.json"
+        record = {"pid": process.pid, "owner": os.getpid(), "cmdline": "\0".join(command) + "\0"}
+        service.pid_file.write_text(json.dumps(record))
+        _TIED[process.pid] = service
     try:
         if health_url:
             wait_for_http(health_url, timeout=timeout, process=process, log_path=log_path)
         elif ready_file is not None:
             poll_until(ready_file.exists, timeout=timeout, what=name, process=process, log_path=log_path)
     except BaseException:
-        stop_process_group(process)
+        service.stop()
         raise
-    return ServiceProcess(name=name, url=url, process=process, log_path=log_path)
+    return service
 
 
 def require_free_port(host: str, port: int, what: str, flag: str) -> None:

@@ -13,7 +13,7 @@ from prefect import task
 from transfusion import tracking
 from transfusion.config import GridSpec, JobSpec, WeakSourceSettings
 from transfusion.data import PreparedDataset, prepare_dataset, transfusion_home
-from transfusion.errors import first_line
+from transfusion.errors import Interrupted, first_line
 from transfusion.faults import injected_faults
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class JobOutcome:
 
     job_key: str
     spec: JobSpec
-    status: str  # FINISHED, SKIPPED (finished earlier), FAILED
+    status: str  # FINISHED, SKIPPED (finished earlier), FAILED, KILLED (interrupted)
     run_id: str | None
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str | None = None
@@ -185,6 +185,51 @@ def open_grid_run_task(grid: GridSpec) -> tracking.GridRun:
     return tracking.open_grid_run(grid)
 
 
+# Job runs this process opened and has not ended, with the interruptions each had
+# before: an interrupt ends them all KILLED while the tracking server still answers.
+_OPEN_RUNS: dict[str, int] = {}
+_OPEN_RUNS_LOCK = threading.Lock()
+# The interrupt this process is stopping for (None while it runs normally).
+_INTERRUPT: list[BaseException | None] = [None]
+INTERRUPTIONS_TAG = "interruptions"
+
+
+# Called once with the interrupt when this process starts stopping for one (the CLI
+# quiets its logs and arms its watchdog: Prefect may have caught the signal first).
+INTERRUPT_LISTENERS: list = []
+
+
+def interrupting() -> BaseException | None:
+    return _INTERRUPT[0]
+
+
+def clear_interrupt() -> None:
+    """A new grid of this process starts: an earlier flow's interrupt is not its own."""
+    _INTERRUPT[0] = None
+
+
+def interrupt_open_runs(exc: BaseException) -> int:
+    """Ends every job run this process has open KILLED with ``exc``'s reason; returns how many.
+
+    Jobs finishing meanwhile are not reported FAILED for the errors the interrupt causes
+    (their workers go with Ray), and the next grid run continues each from its last checkpoint.
+    """
+    first = _INTERRUPT[0] is None
+    _INTERRUPT[0] = exc
+    for listener in list(INTERRUPT_LISTENERS) if first else []:
+        listener(exc)
+    with _OPEN_RUNS_LOCK:
+        runs = dict(_OPEN_RUNS)
+        _OPEN_RUNS.clear()
+    for run_id, interruptions in runs.items():
+        try:
+            tracking.set_tags(run_id, {INTERRUPTIONS_TAG: str(interruptions + 1)})
+            tracking.end_run(run_id, "KILLED", reason=failure_reason(exc))
+        except Exception:
+            log.debug("could not mark run %s KILLED", run_id, exc_info=True)
+    return len(runs)
+
+
 def _resume_candidate(experiment_id: str, spec: JobSpec):
     """An earlier unfinished run of this job to continue, so a re-run adds no duplicate."""
     for run in tracking.find_job_runs(experiment_id, spec.job_key):
@@ -229,6 +274,8 @@ def train_job_task(
     if done is not None:
         return JobOutcome(spec.job_key, spec, "SKIPPED", done.info.run_id, dict(done.data.metrics))
     with JOB_SLOTS:
+        if interrupting() is not None:  # queued behind the slots when the interrupt came: never started
+            return JobOutcome(spec.job_key, spec, "KILLED", None, reason=failure_reason(interrupting()))
         started = time.perf_counter()
         previous = _resume_candidate(grid_run.experiment_id, spec)
         if previous is None:
@@ -238,12 +285,16 @@ def train_job_task(
             run_id = previous.info.run_id
             # A RUNNING run found by a new grid run was left by a dead process: also a new attempt.
             attempt = int(previous.data.tags.get("attempts", "1")) + 1
-            if previous.info.status == "FAILED" and attempt > 1 + max_retries:
+            # Attempts an interrupt ended are not failures of the job: they do not count against max_retries.
+            interruptions = int(previous.data.tags.get(INTERRUPTIONS_TAG, "0"))
+            if previous.info.status == "FAILED" and attempt - interruptions > 1 + max_retries:
                 reason = previous.data.tags.get(tracking.REASON_TAG, "failed")
                 return JobOutcome(
                     spec.job_key, spec, "FAILED", run_id, reason=f"gave up after {attempt - 1} attempts: {reason}"
                 )
             tracking.reopen_run(run_id)
+        with _OPEN_RUNS_LOCK:
+            _OPEN_RUNS[run_id] = 0 if previous is None else int(previous.data.tags.get(INTERRUPTIONS_TAG, "0"))
         try:
             tracking.set_tags(run_id, {"attempts": str(attempt)})
             data_meta = PreparedDataset.open(dataset_root).meta
@@ -274,6 +325,8 @@ def train_job_task(
                 else:
                     metrics = fit_job(request, storage_path=storage_path())
             except Exception as exc:  # the grid carries on; the run says why it failed
+                if interrupting() is not None:  # its workers went with the interrupt; the run is ended KILLED
+                    return JobOutcome(spec.job_key, spec, "KILLED", run_id, reason=failure_reason(interrupting()))
                 reason = first_line(exc)
                 log.error("job %s failed: %s", spec.job_key, reason)
                 try:
@@ -289,14 +342,38 @@ def train_job_task(
             tracking.end_run(run_id, "FINISHED")
             return JobOutcome(spec.job_key, spec, "FINISHED", run_id, metrics, seconds=total)
         except BaseException as exc:  # an interrupt, or tracking failing outside the job: no run stays RUNNING
-            end_failed_run(run_id, exc)
+            with _OPEN_RUNS_LOCK:
+                still_open = _OPEN_RUNS.pop(run_id, None) is not None
+            if still_open:
+                end_failed_run(run_id, interrupting() or exc)
             raise
+        finally:
+            with _OPEN_RUNS_LOCK:
+                _OPEN_RUNS.pop(run_id, None)
 
 
 def failure_reason(exc: BaseException) -> str:
-    """The ``failure_reason`` tag of a run stopped by ``exc``: its type and first line."""
+    """The ``failure_reason`` tag of a run stopped by ``exc``: its type and first line
+    (``interrupted by SIGINT`` / ``interrupted by SIGTERM`` for a signal)."""
+    if isinstance(exc, Interrupted):
+        return str(exc)
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")[:500]
+
+
+def interrupt_of(exc: BaseException) -> Interrupted | None:
+    """The signal interrupt ``exc`` stands for, if any: Ctrl-C, or SIGTERM as Prefect raises it in a flow."""
+    import signal
+
+    from prefect.exceptions import TerminationSignal
+
+    if isinstance(exc, Interrupted):
+        return exc
+    if isinstance(exc, KeyboardInterrupt):
+        return Interrupted(signal.SIGINT, delivered=False)
+    if isinstance(exc, TerminationSignal):
+        return Interrupted(exc.signal)
+    return None
 
 
 def end_failed_run(run_id: str, exc: BaseException) -> None:
@@ -304,9 +381,12 @@ def end_failed_run(run_id: str, exc: BaseException) -> None:
 
     Never raises: the caller re-raises ``exc``, whose message matters more than this one.
     """
-    interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+    interrupt = interrupt_of(exc)
+    interrupted = interrupt is not None or isinstance(exc, SystemExit)
+    if interrupt is not None:  # a flow stopping for a signal: its jobs' runs go with it
+        interrupt_open_runs(interrupt)
     try:
-        tracking.end_run(run_id, "KILLED" if interrupted else "FAILED", reason=failure_reason(exc))
+        tracking.end_run(run_id, "KILLED" if interrupted else "FAILED", reason=failure_reason(interrupt or exc))
     except Exception:
         log.exception("could not end run %s", run_id)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,61 @@ def run_cli(*args: str, home: Path, env: dict | None = None, timeout: float = 60
         text=True,
         timeout=timeout,
     )
+
+
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Live processes (other than this one) whose command line or environment names ``text``,
+    as ``pid: command``; a server a test started carries its TRANSFUSION_HOME in one of them."""
+    found = []
+    needle = text.encode()
+    ours = _ancestors()  # pytest and whatever started it (its command line may name the temp folder)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in ours:
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # a zombie runs nothing
+        except OSError:
+            continue
+        if needle in cmdline or needle in environ:
+            command = cmdline.replace(b"\0", b" ").decode(errors="replace")[:200]
+            found.append(f"{proc.name}: {command}")
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fails the run if a process a test started (it names pytest's temp folder) outlived the session."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    basetemp = getattr(factory, "_basetemp", None) if factory else None
+    if basetemp is None:
+        return
+    deadline = time.monotonic() + 10  # a server stopped just now may take a moment to go
+    leaked = processes_mentioning(str(basetemp))
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.5)
+        leaked = processes_mentioning(str(basetemp))
+    if not leaked:
+        return
+    for line in leaked:  # stop them, so the leak does not outlive CI either
+        with contextlib.suppress(OSError):
+            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = "processes started by tests outlived the session:\n  " + "\n  ".join(leaked)
+    if reporter is not None:
+        reporter.write_line(message, red=True)
+    else:
+        print(message, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -327,20 +327,27 @@ def test_analyze_of_a_grid_never_trained_is_an_error_and_leaves_no_run(mlflow_se
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("raised", "code", "line", "status"),
+    ("raised", "code", "line", "status", "reason"),
     [
         (
             RuntimeError("disk full while writing tables"),
             2,
             "transfusion: error: disk full while writing tables",
             "FAILED",
+            "RuntimeError: disk full while writing tables",
         ),
-        (KeyboardInterrupt(), 130, "transfusion: interrupted", "KILLED"),
+        (
+            KeyboardInterrupt(),
+            130,
+            "transfusion: interrupted by SIGINT; runs marked KILLED, re-run to continue",
+            "KILLED",
+            "interrupted by SIGINT",
+        ),
     ],
     ids=["error", "interrupt"],
 )
 def test_a_grid_stopped_after_its_run_opened_ends_that_run_with_the_reason(
-    raised, code, line, status, mlflow_server, cli_home, monkeypatch, capsys
+    raised, code, line, status, reason, mlflow_server, cli_home, monkeypatch, capsys
 ):
     from mlflow.tracking import MlflowClient
 
@@ -357,7 +364,7 @@ def test_a_grid_stopped_after_its_run_opened_ends_that_run_with_the_reason(
     client = MlflowClient(mlflow_server.url)
     (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
     assert run.info.status == status
-    assert run.data.tags["failure_reason"] == f"{type(raised).__name__}: {raised}".rstrip(": ")
+    assert run.data.tags["failure_reason"] == reason
 
 
 def test_ray_address_check_refuses_a_port_that_is_not_a_ray_head():

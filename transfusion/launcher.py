@@ -23,6 +23,7 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -76,7 +77,13 @@ def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> d
         else:
             check_ray_address()  # ray.init would wait minutes for a head that is not there
             kwargs.pop("include_dashboard")
+        # ray.init replaces the driver's SIGTERM handler with one that exits on the spot;
+        # the driver's own (the CLI's clean shutdown) is kept.
+        in_main = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if in_main else None
         ray.init(**kwargs)
+        if in_main and callable(sigterm):
+            signal.signal(signal.SIGTERM, sigterm)
     return ray.cluster_resources()
 
 
@@ -84,6 +91,19 @@ def shutdown_ray() -> None:
     close_pools()
     if ray.is_initialized():
         ray.shutdown()
+
+
+def kill_local_ray() -> None:
+    """An interrupt's last step: kills the local Ray this driver started (GCS, raylet, its
+    workers mid-job) outright; a re-run continues each job from its last checkpoint.
+
+    Not ``ray.shutdown()``: a thread still waiting on Ray would then make Ray's core
+    worker end this process on the spot, before the caller has finished stopping.
+    A cluster at ``$RAY_ADDRESS`` is not this process's to stop.
+    """
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None and not os.environ.get("RAY_ADDRESS"):
+        node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
 
 
 @dataclass(frozen=True)
@@ -443,7 +463,7 @@ class JobPool:
             log.debug("broker gone after member %s", member, exc_info=True)
 
     def close(self, *, timeout: float = 60.0) -> None:
-        """Lets idle members finish, fails jobs still queued, and stops the broker."""
+        """Lets idle members finish (up to ``timeout`` s), fails jobs still queued, and stops the broker."""
         with self._lock:
             self._closed = True
             broker, self._broker = self._broker, None
@@ -475,13 +495,14 @@ def shared_pool(spec: JobSpec, *, storage_path: str, slots: int) -> JobPool:
         return pool
 
 
-def close_pools() -> None:
+def close_pools(*, wait: bool = True) -> None:
+    """Closes this process's pools: no queued job starts; ``wait=False`` waits for no member."""
     with _POOLS_LOCK:
         pools = list(_POOLS.values())
         _POOLS.clear()
     for pool in pools:
         try:
-            pool.close()
+            pool.close(timeout=60.0 if wait else 0.0)
         except Exception:
             log.warning("could not close %s", pool.name, exc_info=True)
 

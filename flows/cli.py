@@ -555,9 +555,15 @@ class SignalShutdown:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             print(self._line(self.interrupt), file=sys.stderr, flush=True)
-        if "transfusion.launcher" in sys.modules:  # last: threads touching Ray after this may end the process
+        # Last: threads touching Ray after this may end the process. Ray's agents outlive
+        # their killed raylet, so whatever this process started and is still there goes too.
+        from flows.runtime import descendants, kill_processes
+
+        started = descendants()
+        if "transfusion.launcher" in sys.modules:
             with contextlib.suppress(Exception):
                 sys.modules["transfusion.launcher"].kill_local_ray()
+        kill_processes(started)
         # os._exit: Prefect's and Ray's threads may still wait on what was just stopped.
         os._exit(self.interrupt.exit_code)
 

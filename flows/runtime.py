@@ -210,6 +210,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def descendants(pid: int | None = None) -> list[int]:
+    """Every process below ``pid`` (this one by default), from /proc's parent links."""
+    root = os.getpid() if pid is None else pid
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(proc.name))
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def kill_processes(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def reap_orphaned_services(run_dir: Path) -> list[str]:
     """Stops tied services whose owner died without stopping them (a SIGKILLed ``transfusion``).
 

@@ -114,6 +114,13 @@ def pytest_sessionfinish(session, exitstatus):
     basetemp = getattr(factory, "_basetemp", None) if factory else None
     if basetemp is None:
         return
+    # Flows run in this process started Prefect's temporary server; Prefect stops it at exit,
+    # after this check, so it is stopped here (it would otherwise count as a leak).
+    prefect_server = sys.modules.get("prefect.server.api.server")
+    if prefect_server is not None:
+        for server in list(prefect_server.SubprocessASGIServer._instances.values()):
+            with contextlib.suppress(Exception):
+                server.stop()
     deadline = time.monotonic() + 10  # a server stopped just now may take a moment to go
     leaked = processes_mentioning(str(basetemp))
     while leaked and time.monotonic() < deadline:

@@ -410,9 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="pretrain a model on a source set and register it in MLflow")
     pre.add_argument("--model", required=True)
     pre.add_argument("--source", default="synthetic", help="'synthetic' or an ImageNet-style folder path / s3:// URI")
-    pre.add_argument(
-        "--steps", type=positive_int, default=None, help="steps (synthetic: 120; a folder: from --epochs)"
-    )
+    pre.add_argument("--steps", type=positive_int, default=None, help="steps (synthetic: 120; a folder: from --epochs)")
     pre.add_argument("--epochs", type=positive_float, default=None, help="passes over an ImageNet folder (default 90)")
     pre.add_argument(
         "--resolution", type=resolution_px, default=None, help="default: synthetic 40; the model's standard size"

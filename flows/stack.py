@@ -71,6 +71,7 @@ def _alive(pid: int) -> bool:
 def _kill_group(pid: int, timeout: float = 15.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
+
     def gone() -> bool:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)

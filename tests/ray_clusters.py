@@ -138,8 +138,17 @@ def head_with_isolated_worker(
             "--resources='{\"isolated\": 1}'", "--block",
         ])  # fmt: skip
         worker = _start(
-            ["unshare", "-m", "--propagation", "private", "-pf", "--mount-proc", "sh", "-c",
-             f"{mounts} && exec {join}"],  # fmt: skip
+            [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "-pf",
+                "--mount-proc",
+                "sh",
+                "-c",
+                f"{mounts} && exec {join}",
+            ],  # fmt: skip
             env=auth,
             log=workdir / "ray-worker.log",
         )

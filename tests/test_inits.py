@@ -115,9 +115,7 @@ def test_random_seed_redraws_reproducibly(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_imagenet_copies_all_but_a_mismatched_classifier(
-    name: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_imagenet_copies_all_but_a_mismatched_classifier(name: str, caplog: pytest.LogCaptureFixture) -> None:
     source = _source(name)
     model = _model(name, num_classes=1)
     classifier = model.classifier_prefixes()
@@ -148,9 +146,7 @@ def test_one_channel_model_sums_rgb_stem_filters(name: str) -> None:
     assert torch.allclose(model.state_dict()[key], source[key].sum(dim=1, keepdim=True))
 
 
-def _check_mean_var(
-    model: CaptureModel, source: dict[str, torch.Tensor], before: dict[str, torch.Tensor]
-) -> None:
+def _check_mean_var(model: CaptureModel, source: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> None:
     bn_modules = {n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     classifier = model.classifier_prefixes()
     for key, value in model.state_dict().items():
@@ -194,11 +190,7 @@ def test_mean_var_is_seeded() -> None:
 
 def _check_transfusion(model: CaptureModel, source: dict[str, torch.Tensor], k: int) -> None:
     prefixes = transfer_prefix(model, k)
-    convs = {
-        f"{n}.weight"
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
-    }
+    convs = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)}
     for key, value in model.state_dict().items():
         if _counter(key):
             continue
@@ -218,18 +210,14 @@ def test_transfusion_copies_exactly_the_prefix(name: str) -> None:
     for k in ks:
         _, report = initialize_with_report(model, "transfusion", source=source, k=k, seed=k)
         _check_transfusion(model, source, k)
-        assert report.copied and all(
-            key.startswith(transfer_prefix(model, k)) for key in report.copied
-        )
+        assert report.copied and all(key.startswith(transfer_prefix(model, k)) for key in report.copied)
 
 
 def test_slim_resnet_takes_its_prefix_from_a_full_resnet50() -> None:
     source = _source("resnet50")
     slim = initialize(_model("slim-resnet50"), "transfusion", source=source, k=2)
     _check_transfusion(slim, source, 2)
-    with pytest.raises(
-        ValueError, match=r"shape mismatch \['layer3\.0\.conv1\.weight: model \(128, 512, 1, 1\)"
-    ):
+    with pytest.raises(ValueError, match=r"shape mismatch \['layer3\.0\.conv1\.weight: model \(128, 512, 1, 1\)"):
         initialize(_model("slim-resnet50"), "imagenet", source=source)
 
 
@@ -268,9 +256,7 @@ def test_source_with_missing_extra_or_misshaped_keys_is_refused() -> None:
     with pytest.raises(ValueError, match=r"unexpected in source \['stage9\.0\.weight'\]"):
         initialize(model, "mean-var", source=extra)
     misshaped = _source("cbr-tiny") | {"stage1.0.weight": torch.zeros(64, 32, 3, 3)}
-    with pytest.raises(
-        ValueError, match=r"shape mismatch \['stage1\.0\.weight: model \(64, 32, 5, 5\) vs source"
-    ):
+    with pytest.raises(ValueError, match=r"shape mismatch \['stage1\.0\.weight: model \(64, 32, 5, 5\) vs source"):
         initialize(model, "transfusion", source=misshaped, k=1)
     # Keys outside transfusion(k)'s prefix are not its business.
     initialize(model, "transfusion", source=misshaped, k=0)
@@ -292,17 +278,13 @@ def test_pretrained_architectures_fit_their_models() -> None:
         state = build(**kwargs).state_dict()
         model = _model(source.model, num_classes=1, in_channels=1)
         _, report = initialize_with_report(model, "imagenet", source=state)
-        assert set(report.skipped) == {
-            k for k in model.state_dict() if k.startswith(model.classifier_prefixes())
-        }
+        assert set(report.skipped) == {k for k in model.state_dict() if k.startswith(model.classifier_prefixes())}
 
 
 def test_pretrained_sources_match_torchvision_metadata() -> None:
     resnet = get_pretrained_source("torchvision-resnet50-imagenet1k-v1")
     weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()
-    assert resnet.preprocessing.mean == tuple(weights.mean) and resnet.preprocessing.std == tuple(
-        weights.std
-    )
+    assert resnet.preprocessing.mean == tuple(weights.mean) and resnet.preprocessing.std == tuple(weights.std)
     assert resnet.preprocessing.resolution == weights.crop_size[0]
     inception = get_pretrained_source("torchvision-inception_v3-imagenet1k-v1")
     assert (
@@ -348,9 +330,7 @@ def test_checkpoint_wrappers_and_module_prefix(tmp_path: Path, wrapper: str) -> 
     assert sorted(load_state_dict_from_uri(tmp_path / "c.pt").state_dict) == ["a", "b"]
 
 
-@pytest.mark.parametrize(
-    "payload", [Payload(), {"state_dict": {"a": torch.ones(1)}, "extra": Payload()}]
-)
+@pytest.mark.parametrize("payload", [Payload(), {"state_dict": {"a": torch.ones(1)}, "extra": Payload()}])
 def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path, payload: object) -> None:
     _save(tmp_path / "evil.pt", payload)
     with pytest.raises(ValueError, match="refuses to load pickled code"):
@@ -373,22 +353,16 @@ def test_scheme_loaders_are_pluggable(tmp_path: Path, monkeypatch: pytest.Monkey
     digest = _save(tmp_path / "m.pt", {"w": torch.ones(3)})
     monkeypatch.setitem(SCHEME_LOADERS, "models", lambda uri: tmp_path / "m.pt")
     loaded = load_state_dict_from_uri("models:/retina-resnet50/3")
-    assert loaded == LoadedWeights(
-        loaded.state_dict, "models:/retina-resnet50/3", digest, tmp_path / "m.pt"
-    )
+    assert loaded == LoadedWeights(loaded.state_dict, "models:/retina-resnet50/3", digest, tmp_path / "m.pt")
 
 
-def test_torchvision_source_missing_from_hub_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_torchvision_source_missing_from_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setenv("TRANSFUSION_OFFLINE", "1")
     uri = get_pretrained_source("torchvision-resnet50-imagenet1k-v1").uri
     expected = tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
     assert pretrained.torchvision_cache_path(uri) == expected
-    with pytest.raises(
-        ValueError, match="not found in the torch hub cache at .*resnet50-0676ba61.pth"
-    ):
+    with pytest.raises(ValueError, match="not found in the torch hub cache at .*resnet50-0676ba61.pth"):
         pretrained.load_pretrained("torchvision-resnet50-imagenet1k-v1")
     expected.parent.mkdir(parents=True)
     _save(expected, torchvision.models.resnet50().state_dict())
@@ -399,7 +373,5 @@ def test_torchvision_source_missing_from_hub_cache(
 
 
 def test_unknown_pretrained_source_lists_valid_names() -> None:
-    with pytest.raises(
-        ValueError, match="unknown pretrained source 'x'.*torchvision-resnet50-imagenet1k-v1"
-    ):
+    with pytest.raises(ValueError, match="unknown pretrained source 'x'.*torchvision-resnet50-imagenet1k-v1"):
         get_pretrained_source("x")

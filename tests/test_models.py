@@ -69,9 +69,7 @@ def test_forward_backward_at_smallest_input(name: str, in_channels: int, num_cla
     assert out.shape == (BATCH, num_classes)
     out.square().mean().backward()
     # The aux head is not used below 299 px, so it gets no gradient.
-    no_grad = [
-        n for n, p in model.named_parameters() if p.grad is None and not n.startswith("AuxLogits.")
-    ]
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None and not n.startswith("AuxLogits.")]
     assert no_grad == []
 
 
@@ -86,9 +84,7 @@ def test_capture_modules_and_stage_prefixes(name: str) -> None:
 
     outputs: dict[str, torch.Tensor] = {}
     for key, module in captures.items():
-        module.register_forward_hook(
-            lambda _m, _i, out, key=key: outputs.__setitem__(key, out.detach().clone())
-        )
+        module.register_forward_hook(lambda _m, _i, out, key=key: outputs.__setitem__(key, out.detach().clone()))
     size = model.min_input_size
     x = torch.randn(BATCH, 3, size, size)
     with torch.no_grad():

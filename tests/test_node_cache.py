@@ -33,6 +33,7 @@ def test_published_dataset_is_fetched_once_per_node_and_reads_the_same(tiny_reti
     monkeypatch.setattr(node_cache, "_download_verified", lambda *a, **k: downloads.append(a[1]) or real(*a, **k))
     cache = tmp_path / "node"
     copies = []
+
     def one_job():
         copies.append(fetch_dataset(published.uri, cache=cache))
 

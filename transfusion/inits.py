@@ -180,9 +180,7 @@ def mean_var_init(model: CaptureModel, *, source: StateDict | None, seed: int | 
     _check_fits(model, target, src, in_scope=lambda key: key not in classifier, init="mean-var")
     batch_norm = _batch_norm_keys(model)
     # A stream of its own, so it is not the one that redrew the random part.
-    generator = (
-        torch.Generator().manual_seed(_derived_seed(seed, "mean-var")) if seed is not None else None
-    )
+    generator = torch.Generator().manual_seed(_derived_seed(seed, "mean-var")) if seed is not None else None
     sampled, fixed = [], []
     with torch.no_grad():
         for key, tensor in target.items():
@@ -201,15 +199,11 @@ def mean_var_init(model: CaptureModel, *, source: StateDict | None, seed: int | 
             tensor.copy_(draw.to(dtype=tensor.dtype, device=tensor.device))
             sampled.append(key)
     skipped = sorted(key for key in classifier if key in target)
-    return InitReport(
-        "mean-var", sampled=tuple(sampled), fixed=tuple(fixed), skipped=tuple(skipped), seed=seed
-    )
+    return InitReport("mean-var", sampled=tuple(sampled), fixed=tuple(fixed), skipped=tuple(skipped), seed=seed)
 
 
 @INITS.register("transfusion")
-def transfusion_init(
-    model: CaptureModel, *, source: StateDict | None, seed: int | None, k: int
-) -> InitReport:
+def transfusion_init(model: CaptureModel, *, source: StateDict | None, seed: int | None, k: int) -> InitReport:
     """Weight transfusion(k): copies conv1 and stage1..k from the source, the rest random.
 
     ``k=0`` copies conv1 only. Only the copied keys must fit the source, so a slim
@@ -276,14 +270,10 @@ def gabor_bank(
     """
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
     if min(out_channels, in_channels, kh, kw) < 1:
-        raise ValueError(
-            f"gabor_bank needs positive sizes, got {(out_channels, in_channels, kh, kw)}"
-        )
+        raise ValueError(f"gabor_bank needs positive sizes, got {(out_channels, in_channels, kh, kw)}")
     generator = torch.Generator().manual_seed(seed)
     size = max(kh, kw)
-    wavelengths = torch.logspace(
-        math.log10(2.0), math.log10(max(size, 2.0)), GABOR_WAVELENGTHS, dtype=torch.float64
-    )
+    wavelengths = torch.logspace(math.log10(2.0), math.log10(max(size, 2.0)), GABOR_WAVELENGTHS, dtype=torch.float64)
     cells = [
         (math.pi * o / GABOR_ORIENTATIONS, float(w), p)
         for o in range(GABOR_ORIENTATIONS)
@@ -291,9 +281,7 @@ def gabor_bank(
         for p in GABOR_PHASES
     ]
     order = torch.randperm(len(cells), generator=generator)
-    jitter = (torch.rand(out_channels, generator=generator, dtype=torch.float64) - 0.5) * (
-        math.pi / GABOR_ORIENTATIONS
-    )
+    jitter = (torch.rand(out_channels, generator=generator, dtype=torch.float64) - 0.5) * (math.pi / GABOR_ORIENTATIONS)
     y = torch.arange(kh, dtype=torch.float64) - (kh - 1) / 2
     x = torch.arange(kw, dtype=torch.float64) - (kw - 1) / 2
     yy, xx = torch.meshgrid(y, x, indexing="ij")
@@ -354,10 +342,7 @@ def _check_options(name: str, init_fn: InitFn, options: Mapping[str, object]) ->
     missing = sorted(required - set(options))
     if unknown or missing:
         valid = ", ".join(sorted(allowed)) or "none"
-        raise ValueError(
-            f"init {name!r}: unknown options {unknown}, missing options {missing}; "
-            f"valid options: {valid}"
-        )
+        raise ValueError(f"init {name!r}: unknown options {unknown}, missing options {missing}; valid options: {valid}")
 
 
 def _as_state_dict(source: Source) -> StateDict:
@@ -366,9 +351,7 @@ def _as_state_dict(source: Source) -> StateDict:
     if isinstance(source, nn.Module):
         return source.state_dict()
     if isinstance(source, str):
-        loaded = (
-            load_pretrained(source) if source in PRETRAINED else load_state_dict_from_uri(source)
-        )
+        loaded = load_pretrained(source) if source in PRETRAINED else load_state_dict_from_uri(source)
         return loaded.state_dict
     if isinstance(source, Mapping):
         return source
@@ -378,13 +361,9 @@ def _as_state_dict(source: Source) -> StateDict:
     )
 
 
-def _require_source(
-    model: CaptureModel, source: StateDict | None, init: str
-) -> dict[str, torch.Tensor]:
+def _require_source(model: CaptureModel, source: StateDict | None, init: str) -> dict[str, torch.Tensor]:
     if source is None:
-        raise ValueError(
-            f"init {init!r} needs a source: pass source=<state dict, pretrained-source name or URI>"
-        )
+        raise ValueError(f"init {init!r} needs a source: pass source=<state dict, pretrained-source name or URI>")
     return _adapt_stem(model, source)
 
 
@@ -396,16 +375,9 @@ def _adapt_stem(model: CaptureModel, source: StateDict) -> dict[str, torch.Tenso
     adapted = dict(source)
     key = stem_conv_key(model)
     weight = model.state_dict()[key]
-    if (
-        key in source
-        and weight.shape[1] == 1
-        and source[key].ndim == 4
-        and source[key].shape[1] == 3
-    ):
+    if key in source and weight.shape[1] == 1 and source[key].ndim == 4 and source[key].shape[1] == 3:
         adapted[key] = source[key].sum(dim=1, keepdim=True)
-        logger.info(
-            "summed the RGB filters of %s over the input-channel axis for a 1-channel model", key
-        )
+        logger.info("summed the RGB filters of %s over the input-channel axis for a 1-channel model", key)
     return adapted
 
 
@@ -458,14 +430,11 @@ def _check_fits(
         problems.append(f"shape mismatch {_shown(misshaped)}")
     if problems:
         raise ValueError(
-            f"init {init!r}: source state dict does not fit {type(model).__name__}: "
-            + "; ".join(problems)
+            f"init {init!r}: source state dict does not fit {type(model).__name__}: " + "; ".join(problems)
         )
 
 
-def _log_skipped_classifier(
-    init: str, target: StateDict, source: StateDict, skipped: list[str]
-) -> None:
+def _log_skipped_classifier(init: str, target: StateDict, source: StateDict, skipped: list[str]) -> None:
     for key in skipped:
         found = tuple(source[key].shape) if key in source else "absent"
         logger.warning(
@@ -485,9 +454,7 @@ def _copy(target: StateDict, source: StateDict, keys: list[str]) -> None:
 
 
 def _derived_seed(seed: int, stream: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{stream}".encode()).digest()[:8], "little") & (
-        2**63 - 1
-    )
+    return int.from_bytes(hashlib.sha256(f"{seed}:{stream}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 @contextmanager

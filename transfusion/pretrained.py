@@ -229,9 +229,7 @@ def _offline() -> bool:
 def _file_path(uri: str) -> Path:
     parsed = urlparse(uri)
     if parsed.netloc not in ("", "localhost"):
-        raise ValueError(
-            f"file URI {uri!r} names host {parsed.netloc!r}; use file:///absolute/path"
-        )
+        raise ValueError(f"file URI {uri!r} names host {parsed.netloc!r}; use file:///absolute/path")
     return Path(unquote(parsed.path))
 
 
@@ -244,11 +242,7 @@ def _s3_path(uri: str) -> Path:
     bucket, key = parsed.netloc, parsed.path.lstrip("/")
     if not bucket or not key:
         raise ValueError(f"S3 URI {uri!r} needs both a bucket and a key: s3://bucket/key")
-    dest = (
-        weights_cache_dir()
-        / hashlib.sha256(uri.encode()).hexdigest()[:16]
-        / PurePosixPath(key).name
-    )
+    dest = weights_cache_dir() / hashlib.sha256(uri.encode()).hexdigest()[:16] / PurePosixPath(key).name
     if dest.exists():
         logger.info("using cached %s for %s", dest, uri)
         return dest
@@ -265,9 +259,7 @@ def _s3_path(uri: str) -> Path:
         client.download_file(bucket, key, tmp_name)
         os.replace(tmp_name, dest)
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
-        raise ValueError(
-            f"could not download {uri} (endpoint {endpoint or 'AWS default'}): {err}"
-        ) from err
+        raise ValueError(f"could not download {uri} (endpoint {endpoint or 'AWS default'}): {err}") from err
     finally:
         if os.path.exists(tmp_name):
             os.remove(tmp_name)
@@ -290,10 +282,7 @@ def _download(url: str, dest: Path) -> None:
                 digest.update(chunk)
                 out.write(chunk)
         if match and not digest.hexdigest().startswith(match.group(1)):
-            raise ValueError(
-                f"download of {url} has sha256 {digest.hexdigest()}, "
-                f"expected prefix {match.group(1)}"
-            )
+            raise ValueError(f"download of {url} has sha256 {digest.hexdigest()}, expected prefix {match.group(1)}")
         os.replace(tmp_name, dest)
     finally:
         if os.path.exists(tmp_name):
@@ -309,8 +298,7 @@ def _torchvision_weights(uri: str) -> Any:
         weights_enum = torchvision.models.get_model_weights(arch)
     except (KeyError, ValueError):
         raise ValueError(
-            f"{uri}: unknown torchvision model {arch!r}; "
-            f"valid: {', '.join(torchvision.models.list_models())}"
+            f"{uri}: unknown torchvision model {arch!r}; valid: {', '.join(torchvision.models.list_models())}"
         ) from None
     try:
         return weights_enum[version]
@@ -388,9 +376,7 @@ def file_sha256(path: Path) -> str:
 def _extract_state_dict(obj: Any, uri: str) -> dict[str, torch.Tensor]:
     """A plain state dict, or the one under ``"state_dict"``/``"model"`` of a checkpoint."""
     if not isinstance(obj, Mapping):
-        raise ValueError(
-            f"{uri}: expected a state dict or a checkpoint dict, got {type(obj).__name__}"
-        )
+        raise ValueError(f"{uri}: expected a state dict or a checkpoint dict, got {type(obj).__name__}")
     for wrapper in ("state_dict", "model"):
         if isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -435,6 +421,4 @@ def load_state_dict_from_uri(uri: str | os.PathLike[str]) -> LoadedWeights:
             f"Cause: {err}"
         ) from err
     logger.info("loaded weights %s (sha256 %s)", uri, sha256)
-    return LoadedWeights(
-        state_dict=_extract_state_dict(obj, uri), uri=uri, sha256=sha256, path=path
-    )
+    return LoadedWeights(state_dict=_extract_state_dict(obj, uri), uri=uri, sha256=sha256, path=path)

@@ -30,8 +30,7 @@ from tests.benchmarks.common import machine_info, write_section  # noqa: E402
 
 PARTS = ("time/launch_s", "time/setup_s", "time/finish_s")
 REST_LABEL = (
-    "rest: the task's MLflow calls (find, create, tag, end the run), "
-    "the broker actor's start (first job), result back"
+    "rest: the task's MLflow calls (find, create, tag, end the run), the broker actor's start (first job), result back"
 )
 
 

@@ -64,9 +64,7 @@ def steps_to_auc(curve: tuple[tuple[int, float], ...] | list[tuple[int, float]],
     return None
 
 
-def convergence_table(
-    records: list[JobRecord], settings: ConvergenceSettings | None = None
-) -> list[ConvergenceRow]:
+def convergence_table(records: list[JobRecord], settings: ConvergenceSettings | None = None) -> list[ConvergenceRow]:
     settings = settings or ConvergenceSettings()
     cells: dict[tuple[str, str], list[JobRecord]] = defaultdict(list)
     for r in records:

@@ -131,9 +131,7 @@ def _labels_to_targets(
     return np.eye(classes, dtype=np.float32)[labels[:, 0]], labels[:, 0], label_names, "multiclass"
 
 
-def _refuse_duplicate_images(
-    images_by_split: list[np.ndarray], *, path: Path, row_name: Callable[[int], str]
-) -> None:
+def _refuse_duplicate_images(images_by_split: list[np.ndarray], *, path: Path, row_name: Callable[[int], str]) -> None:
     """The same image twice (an npz has no ids: its pixels are its id) may sit in train and test."""
     first: dict[bytes, int] = {}
     index = 0

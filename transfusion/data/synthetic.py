@@ -53,9 +53,7 @@ def prepare_procedural(spec: ProceduralSet, request: PrepareRequest, data_root: 
     for split in SPLIT_NAMES:
         if sizes[split] < 1:
             raise ValueError(f"{request.name} {split} size must be >= 1, got {sizes[split]}")
-    key = (
-        f"v{spec.version}-r{request.resolution}-seed{sizes['seed']}-{sizes['train']}-{sizes['val']}-{sizes['test']}"
-    )
+    key = f"v{spec.version}-r{request.resolution}-seed{sizes['seed']}-{sizes['train']}-{sizes['val']}-{sizes['test']}"
     root = data_root / key
     if (root / "meta.json").is_file():
         return PreparedDataset.open(root)
@@ -110,8 +108,12 @@ def synthetic_retina_set() -> ProceduralSet:
         channels=3,
         generate=retina.generate_split,
         targets=lambda grades: (grades >= 2).astype(np.float32)[:, None],
-        meta={"label_names": ["referable_dr"], "task": "binary", "augment": "fundus",
-              "grade_names": list(retina.GRADE_NAMES)},  # fmt: skip
+        meta={
+            "label_names": ["referable_dr"],
+            "task": "binary",
+            "augment": "fundus",
+            "grade_names": list(retina.GRADE_NAMES),
+        },  # fmt: skip
     )
 
 

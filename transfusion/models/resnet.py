@@ -44,10 +44,7 @@ def slim_arch(base: ResNetArch, *, k: int, width_factor: float) -> ResNetArch:
         raise ValueError(f"slim ResNet k must be an int in 0..{num_stages}, got {k!r}")
     if not width_factor > 0:
         raise ValueError(f"slim ResNet width_factor must be > 0, got {width_factor!r}")
-    planes = tuple(
-        p if stage <= k else max(1, round(p * width_factor))
-        for stage, p in enumerate(base.planes, start=1)
-    )
+    planes = tuple(p if stage <= k else max(1, round(p * width_factor)) for stage, p in enumerate(base.planes, start=1))
     return ResNetArch(blocks=base.blocks, planes=planes)
 
 
@@ -56,9 +53,7 @@ def _make_stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequ
     out_channels = planes * Bottleneck.expansion
     downsample = None
     if stride != 1 or inplanes != out_channels:
-        downsample = nn.Sequential(
-            conv1x1(inplanes, out_channels, stride), nn.BatchNorm2d(out_channels)
-        )
+        downsample = nn.Sequential(conv1x1(inplanes, out_channels, stride), nn.BatchNorm2d(out_channels))
     layers = [Bottleneck(inplanes, planes, stride, downsample)]
     layers += [Bottleneck(out_channels, planes) for _ in range(1, blocks)]
     return nn.Sequential(*layers)
@@ -79,18 +74,14 @@ class ResNet(CaptureModel):
     def __init__(self, arch: ResNetArch, *, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         self.arch = arch
-        self.conv1 = nn.Conv2d(
-            in_channels, STEM_WIDTH, kernel_size=7, stride=2, padding=3, bias=False
-        )
+        self.conv1 = nn.Conv2d(in_channels, STEM_WIDTH, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(STEM_WIDTH)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.stage_names = [f"stage{i}" for i in range(1, len(arch.planes) + 1)]
         inplanes = STEM_WIDTH
         for i, (planes, blocks) in enumerate(zip(arch.planes, arch.blocks, strict=True), start=1):
-            setattr(
-                self, f"layer{i}", _make_stage(inplanes, planes, blocks, stride=1 if i == 1 else 2)
-            )
+            setattr(self, f"layer{i}", _make_stage(inplanes, planes, blocks, stride=1 if i == 1 else 2))
             inplanes = planes * Bottleneck.expansion
         # Flatten inside the pool module so the captured ``pool`` is the classifier input.
         self.avgpool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -129,9 +120,7 @@ def resnet50(*, num_classes: int, in_channels: int = 3) -> ResNet:
 
 
 @register_model("slim-resnet50")
-def slim_resnet50(
-    *, num_classes: int, in_channels: int = 3, k: int = 2, width_factor: float = 0.5
-) -> ResNet:
+def slim_resnet50(*, num_classes: int, in_channels: int = 3, k: int = 2, width_factor: float = 0.5) -> ResNet:
     """ResNet-50 with stem and stages ``1..k`` at full width, later stages narrowed.
 
     Args:

@@ -108,6 +108,14 @@ def _assert_dataset_inputs_and_logged_model(home, tracking_uri, client, run):
     from transfusion.train import evaluate
 
     version = run.data.params["data_version"]
+    counts = PreparedDataset.open(home / "data" / "synthetic-retina" / version).meta["counts"]
+    # The train input is the job's subset; val and test are whole splits.
+    expected_images = {
+        "train": min(int(run.data.tags["data_size"]), counts["train"]),
+        "val": counts["val"],
+        "test": counts["test"],
+    }
+    assert expected_images["train"] < counts["train"]
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
     assert sorted(inputs) == ["synthetic-retina/test", "synthetic-retina/train", "synthetic-retina/val"]
     for name, item in inputs.items():
@@ -115,7 +123,7 @@ def _assert_dataset_inputs_and_logged_model(home, tracking_uri, client, run):
         assert item.dataset.digest == version
         assert [(t.key, t.value) for t in item.tags] == [("mlflow.data.context", split)]
         profile = json.loads(item.dataset.profile)
-        assert profile["labels"] == 1 and profile["images"] == {"train": 160, "val": 64, "test": 64}[split]
+        assert profile["labels"] == 1 and profile["images"] == expected_images[split]
         assert version in item.dataset.source
     models = run.outputs.model_outputs
     assert len(models) == 1 and models[0].step == 6

@@ -321,17 +321,27 @@ def command_analyze(args: argparse.Namespace) -> int:
 
 
 def command_pretrain(args: argparse.Namespace) -> int:
-    from tasks.pretraining import SYNTHETIC_SOURCE, pretrain_grid
+    from tasks.pretraining import DOMAIN_PREFIX, SYNTHETIC_SOURCE, domain_dataset, pretrain_grid
     from tasks.training import prepare_dataset_task
     from transfusion.config import load_grid
+    from transfusion.data.synthetic import PROCEDURAL_DATASETS
     from transfusion.models import MODELS
 
     MODELS.get(args.model)  # one clear line for an unknown name, before anything starts
-    if args.source != SYNTHETIC_SOURCE and not args.source.startswith("s3://") and not Path(args.source).is_dir():
-        raise ValueError(f"--source {args.source}: not 'synthetic', an s3:// URI or an existing folder")
+    domain = args.source.startswith(DOMAIN_PREFIX)
+    if domain:
+        dataset = domain_dataset(args.source)
+        if dataset not in PROCEDURAL_DATASETS and not args.data:
+            raise ValueError(f"--source {args.source}: {dataset} is read from files; give them with --data")
+    elif args.data:
+        raise ValueError("--data goes with --source domain:<dataset>; an ImageNet folder is --source itself")
+    elif args.source != SYNTHETIC_SOURCE and not args.source.startswith("s3://") and not Path(args.source).is_dir():
+        raise ValueError(
+            f"--source {args.source}: not 'synthetic', 'domain:<dataset>', an s3:// URI or an existing folder"
+        )
     grid = pretrain_grid(
         args.model, source=args.source, resolution=args.resolution, steps=args.steps, seed=args.seed,
-        epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus,
+        epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus, data=args.data,
     ).model_dump(mode="json")  # fmt: skip
     prepare_dataset_task.fn(load_grid(grid))
     check_services(with_compute=True)
@@ -339,7 +349,7 @@ def command_pretrain(args: argparse.Namespace) -> int:
 
     uri = pretrain(
         model=args.model, source=args.source, steps=args.steps, resolution=args.resolution, seed=args.seed,
-        epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus,
+        epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus, data=args.data,
     )  # fmt: skip
     print(f"registered {uri}")
     return 0
@@ -409,7 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("pretrain", help="pretrain a model on a source set and register it in MLflow")
     pre.add_argument("--model", required=True)
-    pre.add_argument("--source", default="synthetic", help="'synthetic' or an ImageNet-style folder path / s3:// URI")
+    pre.add_argument(
+        "--source",
+        default="synthetic",
+        help="'synthetic', 'domain:<dataset>' (a medical set: a domain source) or an ImageNet-style folder / s3:// URI",
+    )
+    pre.add_argument("--data", default=None, help="files of a domain:<dataset> source (path or s3:// URI)")
     pre.add_argument("--steps", type=positive_int, default=None, help="steps (synthetic: 120; a folder: from --epochs)")
     pre.add_argument("--epochs", type=positive_float, default=None, help="passes over an ImageNet folder (default 90)")
     pre.add_argument(

@@ -98,14 +98,19 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
     pending = pending_jobs_task(grid, grid_run) if stage != "pretrain" else 1
     slots = start_compute_task(grid, pending) if pending else 0
     try:
+        # One resolution per (model, source) the grid's jobs use.
         sources = {}
-        if grid.pretrained and pending:
-            for model in grid.models:
-                sources[model] = resolve_pretrained_task.submit(
-                    model, grid.pretrained, grid.train.resolution, grid.weak_source
+        if pending:
+            for model, pretrained in dict.fromkeys((s.model, s.pretrained) for s in grid.jobs() if s.pretrained):
+                sources[model, pretrained] = resolve_pretrained_task.submit(
+                    model, pretrained, grid.train.resolution, grid.weak_source
                 )
         if stage == "pretrain":
-            summary.pretrained = {model: future.result() for model, future in sources.items()}
+            several = len(grid.sources) > 1
+            summary.pretrained = {
+                f"{model} {pretrained}" if several else model: future.result()
+                for (model, pretrained), future in sources.items()
+            }
             for model, uri in summary.pretrained.items():
                 _progress(f"{model}: {uri}")
             return []
@@ -119,7 +124,7 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
                 spec,
                 grid_run,
                 dataset_root,
-                sources.get(spec.model) if spec.pretrained else None,
+                sources.get((spec.model, spec.pretrained)) if spec.pretrained else None,
                 grid.max_retries,
                 grid.weak_source,
             )

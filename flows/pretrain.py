@@ -21,10 +21,12 @@ def pretrain(
     epochs: float | None = None,
     workers: int = 1,
     gpus_per_worker: float = 0.0,
+    data: str | None = None,
 ) -> str:
     """Pretrains ``model`` on ``source`` and registers ``transfusion-<model>-<source>``.
 
-    ``source`` is ``synthetic`` (procedural shapes, the offline default) or the path /
+    ``source`` is ``synthetic`` (procedural shapes, the offline default), ``domain:<dataset>``
+    (a registered medical set read from ``data``; registered as ``transfusion-<model>-domain-<dataset>``) or the path /
     ``s3://`` URI of an ImageNet-style folder (``train/<class>/*.JPEG``, ``val/...``),
     registered as ``transfusion-<model>-imagenet`` after the full recipe (90 epochs at the
     model's standard resolution unless ``epochs``/``steps`` say otherwise), with its top-1/top-5
@@ -34,7 +36,7 @@ def pretrain(
 
     grid = pretrain_grid(
         model, source=source, resolution=resolution, steps=steps, epochs=epochs, seed=seed, workers=workers,
-        gpus_per_worker=gpus_per_worker,
+        gpus_per_worker=gpus_per_worker, data=data,
     )  # fmt: skip
     with tracking_service(transfusion_home()):
         preflight_task(grid)

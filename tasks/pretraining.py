@@ -10,7 +10,8 @@ from prefect import task
 from transfusion import tracking
 from transfusion.config import GridSpec, TrainSettings, WeakSourceSettings
 from transfusion.data import PreparedDataset
-from transfusion.pretrained import WEAK, SourceQuality, published_quality, quality_label
+from transfusion.data.synthetic import PROCEDURAL_DATASETS
+from transfusion.pretrained import WEAK, SourceQuality, published_quality, quality_label, source_for
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +24,24 @@ def registered_name(model: str, source: str) -> str:
     return f"transfusion-{model}-{source}"
 
 
+DOMAIN_PREFIX = "domain:"
+
+
 def source_label(source: str) -> str:
-    """``synthetic`` stays; a folder of ImageNet-style images registers as ``imagenet``."""
+    """``synthetic`` stays, ``domain:<dataset>`` registers as ``domain-<dataset>``; a folder of
+    ImageNet-style images registers as ``imagenet``."""
+    if source.startswith(DOMAIN_PREFIX):
+        return f"domain-{source.removeprefix(DOMAIN_PREFIX)}"
     return SYNTHETIC_SOURCE if source == SYNTHETIC_SOURCE else "imagenet"
+
+
+def domain_dataset(source: str) -> str:
+    """The registered dataset of a ``domain:<dataset>`` source (unknown names list the valid ones)."""
+    from transfusion.data import DATASETS
+
+    name = source.removeprefix(DOMAIN_PREFIX)
+    DATASETS.get(name)
+    return name
 
 
 # The real recipe for an ImageNet-style folder (the torchvision classic recipe, with
@@ -89,15 +105,20 @@ def pretrain_grid(
     seed: int = 0,
     workers: int = 1,
     gpus_per_worker: float = 0.0,
+    data: str | None = None,
 ) -> GridSpec:
     """The one-job grid that pretrains ``model`` on ``source``.
+
+    ``domain:<dataset>`` pretrains on a registered (medical) dataset -- a domain source,
+    read from ``data`` unless the set is procedural -- for ``steps`` (default the short
+    synthetic run, which its version records as weak).
 
     ``synthetic`` is the procedural shapes set (the offline default: a short toy run,
     which its registered version records as weak); anything else is the path or
     ``s3://`` URI of an ImageNet-style folder, trained by :func:`imagenet_recipe` at the
     model's standard resolution (the folder is prepared here to count its images).
     """
-    if source == SYNTHETIC_SOURCE:
+    if source == SYNTHETIC_SOURCE or source.startswith(DOMAIN_PREFIX):
         steps = steps or SYNTHETIC_STEPS
         train = TrainSettings(
             steps=steps,
@@ -109,6 +130,8 @@ def pretrain_grid(
             val_limit=400,
         )
         dataset, dataset_source = "synthetic-shapes", None
+        if source.startswith(DOMAIN_PREFIX):
+            dataset, dataset_source = domain_dataset(source), data
     else:
         from transfusion.data import prepare_dataset
 
@@ -142,7 +165,9 @@ def pretrain_and_register(grid: GridSpec, *, register_as: str) -> str:
         if not outcome.ok:
             raise RuntimeError(f"pretraining {spec.model} on {grid.dataset} failed: {outcome.reason}")
         uri = tracking.register_model_weights(register_as, outcome.run_id, "checkpoint")
-        label = "synthetic-source transfer" if grid.dataset == "synthetic-shapes" else "ImageNet-folder transfer"
+        label = {"synthetic-shapes": "synthetic-source transfer", "imagenet-folder": "ImageNet-folder transfer"}.get(
+            grid.dataset, f"domain transfer ({grid.dataset})"
+        )
         train_images = len(PreparedDataset.open(dataset_root).indices("train"))
         quality = measured_quality(grid, outcome.metrics, train_images=train_images)
         tags = source_tags(uri, quality, grid.weak_source)
@@ -177,10 +202,20 @@ def source_quality(uri: str) -> SourceQuality | None:
     return published_quality(uri)
 
 
+def registered_source_of(uri: str):
+    """The registry entry whose weights live at ``uri``, if any."""
+    from transfusion.pretrained import PRETRAINED
+
+    return next((PRETRAINED.get(n) for n in PRETRAINED.names() if PRETRAINED.get(n).uri == uri), None)
+
+
 def source_tags(uri: str, quality: SourceQuality | None, weak_source: WeakSourceSettings) -> dict[str, str]:
     """Tags of a source (on its registered version, and on every run that transfers from it)."""
     label = quality_label(quality, min_epochs=weak_source.min_epochs, min_top1=weak_source.min_top1)
     tags = {"source.uri": uri, "source.quality": label, **(quality.as_tags() if quality else {})}
+    registered = registered_source_of(uri)
+    if registered is not None:
+        tags.update({k: v for k, v in registered.as_tags().items() if k != "source"})
     tags["source.description"] = f"{uri}: {quality.describe() if quality else 'accuracy not recorded'} ({label})"
     if label == WEAK:
         tags["source.description"] += (
@@ -197,12 +232,18 @@ def resolve_pretrained_task(
 
     A grid asking for ``imagenet`` whose registered source is weak gets one warning line.
     """
-    if pretrained == SYNTHETIC_SOURCE:
-        name = registered_name(model, SYNTHETIC_SOURCE)
+    if pretrained == SYNTHETIC_SOURCE or pretrained.startswith(DOMAIN_PREFIX):
+        name = registered_name(model, source_label(pretrained))
         existing = tracking.latest_model_version(name)
         if existing is not None:
             return existing
-        return pretrain_and_register(pretrain_grid(model, resolution=resolution), register_as=name)
+        dataset = SYNTHETIC_SOURCE if pretrained == SYNTHETIC_SOURCE else domain_dataset(pretrained)
+        if dataset != SYNTHETIC_SOURCE and dataset not in PROCEDURAL_DATASETS:
+            raise ValueError(
+                f"no {pretrained} weights for {model!r}: pretrain them once with 'transfusion pretrain --model "
+                f"{model} --source {pretrained} --data PATH_OR_S3_URI --steps N' (registers {name})"
+            )
+        return pretrain_and_register(pretrain_grid(model, source=pretrained, resolution=resolution), register_as=name)
     if pretrained == "imagenet":
         if model in TORCHVISION_IMAGENET:
             return f"torchvision:{TORCHVISION_IMAGENET[model]}/IMAGENET1K_V1"
@@ -218,7 +259,12 @@ def resolve_pretrained_task(
         if tags["source.quality"] == WEAK:
             log.warning("pretrained: imagenet for %s is only a weak source, %s", model, tags["source.description"])
         return registered
-    return pretrained
+    registered = source_for(pretrained)
+    if registered is None:
+        return pretrained
+    if not registered.fits(model):
+        raise ValueError(f"pretrained source {pretrained} holds {registered.model} weights; it does not fit {model}")
+    return registered.uri  # its quality and provenance are found by this URI
 
 
 @task(name="pretrain-and-register", cache_policy=None, task_run_name="pretrain-{model}-{source}")

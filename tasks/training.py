@@ -167,11 +167,17 @@ def prepare_dataset_task(grid: GridSpec) -> str:
 @task(name="preflight", cache_policy=None)
 def preflight_task(grid: GridSpec) -> None:
     """Fails fast, before any run exists, when a service the grid needs is unreachable."""
-    from transfusion.preflight import check_ray_address, check_storage_path, check_tracking_server
+    from transfusion.preflight import (
+        check_pretrained_sources,
+        check_ray_address,
+        check_storage_path,
+        check_tracking_server,
+    )
 
     check_tracking_server(tracking.tracking_uri())
     check_storage_path(storage_path())
     check_ray_address()
+    check_pretrained_sources(grid.sources)
 
 
 @task(name="pending-jobs", cache_policy=None)
@@ -249,10 +255,11 @@ def job_task_options(spec: JobSpec) -> dict:
 
     ``TRAIN_TAG`` stays among them: its tag concurrency limit is the grid's run policy.
     """
+    source = [f"source:{spec.source_label}"] if spec.source_label else []
     return {
         "task_run_name": f"train-{spec.run_name}",
         "tags": [TRAIN_TAG, f"model:{spec.model}", f"init:{spec.init_label}", f"data_size:{spec.data_size}",
-                 f"seed:{spec.seed}"],
+                 f"seed:{spec.seed}", *source],
     }  # fmt: skip
 
 

@@ -32,7 +32,8 @@ from transfusion.pretrained import (
 )
 
 NEEDS_SOURCE = ("imagenet", "mean-var", "transfusion")
-BIG = {"inception_v3", "resnet50", "slim-resnet50"}
+TIMM = {"convnext_tiny", "vit_small_patch16_224", "efficientnet_b0"}  # also in tests/test_sources.py
+BIG = {"inception_v3", "resnet50", "slim-resnet50", *TIMM}
 CBRS = [name for name in list_models() if name not in BIG]
 
 
@@ -129,7 +130,7 @@ def test_imagenet_copies_all_but_a_mismatched_classifier(name: str, caplog: pyte
         else:
             assert torch.equal(value, source[key]), key
     assert set(report.skipped) == {k for k in state if k.startswith(classifier)}
-    assert "fc.weight left random" in caplog.text
+    assert f"{classifier[0]}weight left random" in caplog.text
 
 
 def test_imagenet_copies_a_classifier_of_the_same_shape() -> None:
@@ -147,7 +148,9 @@ def test_one_channel_model_sums_rgb_stem_filters(name: str) -> None:
 
 
 def _check_mean_var(model: CaptureModel, source: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> None:
-    bn_modules = {n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    # Batch norm, and the layer/group norms of ConvNeXt and ViT, start at identity.
+    norms = (torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    bn_modules = {n for n, m in model.named_modules() if isinstance(m, norms)}
     classifier = model.classifier_prefixes()
     for key, value in model.state_dict().items():
         module, _, tensor = key.rpartition(".")
@@ -156,6 +159,8 @@ def _check_mean_var(model: CaptureModel, source: dict[str, torch.Tensor], before
         elif module in bn_modules:
             expected = 1.0 if tensor in ("weight", "running_var") else 0.0
             assert torch.all(value == expected), key
+        elif source[key].double().std(correction=0) == 0:  # a constant (ConvNeXt's layer scale): drawn as is
+            assert torch.all(value == source[key].flatten()[0]), key
         else:
             ref = source[key].double()
             drawn = value.double()
@@ -166,7 +171,7 @@ def _check_mean_var(model: CaptureModel, source: dict[str, torch.Tensor], before
             assert not torch.equal(value, source[key]), key
 
 
-@pytest.mark.parametrize("name", CBRS + ["resnet50"])
+@pytest.mark.parametrize("name", CBRS + ["resnet50", "convnext_tiny"])
 def test_mean_var_statistics_and_batch_norm_identity(name: str) -> None:
     source = _source(name)
     model = _model(name)
@@ -176,7 +181,8 @@ def test_mean_var_statistics_and_batch_norm_identity(name: str) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _, report = initialize_with_report(model, "mean-var", source=source)
     _check_mean_var(model, source, before)
-    assert report.sampled and report.fixed and set(report.skipped) == {"fc.weight", "fc.bias"}
+    assert report.sampled and report.fixed
+    assert set(report.skipped) == {k for k in model.state_dict() if k.startswith(model.classifier_prefixes())}
 
 
 def test_mean_var_is_seeded() -> None:
@@ -267,9 +273,12 @@ def test_source_with_missing_extra_or_misshaped_keys_is_refused() -> None:
 
 def test_pretrained_architectures_fit_their_models() -> None:
     """A torchvision state dict of each source's architecture fits the registered model."""
+    import timm
+
     tv_models = {
         "resnet50": torchvision.models.resnet50,
         "inception_v3": torchvision.models.inception_v3,
+        **{name: functools.partial(timm.create_model, name) for name in TIMM},  # timm's own names
     }
     for name in list_pretrained_sources():
         source = get_pretrained_source(name)

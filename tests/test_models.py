@@ -13,6 +13,7 @@ from torch import nn
 from transfusion.models import count_parameters, create_model, list_models
 from transfusion.models.inception import InceptionV3
 from transfusion.models.resnet import slim_resnet50
+from transfusion.probes import as_channel_map
 
 # Paper Table 1 (features + 1-logit head); the CBRs and ResNet-50 must be within 1 %.
 TABLE1_PARAMS = {
@@ -32,6 +33,10 @@ PINNED_PARAMS = {
     "inception_v3": 24_346_082,
     "resnet50": 23_510_081,
     "slim-resnet50": 7_136_321,
+    # timm's architectures, 1-logit head (tests/test_sources.py checks the 1 000-way counts against timm).
+    "convnext_tiny": 27_820_897,
+    "efficientnet_b0": 4_008_829,
+    "vit_small_patch16_224": 21_666_049,
 }
 BATCH = 2
 
@@ -92,7 +97,8 @@ def test_capture_modules_and_stage_prefixes(name: str) -> None:
         features = model.forward_features(x)
     assert list(outputs) == names
     assert all(outputs[key].shape[0] == BATCH for key in names)
-    assert all(outputs[key].ndim == 4 for key in ["conv1", *stages])
+    # Conv maps, or a transformer's tokens (which the probes read as a map, one token per position).
+    assert all(as_channel_map(outputs[key]).ndim == 4 for key in ["conv1", *stages])
     assert outputs["stage" + str(len(stages))].shape == features.shape
     assert outputs["pool"].shape == (BATCH, model.get_classifier().in_features)
     assert torch.equal(outputs["logits"], logits)

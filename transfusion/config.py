@@ -11,14 +11,17 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import typing
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -30,6 +33,7 @@ from pydantic import (
 from transfusion.data import DATASETS
 from transfusion.inits import INITS, check_init_options
 from transfusion.models import MODELS, model_facts
+from transfusion.pretrained import source_for
 
 
 def _positive_data_size(size: int | str) -> int | str:
@@ -57,8 +61,18 @@ def _enum_schema(names: list[str]) -> WithJsonSchema:
     return WithJsonSchema({"type": "string", "enum": names})
 
 
+# Source-neutral names of inits: ``transfer`` copies a source's weights whatever the
+# source; ``imagenet`` stays the stored name, so grids run before the alias keep their keys.
+INIT_ALIASES = {"transfer": "imagenet"}
+
+
+def _canonical_init(name: Any) -> Any:
+    return INIT_ALIASES.get(name, name) if isinstance(name, str) else name
+
+
 ModelName = Annotated[str, _registered(MODELS), _enum_schema(MODELS.names())]
-InitName = Annotated[str, _registered(INITS), _enum_schema(INITS.names())]
+_INIT_NAMES = sorted([*INITS.names(), *INIT_ALIASES])
+InitName = Annotated[str, BeforeValidator(_canonical_init), _registered(INITS), _enum_schema(_INIT_NAMES)]
 DatasetName = Annotated[str, _registered(DATASETS), _enum_schema(DATASETS.names())]
 
 
@@ -228,13 +242,19 @@ class JobSpec(_Frozen):
         Transfer from anything but ImageNet is labelled by its source, so a run
         pretrained on procedural images never reads as "imagenet".
         """
-        name = self.init
-        if name == "imagenet" and self.pretrained not in (None, "imagenet"):
-            name = "synthetic-transfer" if self.pretrained == "synthetic" else "transfer"
-        if not self.init_options:
-            return name
+        name, source = self.init, ""
+        if name == "imagenet" and self.pretrained == "synthetic":
+            name = "synthetic-transfer"
+        elif self.pretrained not in (None, "imagenet"):
+            name = "transfer" if name == "imagenet" else name
+            source = f"@{self.source_label}"
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.init_options.items()))
-        return f"{name}({opts})"
+        return f"{name}({opts}){source}" if opts else f"{name}{source}"
+
+    @property
+    def source_label(self) -> str | None:
+        """Short name of the pretrained source (the ``source`` tag); None for source-free inits."""
+        return source_label(self.pretrained) if self.pretrained else None
 
     @property
     def run_name(self) -> str:
@@ -266,10 +286,10 @@ InitSpec = Annotated[
     InitChoice,
     WithJsonSchema({
         "anyOf": [
-            {"type": "string", "enum": INITS.names()},
+            {"type": "string", "enum": _INIT_NAMES},
             {
                 "type": "object",
-                "properties": {"name": {"type": "string", "enum": INITS.names()}, "options": {"type": "object"}},
+                "properties": {"name": {"type": "string", "enum": _INIT_NAMES}, "options": {"type": "object"}},
                 "required": ["name"],
                 "additionalProperties": False,
             },
@@ -287,10 +307,12 @@ class GridSpec(_Frozen):
     dataset_options: dict[str, Any] = Field(default_factory=dict)
     models: Annotated[list[ModelName], Field(min_length=1)]
     inits: Annotated[list[InitSpec], Field(min_length=1)]
-    pretrained: str | None = Field(
+    pretrained: str | Annotated[list[str], Field(min_length=1)] | None = Field(
         default=None,
-        description="weights for transfer inits: 'synthetic' (pretrain on procedural "
-        "natural-like images), 'imagenet' (torchvision IMAGENET1K_V1), a path, s3:// or models:/ URI",
+        description="weights for transfer inits, one source or a list (the transfer inits expand over "
+        "them): 'synthetic' (pretrain on procedural natural-like images), 'imagenet' (torchvision "
+        "IMAGENET1K_V1), a registered source name (transfusion sources), a path, s3://, https://, "
+        "timm: or models:/ URI",
     )
     data_sizes: Annotated[list[DataSize], Field(min_length=1)] = ["full"]
     seeds: Annotated[int, Field(ge=1, description="a seed count")] | list[Annotated[int, Field(ge=0)]] = [0]
@@ -359,19 +381,50 @@ class GridSpec(_Frozen):
         if needing and not self.pretrained:
             raise ValueError(
                 f"inits {needing} copy pretrained weights: set pretrained to 'synthetic', "
-                "'imagenet', a path, an s3:// URI or a models:/ URI"
+                "'imagenet', a registered source, a path, an s3:// URI or a models:/ URI"
             )
+        sources = self.sources
+        if len(set(sources)) != len(sources):
+            raise ValueError(f"pretrained: a source is listed twice in {sources}")
+        labels = [source_label(s) for s in sources]
+        clash = sorted({label for label in labels if labels.count(label) > 1})
+        if clash:
+            raise ValueError(f"pretrained: sources {sources} share the label {clash[0]!r}; give files distinct names")
+        for source in sources:
+            if source.startswith("domain:"):
+                DATASETS.get(source.removeprefix("domain:"))  # an unknown set lists the valid ones
+        if needing:
+            for source in sources:
+                registered = source_for(source)
+                unfit = [m for m in self.models if registered and not registered.fits(m)]
+                if unfit:
+                    raise ValueError(
+                        f"pretrained: source {source!r} holds {registered.model} weights; it does not fit {unfit[0]}"
+                    )
         return self
+
+    @property
+    def sources(self) -> list[str]:
+        """The pretrained sources as a list (empty when the grid has none)."""
+        if self.pretrained is None:
+            return []
+        return [self.pretrained] if isinstance(self.pretrained, str) else list(self.pretrained)
 
     def jobs(self) -> list[JobSpec]:
         """The grid's jobs, in a stable order (model, init, data size, seed)."""
+        # Source-free inits run once; every other init runs once per source.
+        init_sources = [
+            (init, source)
+            for init in self.inits
+            for source in (self.sources if init_needs_source(init.name) else [None])
+        ]
         return [
             JobSpec(
                 grid=self.name,
                 model=model,
                 init=init.name,
                 init_options=init.options,
-                pretrained=self.pretrained if init_needs_source(init.name) else None,
+                pretrained=source,
                 dataset=self.dataset,
                 dataset_source=self.dataset_source,
                 dataset_options=self.dataset_options,
@@ -379,7 +432,9 @@ class GridSpec(_Frozen):
                 seed=seed,
                 train=self.train,
             )
-            for model, init, size, seed in itertools.product(self.models, self.inits, self.data_sizes, self.seeds)
+            for model, (init, source), size, seed in itertools.product(
+                self.models, init_sources, self.data_sizes, self.seeds
+            )
         ]
 
     @property
@@ -409,6 +464,23 @@ SOURCE_FREE_INITS = frozenset({"random", "gabor"})
 
 def init_needs_source(name: str) -> bool:
     return name not in SOURCE_FREE_INITS
+
+
+def source_label(pretrained: str) -> str:
+    """How reports, run names and the ``source`` tag name a source: a registered name or
+    ``synthetic``/``imagenet`` as written, ``models:/name/3`` as ``name-3``, a file by its stem."""
+    if pretrained in ("synthetic", "imagenet") or source_for(pretrained):
+        return pretrained
+    if pretrained.startswith("domain:"):
+        return f"domain-{pretrained.removeprefix('domain:')}"
+    if pretrained.startswith("models:/"):
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", pretrained.removeprefix("models:/")).strip("-")
+    if pretrained.startswith("timm:"):
+        return pretrained.removeprefix("timm:")
+    name = PurePosixPath(urlparse(pretrained).path or pretrained).name
+    for suffix in (".tar", ".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
+        name = name.removesuffix(suffix)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name) or "source"
 
 
 def format_validation_error(error: ValidationError, *, where: str) -> str:

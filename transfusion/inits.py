@@ -39,8 +39,10 @@ from transfusion.models.base import CaptureModel
 from transfusion.pretrained import (
     PRETRAINED,
     LoadedWeights,
+    apply_layout,
     load_pretrained,
     load_state_dict_from_uri,
+    source_for,
 )
 from transfusion.registry import Registry
 
@@ -51,7 +53,9 @@ Source = StateDict | LoadedWeights | nn.Module | str
 
 _COUNTER_SUFFIX = "num_batches_tracked"
 _MAX_KEYS_SHOWN = 5
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# Mean-Var sets these to identity. Layer and group norms (ConvNeXt, ViT) follow the
+# paper's batch-norm rule: identity rather than draws around their pretrained values.
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,9 @@ def initialize_with_report(
     init_fn = INITS.get(name)
     _check_options(name, init_fn, options)
     state = _as_state_dict(source) if source is not None else None
+    if state is not None and init_fn is not INITS.get("random"):
+        declared = source_for(source).layout if isinstance(source, str) and source_for(source) else "auto"
+        state, _ = apply_layout(state, model.state_dict(), layout=declared)
     if seed is not None:
         with _seeded(seed, model):
             model.init_weights()
@@ -171,7 +178,7 @@ def imagenet_init(model: CaptureModel, *, source: StateDict | None, seed: int | 
 def mean_var_init(model: CaptureModel, *, source: StateDict | None, seed: int | None) -> InitReport:
     """Draws each weight i.i.d. from N(mean, std^2) of its source tensor; batch-norm at identity.
 
-    Batch-norm gets weight 1, bias 0, running mean 0 and running variance 1 (identity
+    Batch-norm (and layer/group norm) gets weight 1, bias 0, running mean 0 and running variance 1 (identity
     beat resampling or copying it in the paper); the classifier stays random.
     """
     src = _require_source(model, source, "mean-var")
@@ -368,16 +375,23 @@ def _require_source(model: CaptureModel, source: StateDict | None, init: str) ->
 
 
 def _adapt_stem(model: CaptureModel, source: StateDict) -> dict[str, torch.Tensor]:
-    """Sums a 3-channel source's stem filters over RGB to fit a 1-channel model.
+    """Fits a source's stem filters to the model's input channels.
 
-    A grey image copied to three channels gives exactly the summed filter's response.
+    3 -> 1: the RGB filters summed, which is exactly what a grey image copied to three
+    channels sees. 1 -> 3 (a source pretrained on grey x-rays, a colour target): the grey
+    filter split evenly over RGB, so a grey input gives the source's own response.
     """
     adapted = dict(source)
     key = stem_conv_key(model)
     weight = model.state_dict()[key]
-    if key in source and weight.shape[1] == 1 and source[key].ndim == 4 and source[key].shape[1] == 3:
+    if key not in source or source[key].ndim != 4:
+        return adapted
+    if weight.shape[1] == 1 and source[key].shape[1] == 3:
         adapted[key] = source[key].sum(dim=1, keepdim=True)
         logger.info("summed the RGB filters of %s over the input-channel axis for a 1-channel model", key)
+    elif weight.shape[1] == 3 and source[key].shape[1] == 1:
+        adapted[key] = source[key].expand(-1, 3, -1, -1) / 3
+        logger.info("split the grey filters of %s evenly over RGB for a 3-channel model", key)
     return adapted
 
 

@@ -118,3 +118,30 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
             break
         data += chunk
     return data
+
+
+def check_pretrained_sources(sources: list[str]) -> None:
+    """Every source named in the registry, a local path or a cache/timm URI is on this machine.
+
+    Remote URIs (``s3://``, ``models:/``, and downloads a machine with network may still
+    make) are left to the resolution step; a missing local file fails here, before any
+    run exists, with the registry's note on how to get it.
+    """
+    from urllib.parse import urlparse
+
+    from transfusion.pretrained import resolve_uri, source_for
+
+    for pretrained in sources:
+        if pretrained in ("synthetic", "imagenet"):
+            continue  # resolved per model: pretrained once, or torchvision's file
+        registered = source_for(pretrained)
+        uri = registered.uri if registered else pretrained
+        scheme = urlparse(uri).scheme
+        if len(scheme) > 1 and scheme not in ("file", "cache", "timm"):
+            continue
+        try:
+            resolve_uri(uri)
+        except ValueError as err:
+            if registered and registered.how_to_get:
+                raise ValueError(f"pretrained source {pretrained}: {err}; to get it, {registered.how_to_get}") from None
+            raise ValueError(f"pretrained source {pretrained}: {err}") from None

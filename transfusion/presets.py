@@ -181,3 +181,41 @@ def convergence_slim_grid() -> dict:
         "train": {**_paper_train(587, steps=20000, gpus=0.5), "eval_every": 500},
         **FIGURE5_CONVERGENCE,
     }
+
+
+@PRESETS.register("sources")
+def sources_grid() -> dict:
+    """Beyond the paper: which pre-training helps ResNet-50 on CheXpert in 2026.
+
+    Random init against supervised ImageNet (torchvision V1), self-supervised ImageNet
+    (DINO) and a radiology source (RadImageNet), at full data, 5 000 and 1 000 images.
+    """
+    return {
+        "name": "sources",
+        "dataset": "chexpert",
+        "dataset_source": "s3://transfusion-data/chexpert",
+        "dataset_options": {"uncertainty": "u-ones", "frontal_only": True},
+        "models": ["resnet50"],
+        "inits": ["random", "transfer", "mean-var"],
+        "pretrained": ["torchvision-resnet50-imagenet1k-v1", "dino-resnet50", "radimagenet-resnet50"],
+        "data_sizes": ["full", 5000, 1000],
+        "seeds": 3,
+        "train": {**_paper_train(224, steps=30000, gpus=1.0), "probe_size": 512},
+    }
+
+
+@PRESETS.register("sources-cpu")
+def sources_cpu_grid() -> dict:
+    """The ``sources`` question at CPU size, offline: a natural-image-like source (procedural
+    shapes) against a medical-domain one (procedural chest x-rays), each pretrained once,
+    transferred to the synthetic retina task."""
+    return {
+        "name": "sources-cpu",
+        "dataset": "synthetic-retina",
+        "models": ["cbr-tiny"],
+        "inits": ["random", "transfer", "mean-var"],
+        "pretrained": ["synthetic", "domain:synthetic-chest"],
+        "data_sizes": ["full", 200],
+        "seeds": [0, 1],
+        "train": {"steps": 120, "batch_size": 32, "lr": 2e-3, "eval_every": 40, "resolution": 64, "probe_size": 160},
+    }

@@ -15,7 +15,17 @@ URI                                    resolved by
                                        downloaded there when the network allows
 ``models:/name/version``               a loader registered in :data:`SCHEME_LOADERS`
                                        (the MLflow tracking module registers ``models``)
+``timm:convnext_tiny.fb_in1k``         the local Hugging Face cache (``HF_HUB_CACHE``), never
+                                       the network; ``.safetensors`` or ``.bin``
+``https://host/w.pth``                 ``$TRANSFUSION_HOME/cache/weights/url``, downloaded
+                                       there when the network allows
+``cache:radimagenet/w.pth``            a file placed by hand under
+                                       ``$TRANSFUSION_HOME/cache/weights``
 =====================================  ==================================================
+
+A checkpoint may name our models' tensors differently (a MoCo query encoder, a
+RadImageNet ``nn.Sequential``, timm's names): :func:`apply_layout` maps it, detecting
+the layout when the source does not declare one.
 
 Every file is read with ``torch.load(..., weights_only=True)``: a checkpoint that
 carries pickled code is refused, never executed.
@@ -137,6 +147,9 @@ def quality_label(quality: SourceQuality | None, *, min_epochs: float, min_top1:
 _TORCHVISION_V1_IMAGES = 90 * 1_281_167
 
 
+SUPERVISED, SELF_SUPERVISED, DOMAIN, REGISTERED = "supervised", "self-supervised", "domain", "registered"
+
+
 @dataclass(frozen=True)
 class PretrainedSource:
     """A named, pinned set of pretrained weights.
@@ -147,7 +160,15 @@ class PretrainedSource:
         preprocessing: Normalisation and resolution the weights expect.
         description: What the weights are.
         model: Registered model name whose state dict they fit.
-        quality: Accuracy on the source task as its publisher reports it.
+        quality: Accuracy on the source task as its publisher reports it (linear-probe
+            accuracy for self-supervised weights).
+        kind: ``supervised``, ``self-supervised``, ``domain`` or ``registered``.
+        provenance: The paper or recipe that made the weights, and the data they saw.
+        licence: The weights' licence as their publisher states it.
+        layout: Key layout of the file (:data:`KEY_LAYOUTS`); ``auto`` detects it.
+        also_fits: Other models that take these weights (a slim ResNet-50's stem and
+            early stages through weight transfusion(k)).
+        how_to_get: What to do when the file is not on this machine.
     """
 
     name: str
@@ -156,6 +177,24 @@ class PretrainedSource:
     description: str
     model: str
     quality: SourceQuality | None = None
+    kind: str = SUPERVISED
+    provenance: str = ""
+    licence: str = ""
+    layout: str = "auto"
+    also_fits: tuple[str, ...] = ()
+    how_to_get: str = ""
+
+    def fits(self, model: str) -> bool:
+        return model == self.model or model in self.also_fits
+
+    def as_tags(self) -> dict[str, str]:
+        """What a run that transfers from this source records about it."""
+        return {
+            "source": self.name,
+            "source.kind": self.kind,
+            "source.provenance": self.provenance,
+            "source.licence": self.licence,
+        }
 
 
 @dataclass(frozen=True)
@@ -177,14 +216,32 @@ class LoadedWeights:
 
 PRETRAINED: Registry[PretrainedSource] = Registry("pretrained source")
 
+_IMAGENET_224 = Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD, resolution=224)
+_RESNET50_FAMILY = ("slim-resnet50",)
+_NAN = math.nan
+
 for _source in (
     PretrainedSource(
         name="torchvision-resnet50-imagenet1k-v1",
         uri="torchvision:resnet50/IMAGENET1K_V1",
-        preprocessing=Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD, resolution=224),
+        preprocessing=_IMAGENET_224,
         description="torchvision ResNet-50 ImageNet-1k weights V1 (top-1 76.13 %)",
         model="resnet50",
         quality=SourceQuality("ImageNet-1k", 0.7613, 0.92862, 90.0, _TORCHVISION_V1_IMAGES),
+        provenance="He et al. 2016 recipe, 90 epochs on ImageNet-1k (torchvision reference scripts)",
+        licence="BSD-3-Clause (torchvision)",
+        also_fits=_RESNET50_FAMILY,
+    ),
+    PretrainedSource(
+        name="torchvision-resnet50-imagenet1k-v2",
+        uri="torchvision:resnet50/IMAGENET1K_V2",
+        preprocessing=_IMAGENET_224,
+        description="torchvision ResNet-50 ImageNet-1k weights V2, the 2021 recipe (top-1 80.86 %)",
+        model="resnet50",
+        quality=SourceQuality("ImageNet-1k", 0.80858, 0.95434, 600.0, 600 * 1_281_167),
+        provenance="torchvision's 2021 recipe (600 epochs, mixup/cutmix, EMA) on ImageNet-1k",
+        licence="BSD-3-Clause (torchvision)",
+        also_fits=_RESNET50_FAMILY,
     ),
     PretrainedSource(
         name="torchvision-inception_v3-imagenet1k-v1",
@@ -193,10 +250,174 @@ for _source in (
         description="torchvision Inception-v3 ImageNet-1k V1, ported from TF (top-1 77.29 %)",
         model="inception_v3",
         # Ported from TF-Slim, whose schedule torchvision does not state: epochs unknown.
-        quality=SourceQuality("ImageNet-1k", 0.77294, 0.93450, math.nan, 0),
+        quality=SourceQuality("ImageNet-1k", 0.77294, 0.93450, _NAN, 0),
+        provenance="Szegedy et al. 2016, TF-Slim weights ported by torchvision",
+        licence="Apache-2.0 (TF-Slim)",
+    ),
+    PretrainedSource(
+        name="dino-resnet50",
+        uri="https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
+        preprocessing=_IMAGENET_224,
+        description="DINO self-supervised ResNet-50, no labels (linear probe 75.3 %)",
+        model="resnet50",
+        quality=SourceQuality("ImageNet-1k (no labels, linear probe)", 0.753, _NAN, 800.0, 800 * 1_281_167),
+        kind=SELF_SUPERVISED,
+        provenance="Caron et al. 2021 (DINO), 800 epochs on ImageNet-1k images without labels",
+        licence="Apache-2.0",
+        layout="plain",
+        also_fits=_RESNET50_FAMILY,
+    ),
+    PretrainedSource(
+        name="mocov2-resnet50",
+        uri="https://dl.fbaipublicfiles.com/moco/moco_checkpoints/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar",
+        preprocessing=_IMAGENET_224,
+        description="MoCo v2 self-supervised ResNet-50, no labels (linear probe 71.1 %)",
+        model="resnet50",
+        quality=SourceQuality("ImageNet-1k (no labels, linear probe)", 0.711, _NAN, 800.0, 800 * 1_281_167),
+        kind=SELF_SUPERVISED,
+        provenance="Chen et al. 2020 (MoCo v2), 800 epochs on ImageNet-1k images without labels",
+        licence="CC-BY-NC-4.0",
+        layout="moco",
+        also_fits=_RESNET50_FAMILY,
+    ),
+    PretrainedSource(
+        name="radimagenet-resnet50",
+        uri="cache:radimagenet/RadImageNet-ResNet50_notop.pth",
+        preprocessing=_IMAGENET_224,
+        description="RadImageNet ResNet-50: supervised on 1.35 M CT, MRI and ultrasound images",
+        model="resnet50",
+        quality=SourceQuality("RadImageNet (165 radiology classes)", _NAN, _NAN, _NAN, 0),
+        kind=DOMAIN,
+        provenance="Mei et al. 2022 (RadImageNet), supervised on 1.35 M radiology images",
+        licence="RadImageNet terms of use (research; weights by request)",
+        layout="sequential-resnet",
+        also_fits=_RESNET50_FAMILY,
+        how_to_get="request the PyTorch ResNet-50 weights at https://www.radimagenet.com",
+    ),
+    PretrainedSource(
+        name="timm-convnext_tiny-in1k",
+        uri="timm:convnext_tiny.fb_in1k",
+        preprocessing=_IMAGENET_224,
+        description="ConvNeXt-Tiny supervised on ImageNet-1k (top-1 82.1 %)",
+        model="convnext_tiny",
+        quality=SourceQuality("ImageNet-1k", 0.821, _NAN, 300.0, 300 * 1_281_167),
+        provenance="Liu et al. 2022 (ConvNeXt), 300 epochs on ImageNet-1k",
+        licence="Apache-2.0",
+        layout="timm",
+    ),
+    PretrainedSource(
+        name="timm-vit_small_patch16_224-augreg-in21k-ft-in1k",
+        uri="timm:vit_small_patch16_224.augreg_in21k_ft_in1k",
+        preprocessing=Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resolution=224),
+        description="ViT-S/16 AugReg, ImageNet-21k then fine-tuned on ImageNet-1k (top-1 81.4 %)",
+        model="vit_small_patch16_224",
+        quality=SourceQuality("ImageNet-21k + ImageNet-1k", 0.814, _NAN, _NAN, 0),
+        provenance="Steiner et al. 2022 (How to train your ViT), ImageNet-21k pre-training, ImageNet-1k fine-tuning",
+        licence="Apache-2.0",
+        layout="timm",
+    ),
+    PretrainedSource(
+        name="timm-efficientnet_b0-in1k",
+        uri="timm:efficientnet_b0.ra_in1k",
+        preprocessing=_IMAGENET_224,
+        description="EfficientNet-B0 supervised on ImageNet-1k, timm RandAugment recipe (top-1 77.7 %)",
+        model="efficientnet_b0",
+        quality=SourceQuality("ImageNet-1k", 0.777, _NAN, _NAN, 0),
+        provenance="Tan & Le 2019 architecture, trained by timm (RandAugment recipe) on ImageNet-1k",
+        licence="Apache-2.0",
+        layout="timm",
     ),
 ):
     PRETRAINED.add(_source.name, _source)
+
+
+# --- key layouts: how a checkpoint names the tensors of our models --------------------
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _strip_prefixes(*prefixes: str) -> Callable[[StateDict], StateDict]:
+    def strip(state: StateDict) -> StateDict:
+        out = {}
+        for key, value in state.items():
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    out[key.removeprefix(prefix)] = value
+                    break
+        return out
+
+    return strip
+
+
+# Sequential(*list(resnet.children())[:-1]) numbers the children: 0 conv1, 1 bn1, 2 relu,
+# 3 maxpool, 4..7 layer1..4.
+_SEQUENTIAL_RESNET = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+
+
+def _sequential_resnet(state: StateDict) -> StateDict:
+    out = {}
+    for key, value in state.items():
+        head, _, rest = key.removeprefix("backbone.").partition(".")
+        if head in _SEQUENTIAL_RESNET and rest:
+            out[f"{_SEQUENTIAL_RESNET[head]}.{rest}"] = value
+    return out
+
+
+# Name -> function from a checkpoint's state dict to our models' key names. Keys a
+# layout does not map (projection heads, momentum encoders, queues) are dropped.
+KEY_LAYOUTS: dict[str, Callable[[StateDict], StateDict]] = {
+    "plain": dict,  # torchvision names, as saved by torch.save(model.state_dict())
+    "timm": lambda state: {f"net.{key}": value for key, value in state.items()},  # our timm wrappers
+    "moco": _strip_prefixes("module.encoder_q.", "encoder_q."),  # MoCo v1-v3: the query encoder
+    "byol": _strip_prefixes("online_network.encoder.", "backbone.", "encoder."),  # BYOL and solo-learn
+    "dino": _strip_prefixes("teacher.backbone.", "backbone.", "module.backbone."),  # DINO training checkpoints
+    "sequential-resnet": _sequential_resnet,  # RadImageNet: nn.Sequential of torchvision children
+}
+
+
+def layout_fit(model_state: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> int:
+    """How many of the model's tensors the state dict gives, by name and shape (the stem's input
+    channels may differ: a 3-channel source fits a 1-channel model)."""
+    fit = 0
+    for key, tensor in model_state.items():
+        other = state.get(key)
+        if other is not None and (
+            other.shape == tensor.shape or other.shape[:1] + other.shape[2:] == tensor.shape[:1] + tensor.shape[2:]
+        ):
+            fit += 1
+    return fit
+
+
+def _same_but_input_channels(a: torch.Size, b: torch.Size) -> bool:
+    return a == b or (len(a) == len(b) == 4 and a[:1] + a[2:] == b[:1] + b[2:])
+
+
+def apply_layout(
+    state: Mapping[str, torch.Tensor],
+    model_state: Mapping[str, torch.Tensor],
+    *,
+    layout: str = "auto",
+    what: str = "source",
+) -> tuple[StateDict, str]:
+    """The state dict under our key names, and the layout used.
+
+    ``auto`` picks the layout that gives the most of the model's tensors (``plain``
+    first on a tie). When none gives any, the state dict comes back as it is, so the
+    init's own check names the missing and unexpected keys.
+
+    Raises:
+        ValueError: Unknown layout.
+    """
+    if layout != "auto" and layout not in KEY_LAYOUTS:
+        raise ValueError(f"{what}: unknown key layout {layout!r}; valid: auto, {', '.join(KEY_LAYOUTS)}")
+    candidates = list(KEY_LAYOUTS) if layout == "auto" else [layout]
+    scored = [(layout_fit(model_state, KEY_LAYOUTS[name](state)), name) for name in candidates]
+    best_fit, best = max(scored, key=lambda item: (item[0], -candidates.index(item[1])))
+    if best_fit == 0:
+        return dict(state), "plain"
+    if best != "plain":
+        logger.info("%s: read with the %r key layout (%d of the model's tensors)", what, best, best_fit)
+    return KEY_LAYOUTS[best](state), best
 
 
 def get_pretrained_source(name: str) -> PretrainedSource:
@@ -215,7 +436,24 @@ def list_pretrained_sources() -> list[str]:
 
 def load_pretrained(name: str) -> LoadedWeights:
     """Loads the state dict of the registered source ``name``."""
-    return load_state_dict_from_uri(get_pretrained_source(name).uri)
+    source = get_pretrained_source(name)
+    try:
+        return load_state_dict_from_uri(source.uri)
+    except ValueError as err:
+        if not source.how_to_get:
+            raise
+        raise ValueError(f"pretrained source {name}: {err}; to get it, {source.how_to_get}") from err
+
+
+def source_for(pretrained: str) -> PretrainedSource | None:
+    """The registered source a grid's ``pretrained`` entry names, or None for a URI or path."""
+    return PRETRAINED.get(pretrained) if pretrained in PRETRAINED else None
+
+
+def resolve_source_uri(pretrained: str) -> str:
+    """The URI to load for a registered source name; any other entry is already a URI or path."""
+    source = source_for(pretrained)
+    return source.uri if source else pretrained
 
 
 def weights_cache_dir() -> Path:
@@ -334,12 +572,83 @@ def _torchvision_path(uri: str) -> Path:
     )
 
 
+def _missing(uri: str, path: Path, how: str) -> ValueError:
+    return ValueError(f"{uri}: weights file not found at {path}; {how}")
+
+
+def _cache_path(uri: str) -> Path:
+    """``cache:<relative path>``: a file placed by hand under ``$TRANSFUSION_HOME/cache/weights``
+    (weights their publisher hands out by request, so nothing can fetch them)."""
+    relative = PurePosixPath(uri.split(":", 1)[1])
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ValueError(f"{uri}: cache: URIs name a relative path under the weights cache")
+    path = weights_cache_dir() / relative
+    if not path.is_file():
+        raise _missing(uri, path, "place the file at that path (TRANSFUSION_HOME sets the folder), or give a path")
+    return path
+
+
+def _https_path(uri: str) -> Path:
+    """``https://...``: the file in the weights cache, fetched there once when the network allows."""
+    path = (
+        weights_cache_dir()
+        / "url"
+        / hashlib.sha256(uri.encode()).hexdigest()[:16]
+        / PurePosixPath(urlparse(uri).path).name
+    )
+    if path.is_file():
+        return path
+    if _offline():
+        reason = "TRANSFUSION_OFFLINE is set"
+    else:
+        try:
+            _download(uri, path)
+            return path
+        except OSError as err:
+            reason = f"download failed: {err}"
+    raise _missing(
+        uri, path, f"{reason}; download it on a machine with network access and place it there, or give a path"
+    )
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache timm reads (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def _timm_path(uri: str) -> Path:
+    """``timm:<model>.<tag>``: the weights timm would load, from the local Hugging Face cache only.
+
+    The hub repository is ``timm/<model>.<tag>``; ``model.safetensors`` is preferred over
+    ``pytorch_model.bin``. Nothing is downloaded: a job must not depend on the hub being up.
+    """
+    name = uri.split(":", 1)[1]
+    if "." not in name:
+        raise ValueError(f"{uri}: name a timm model with its weights tag, e.g. timm:convnext_tiny.fb_in1k")
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = f"timm/{name}"
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename, cache_dir=hf_cache_dir())
+        if isinstance(found, str):
+            return Path(found)
+    raise ValueError(
+        f"{uri}: not in the Hugging Face cache at {hf_cache_dir()}; run 'hf download {repo}' on a machine "
+        "with network access and copy its cache here (HF_HUB_CACHE names the folder), or give the file as a path"
+    )
+
+
 # URI scheme -> function returning a local file. Other modules register more schemes
 # (the MLflow tracking module registers "models").
 SCHEME_LOADERS: dict[str, Callable[[str], Path]] = {
     "file": _file_path,
     "s3": _s3_path,
     "torchvision": _torchvision_path,
+    "https": _https_path,
+    "timm": _timm_path,
+    "cache": _cache_path,
 }
 
 
@@ -412,6 +721,12 @@ def load_state_dict_from_uri(uri: str | os.PathLike[str]) -> LoadedWeights:
     uri = os.fspath(uri)
     path = resolve_uri(uri)
     sha256 = file_sha256(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path, device="cpu")  # tensors only, by the format's design
+        logger.info("loaded weights %s (sha256 %s)", uri, sha256)
+        return LoadedWeights(state_dict=_extract_state_dict(state, uri), uri=uri, sha256=sha256, path=path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -88,6 +88,11 @@ def sample_positions(
     return np.stack([image, flat // width, flat % width], axis=1).astype(np.int32)
 
 
+def as_channel_map(output: torch.Tensor) -> torch.Tensor:
+    """Transformer tokens ``(N, T, C)`` as a ``(N, C, T, 1)`` map, so tokens are sampled as positions are."""
+    return output.transpose(1, 2).unsqueeze(-1) if output.ndim == 3 else output
+
+
 @torch.no_grad()
 def capture_activations(
     model: nn.Module,
@@ -116,6 +121,7 @@ def capture_activations(
         def hook(_module, _inputs, output, name=name):
             if isinstance(output, tuple):
                 output = output[0]
+            output = as_channel_map(output)
             if output.ndim == 4:
                 if name not in rows:
                     _, c, h, w = output.shape
@@ -209,7 +215,7 @@ def layer_shapes(model_name: str, *, resolution: int, in_channels: int = 3) -> d
 
     def record(name: str):
         def hook(_module, _inputs, output) -> None:
-            output = output[0] if isinstance(output, tuple) else output
+            output = as_channel_map(output[0] if isinstance(output, tuple) else output)
             shapes.setdefault(name, tuple(output.shape[1:]))
 
         return hook

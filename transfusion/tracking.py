@@ -133,7 +133,9 @@ def job_params(spec: JobSpec) -> dict[str, str]:
 
 
 def job_tags(spec: JobSpec) -> dict[str, str]:
+    source = {"source": spec.source_label} if spec.source_label else {}
     return {
+        **source,
         ROLE_TAG: "job",
         "job_key": spec.job_key,
         "grid": spec.grid,

@@ -50,9 +50,11 @@ from transfusion.analysis.transfer_effect import (
     TransferEffectRow,
     transfer_effect_markdown,
     transfer_effect_table,
+    which_source_markdown,
 )
 
 TRANSFER_EFFECT_TITLE = "Does transfer help?"
+WHICH_SOURCE_TITLE = "Which source?"
 
 
 @dataclass
@@ -90,13 +92,21 @@ def analyze_records(
                             paper_tables_markdown(rows, dataset=dataset), ["results.png"]))  # fmt: skip
     (out / "tables.md").write_text(result.sections[-1][1])
 
-    for optional in ("transfer_effect.md", "table2_pathologies.md"):  # left by an earlier analysis of this grid
+    for optional in (
+        "transfer_effect.md",
+        "which_source.md",
+        "table2_pathologies.md",
+    ):  # left by an earlier analysis of this grid
         (out / optional).unlink(missing_ok=True)
     result.transfer_rows = transfer_effect_table(records)
     if result.transfer_rows:
         text = transfer_effect_markdown(result.transfer_rows, paper_delta=paper_delta_auc(dataset))
         (out / "transfer_effect.md").write_text(f"### {TRANSFER_EFFECT_TITLE}\n\n{text}")
         result.sections.insert(0, (TRANSFER_EFFECT_TITLE, text, []))
+        which = which_source_markdown(result.transfer_rows)
+        if which:
+            (out / "which_source.md").write_text(f"### {WHICH_SOURCE_TITLE}\n\n{which}")
+            result.sections.insert(1, (WHICH_SOURCE_TITLE, which, []))
 
     if is_chexpert(dataset) or any(f"test/auc/{p}" in r.metrics for r in records for p in CHEXPERT_PATHOLOGIES):
         text = pathology_markdown(pathology_table(records), with_paper=is_chexpert(dataset))

@@ -61,11 +61,22 @@ def is_random(record: JobRecord) -> bool:
 
 
 def is_pretrained(record: JobRecord) -> bool:
-    return record.init not in RANDOM_INITS and record.init.split("(")[0] in (
+    return record.init not in RANDOM_INITS and record.init.split("@")[0].split("(")[0] in (
         "imagenet",
         "synthetic-transfer",
         "transfer",
     )
+
+
+def source_of(init_label: str) -> str:
+    """The source an init label names after ``@`` (``transfer@dino-resnet50``), or ``""``."""
+    return init_label.split("@", 1)[1] if "@" in init_label else ""
+
+
+def pretrained_comparison(init_label: str) -> str:
+    """``rand-pretrained``, or ``rand-pretrained@<source>`` in a grid over several sources."""
+    source = source_of(init_label)
+    return f"rand-pretrained@{source}" if source else "rand-pretrained"
 
 
 @dataclass(frozen=True)
@@ -94,10 +105,9 @@ def _figure2_plans(records: list[JobRecord], cache: RepresentationCache) -> list
         if not randoms:
             continue
         layers = cache.layers(final_probe_path(randoms[0]))[-cache.settings.top_layers :]
-        comparisons = {
-            "rand-rand": list(itertools.combinations(randoms, 2)),
-            "rand-pretrained": [(a, b) for a in randoms for b in pretrained],
-        }
+        comparisons = {"rand-rand": list(itertools.combinations(randoms, 2))}
+        for b in pretrained:  # one comparison per source: sources are not pooled
+            comparisons.setdefault(pretrained_comparison(b.init), []).extend((a, b) for a in randoms)
         for comparison, pairs in comparisons.items():
             if pairs:
                 paths = [(final_probe_path(a), final_probe_path(b)) for a, b in pairs]
@@ -217,19 +227,21 @@ def plot_figure2(rows: list[PairSimilarity], path: Path) -> Path:
     plt = _plt()
     measures = [m for m in MEASURES if any(r.measure == m for r in rows)] or list(MEASURES)
     fig, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures), 3.6), squeeze=False)
-    colours = {"rand-rand": "C0", "rand-pretrained": "C1"}
-    width = 0.38
+    comparisons = ["rand-rand", *sorted({r.comparison for r in rows} - {"rand-rand"})]
+    colours = {comparison: f"C{i}" for i, comparison in enumerate(comparisons)}
+    width = 0.76 / len(comparisons)
     for ax, measure in zip(axes[0], measures, strict=True):
         subset = [r for r in rows if r.measure == measure]
         groups = list(dict.fromkeys((r.model, r.data_size) for r in subset))
         band_label = "chance (images permuted)"
-        for i, comparison in enumerate(("rand-rand", "rand-pretrained")):
-            label = comparison.replace("-", "–")
+        for i, comparison in enumerate(comparisons):
+            base, _, source = comparison.partition("@")
+            label = base.replace("-", "–") + (f" ({source})" if source else "")
             for g, (model, size) in enumerate(groups):
                 match = [r for r in subset if (r.model, r.data_size, r.comparison) == (model, size, comparison)]
                 if not match:
                     continue
-                r, x = match[0], g + (i - 0.5) * width
+                r, x = match[0], g + (i - (len(comparisons) - 1) / 2) * width
                 hollow = _too_few(r.rows_per_dim)
                 err = None if math.isnan(r.std) else r.std  # one pair: no spread to draw
                 ax.bar(x, r.mean, width=width, yerr=err, capsize=3, color="none" if hollow else colours[comparison],

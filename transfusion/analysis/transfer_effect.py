@@ -301,6 +301,66 @@ def transfer_effect_markdown(rows: list[TransferEffectRow], *, paper_delta=None)
     return "\n".join(lines) + "\n" + note
 
 
+# The init labels of a transfer: the source is in the name (synthetic) or after "@".
+_TRANSFER_NAMES = {"imagenet": "imagenet", "synthetic-transfer": "synthetic", "transfer": ""}
+
+
+def transfer_source(init_label: str) -> str | None:
+    """The source a plain transfer init copied (``transfer@dino-resnet50`` -> ``dino-resnet50``);
+    None for any other init (Mean-Var, transfusion(k), Gabor)."""
+    base, _, source = init_label.partition("@")
+    if base not in _TRANSFER_NAMES:
+        return None
+    return source or _TRANSFER_NAMES[base] or "transfer"
+
+
+def _overlaps(a: EffectEstimate, b: EffectEstimate) -> bool:
+    return not (math.isnan(a.ci_low) or math.isnan(b.ci_low)) and a.ci_low <= b.ci_high and b.ci_low <= a.ci_high
+
+
+def which_source_markdown(rows: list[TransferEffectRow]) -> str:
+    """Per (model, data size) over two or more sources: each source's transfer ΔAUC, best first.
+
+    The top source is called best only when its CI clears every other's; otherwise the
+    table says which sources it cannot be told from. Empty when no cell has two sources.
+    """
+    cells: dict[tuple[str, str], list[tuple[str, TransferEffectRow]]] = defaultdict(list)
+    for r in rows:
+        source = transfer_source(r.init)
+        if source is not None:
+            cells[(r.model, r.data_size)].append((source, r))
+    lines = []
+    for (model, size), entries in cells.items():
+        if len(entries) < 2:
+            continue
+        ranked = sorted(entries, key=lambda e: -e[1].auc.delta if not math.isnan(e[1].auc.delta) else math.inf)
+        top = ranked[0][1].auc
+        ties = [source for source, r in ranked[1:] if _overlaps(top, r.auc) or math.isnan(r.auc.ci_low)]
+        for rank, (source, r) in enumerate(ranked, start=1):
+            weak = " (**weak source**)" if r.source_weak else ""
+            if rank == 1:
+                standing = (
+                    f"cannot be told from {', '.join(ties)}" if ties else "best: its CI clears every other source's"
+                )
+            else:
+                standing = UNDEFINED
+            lines.append(
+                f"| {model} | {size} | {rank} | {source}{weak} | {r.auc.seeds} | {_points(r.auc.delta)} "
+                f"| {_interval(r.auc)} | {r.auc.verdict} | {standing} |"
+            )
+    if not lines:
+        return ""
+    header = [
+        "| model | data size | rank | source | seeds | ΔAUC vs random | 95% CI | verdict | standing |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    note = (
+        "\nSources ranked by the mean ΔAUC of plain transfer against random init (AUC points ×100). "
+        "Overlapping 95% CIs mean the ranking is not resolved by this grid's seeds and test images.\n"
+    )
+    return "\n".join(header + lines) + "\n" + note
+
+
 _METRIC_KEY = re.compile(r"[^\w.\-/ :]")
 VERDICT_CODES = {HELPS: 1.0, NO_DIFFERENCE: 0.0, HURTS: -1.0}
 

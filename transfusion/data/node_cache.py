@@ -199,19 +199,21 @@ def publish_weights(path: Path, *, to: str | None = None) -> str:
     """Uploads a weight file under its sha256 (once) and returns its URI."""
     base = to or data_path()
     sha256 = _sha256_of(Path(path))
+    # The loader reads safetensors by its suffix; everything else is a torch file.
+    suffix = ".safetensors" if Path(path).suffix == ".safetensors" else ".pt"
     filesystem, root = storage_filesystem(base)
-    remote = f"{root.rstrip('/')}/weights/{sha256}.pt"
+    remote = f"{root.rstrip('/')}/weights/{sha256}{suffix}"
     if filesystem.get_file_info(remote).type != pyarrow.fs.FileType.File:
         filesystem.create_dir(f"{root.rstrip('/')}/weights", recursive=True)
         _upload(filesystem, Path(path), remote)
-    return f"{base.rstrip('/')}/weights/{sha256}.pt"
+    return f"{base.rstrip('/')}/weights/{sha256}{suffix}"
 
 
 def fetch_weights(uri: str, *, cache: Path | None = None) -> Path:
     """This node's verified copy of a weight file published by :func:`publish_weights`."""
     cache = cache or node_cache_root()
     name = uri.rstrip("/").rsplit("/", 1)[-1]
-    sha256 = name.removesuffix(".pt")
+    sha256 = name.removesuffix(".pt").removesuffix(".safetensors")
     target = cache / "weights" / name
     if target.is_file():
         return target
@@ -231,7 +233,7 @@ def fetch_weights(uri: str, *, cache: Path | None = None) -> Path:
     return target
 
 
-_PUBLISHED_WEIGHTS = re.compile(r"/weights/[0-9a-f]{64}\.pt$")
+_PUBLISHED_WEIGHTS = re.compile(r"/weights/[0-9a-f]{64}\.(pt|safetensors)$")
 
 
 def weights_for_node(uri: str) -> str:
@@ -259,10 +261,11 @@ def for_workers(dataset_root: str, source_uri: str | None) -> tuple[str | None, 
         key = (dataset_root, base)
         if key not in _PUBLISHED:
             _PUBLISHED[key] = publish_dataset(PreparedDataset.open(dataset_root), to=base).uri
-        if source_uri and _is_local_file(source_uri):
+        local = _driver_file(source_uri) if source_uri else None
+        if local is not None:
             source_key = (source_uri, base)
             if source_key not in _PUBLISHED:
-                _PUBLISHED[source_key] = publish_weights(Path(source_uri.removeprefix("file://")), to=base)
+                _PUBLISHED[source_key] = publish_weights(local, to=base)
             source_uri = _PUBLISHED[source_key]
         return _PUBLISHED[key], source_uri
 
@@ -274,6 +277,22 @@ _PUBLISHED: dict[tuple[str, str], str] = {}
 def _is_local_file(uri: str) -> bool:
     scheme = uri.split(":", 1)[0] if "://" in uri or uri.startswith("file:") else ""
     return scheme in ("", "file") and Path(uri.removeprefix("file://")).is_file()
+
+
+# Sources whose file sits in a cache on the driver (a timm hub cache, a file placed by
+# hand, a download): other nodes have their own, maybe empty, caches.
+_DRIVER_CACHE_SCHEMES = ("timm:", "cache:", "https:")
+
+
+def _driver_file(uri: str) -> Path | None:
+    """The driver's local file of ``uri`` when workers elsewhere could not read it, else None."""
+    if _is_local_file(uri):
+        return Path(uri.removeprefix("file://"))
+    if uri.startswith(_DRIVER_CACHE_SCHEMES):
+        from transfusion.pretrained import resolve_uri
+
+        return resolve_uri(uri)
+    return None
 
 
 def dataset_for_node(driver_root: str, published_uri: str | None) -> PreparedDataset:

@@ -91,7 +91,13 @@ def prepare_procedural(spec: ProceduralSet, request: PrepareRequest, data_root: 
         )
 
 
+# Names of the procedural sets: prepared from nothing, so any machine can make them.
+PROCEDURAL_DATASETS: set[str] = set()
+
+
 def _register(name: str, spec_factory: Callable[[], ProceduralSet], doc: str) -> None:
+    PROCEDURAL_DATASETS.add(name)
+
     def prepare(request: PrepareRequest, data_root: Path) -> PreparedDataset:
         return prepare_procedural(spec_factory(), request, data_root)
 

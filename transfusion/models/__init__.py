@@ -22,7 +22,15 @@ MODELS: Registry[Callable[..., CaptureModel]] = Registry("model")
 
 # Families built on torchvision load on first use: importing torchvision costs seconds
 # (it pulls in torch._dynamo), which every Ray worker of every job would pay otherwise.
-LAZY_FAMILIES = {"resnet50": "resnet", "slim-resnet50": "resnet", "inception_v3": "inception"}
+LAZY_FAMILIES = {
+    "resnet50": "resnet",
+    "slim-resnet50": "resnet",
+    "inception_v3": "inception",
+    # timm imports torchvision and huggingface_hub: the same reason, more so.
+    "convnext_tiny": "timm_family",
+    "vit_small_patch16_224": "timm_family",
+    "efficientnet_b0": "timm_family",
+}
 _LAZY_BUILDERS: dict[str, Callable[..., CaptureModel]] = {}
 
 

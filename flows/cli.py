@@ -360,11 +360,16 @@ def command_list(args: argparse.Namespace) -> int:
     from transfusion.inits import list_inits
     from transfusion.models import list_models
     from transfusion.presets import PRESETS
+    from transfusion.pretrained import get_pretrained_source, list_pretrained_sources
 
     print("grid presets:", ", ".join(PRESETS.names()))
     print("models:      ", ", ".join(list_models()))
-    print("inits:       ", ", ".join(list_inits()))
+    print("inits:       ", ", ".join(list_inits()), "(transfer: alias of imagenet, for any source)")
     print("datasets:    ", ", ".join(list_datasets()))
+    print("pretrained sources (also synthetic, imagenet, domain:<dataset>, a path or URI):")
+    for name in list_pretrained_sources():
+        source = get_pretrained_source(name)
+        print(f"  {name:<48} {source.kind:<16} {source.model:<22} {source.licence}")
     return 0
 
 

@@ -186,7 +186,8 @@ def transfusion(grid: GridSpec | PresetName, stage: Stage = "all", report_dir: s
                 summary.similarity_markdown = seed_similarity_task(grid, grid_run, records)
                 summary.report_dir = analyze_grid_task(grid, grid_run, records, report_dir)
                 transfer = Path(summary.report_dir) / "transfer_effect.md"
-                summary.transfer_markdown = transfer.read_text() if transfer.is_file() else ""
+                which = Path(summary.report_dir) / "which_source.md"  # grids over several sources
+                summary.transfer_markdown = "\n".join(f.read_text() for f in (transfer, which) if f.is_file())
         except BaseException as exc:
             # The parent run must not stay RUNNING: it says why the flow stopped.
             end_failed_run(grid_run.run_id, exc)

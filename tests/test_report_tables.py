@@ -103,7 +103,7 @@ def test_prefect_task_names_mlflow_run_names_and_report_labels_agree(preset):
         assert f"-{spec.init_label}-" in task_name
     if preset == "demo":
         labels = {spec.init_label for spec in grid.jobs()}
-        assert labels == {"random", "synthetic-transfer", "mean-var"}
+        assert labels == {"random", "synthetic-transfer", "mean-var@synthetic"}
         assert not any("imagenet" in train_job_task.task_run_name.format(spec=s) for s in grid.jobs())
 
 

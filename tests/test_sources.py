@@ -367,6 +367,7 @@ def test_grid_over_two_sources_labels_tags_keys_and_reports_each(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Grid two-sources: 3 trained, 0 already done, 0 failed" in result.stdout
     assert "transfer@byol-cbr-tiny" in result.stdout and "transfer@cbr-tiny-chexpert-1" in result.stdout
+    assert "### Which source?" in result.stdout  # printed at the end of the run, as in the report
 
     grid = load_grid(str(grid_file))
     server = start_mlflow_server(home)
@@ -390,9 +391,33 @@ def test_grid_over_two_sources_labels_tags_keys_and_reports_each(tmp_path):
     finally:
         server.stop()
 
-    report = next(home.rglob("two-sources*/report.md"), None) or next(home.rglob("report.md"))
-    text = report.read_text()
-    assert "Does transfer help?" in text and "Which source?" in text
-    which = text.split("Which source?", 1)[1]
+    reports = home / "reports" / "two-sources"
+    text = (reports / "report.md").read_text()
+    assert "## Does transfer help?" in text and "## Which source?" in text
+    which = (reports / "which_source.md").read_text()
     ranked = [line.split("|")[4].strip() for line in which.splitlines() if line.startswith("| cbr-tiny")]
     assert sorted(ranked) == ["byol-cbr-tiny", "cbr-tiny-chexpert-1"]
+    effect = (reports / "transfer_effect.md").read_text()
+    assert "transfer@byol-cbr-tiny" in effect and "transfer@cbr-tiny-chexpert-1" in effect
+    # Figure 2 compares random init with each source on its own, never the two pooled.
+    figure2 = {line.split("|")[3].strip() for line in text.splitlines() if "| rand-pretrained" in line}
+    assert figure2 == {"rand-pretrained@byol-cbr-tiny", "rand-pretrained@cbr-tiny-chexpert-1"}
+
+
+def test_a_registered_source_sets_the_input_statistics_its_weights_saw():
+    from types import SimpleNamespace
+
+    from transfusion.train import build_model
+
+    vit = create_model("vit_small_patch16_224", num_classes=1000).state_dict()
+    dataset = SimpleNamespace(num_labels=2, in_channels=3)
+    spec = JobSpec(
+        model="vit_small_patch16_224", init="transfer", pretrained="timm-vit_small_patch16_224-augreg-in21k-ft-in1k",
+        dataset="synthetic-retina",
+    )  # fmt: skip
+    model = build_model(spec, dataset, source_state=vit)
+    assert model.input_mean == (0.5, 0.5, 0.5) and model.input_std == (0.5, 0.5, 0.5)
+    cbr = build_model(
+        JobSpec(model="cbr-tiny", init="random", dataset="synthetic-retina"), dataset, source_state=None
+    )  # fmt: skip
+    assert cbr.input_mean == get_pretrained_source("torchvision-resnet50-imagenet1k-v1").preprocessing.mean

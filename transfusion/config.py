@@ -311,7 +311,7 @@ class GridSpec(_Frozen):
         default=None,
         description="weights for transfer inits, one source or a list (the transfer inits expand over "
         "them): 'synthetic' (pretrain on procedural natural-like images), 'imagenet' (torchvision "
-        "IMAGENET1K_V1), a registered source name (transfusion sources), a path, s3://, https://, "
+        "IMAGENET1K_V1), a registered source name (transfusion list), a path, s3://, https://, "
         "timm: or models:/ URI",
     )
     data_sizes: Annotated[list[DataSize], Field(min_length=1)] = ["full"]

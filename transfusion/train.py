@@ -171,8 +171,14 @@ def build_model(spec: JobSpec, dataset: PreparedDataset, *, source_state: dict[s
     """The spec's model, initialised by the spec's init (seeded)."""
     from transfusion.inits import initialize
 
+    from transfusion.pretrained import source_for
+
     torch.manual_seed(spec.seed)
     model = create_model(spec.model, num_classes=dataset.num_labels, in_channels=dataset.in_channels)
+    registered = source_for(spec.pretrained) if spec.pretrained else None
+    if registered is not None:
+        # Inputs as the source's weights saw them (ViT AugReg wants [-1, 1], not ImageNet statistics).
+        model.input_mean, model.input_std = registered.preprocessing.mean, registered.preprocessing.std
     return initialize(model, spec.init, source=source_state, seed=spec.seed, **spec.init_options)
 
 

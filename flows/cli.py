@@ -243,9 +243,11 @@ class RichProgress:
 
 def command_run(args: argparse.Namespace) -> int:
     from tasks.training import prepare_dataset_task
+    from transfusion.preflight import check_pretrained_sources
 
     grid = load_grid_with_overrides(args.grid, args.set)
     check_services(with_compute=True)
+    check_pretrained_sources(grid.sources)  # a missing weights file, before any service starts
     # Check the data sizes against the prepared data before any service starts.
     prepare_dataset_task.fn(grid)
     from flows.grid import transfusion

@@ -114,6 +114,22 @@ CASES = [
         r"grid: inits \['imagenet'\] copy pretrained weights: set pretrained to .*",
     ),
     _case(
+        "source for another architecture",
+        "run smoke --set inits=[random,transfer] --set pretrained=[dino-resnet50]",
+        r"grid: pretrained: source 'dino-resnet50' holds resnet50 weights; it does not fit cbr-tiny",
+    ),
+    _case(
+        "unknown domain source",
+        "run smoke --set inits=[random,transfer] --set pretrained=[domain:mnist]",
+        r"grid: unknown dataset 'mnist'; valid: .*synthetic-chest.*",
+    ),
+    _case(
+        "registered source missing from the cache",
+        "run smoke --set models=[resnet50] --set inits=[random,transfer] --set pretrained=radimagenet-resnet50",
+        r"pretrained source radimagenet-resnet50: cache:radimagenet/.* not found at .*; "
+        r"to get it, request .*radimagenet\.com",
+    ),
+    _case(
         "resolution below model minimum",
         "run smoke --set models=[inception_v3] --set train.resolution=32",
         r"grid: train\.resolution 32 is below the minimum input size of inception_v3 \(75 px\)",
@@ -201,7 +217,15 @@ CASES = [
     _case(
         "pretrain missing source",
         "pretrain --model cbr-tiny --source {tmp}/imagenet",
-        r"--source .*/imagenet: not 'synthetic', an s3:// URI or an existing folder",
+        r"--source .*/imagenet: not 'synthetic', 'domain:<dataset>', an s3:// URI or an existing folder",
+    ),
+    _case(
+        "pretrain domain source from files without them",
+        "pretrain --model cbr-tiny --source domain:chexpert",
+        r"--source domain:chexpert: chexpert is read from files; give them with --data",
+    ),
+    _case(
+        "pretrain unknown domain set", "pretrain --model cbr-tiny --source domain:mnist", r"unknown dataset 'mnist'.*"
     ),
     _case(
         "pretrain below model minimum",

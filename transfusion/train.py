@@ -170,7 +170,6 @@ def load_images(
 def build_model(spec: JobSpec, dataset: PreparedDataset, *, source_state: dict[str, torch.Tensor] | None) -> nn.Module:
     """The spec's model, initialised by the spec's init (seeded)."""
     from transfusion.inits import initialize
-
     from transfusion.pretrained import source_for
 
     torch.manual_seed(spec.seed)

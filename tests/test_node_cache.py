@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from transfusion.data import node_cache
 from transfusion.data.node_cache import (
@@ -110,3 +111,19 @@ def test_the_driver_publishes_for_workers_only_under_an_object_store_data_path(
     assert weights_for_node("models:/transfusion-cbr-tiny-synthetic/1") == "models:/transfusion-cbr-tiny-synthetic/1"
     # Sources every node reaches by themselves are passed on as they are.
     assert for_workers(str(tiny_retina.root), "models:/m/1")[1] == "models:/m/1"
+
+    # A timm source sits in the driver's hub cache, which other nodes lack: it is published,
+    # as safetensors (the loader reads the format by its suffix), and loads the same there.
+    from safetensors.torch import save_file
+
+    from transfusion.pretrained import load_state_dict_from_uri
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "models--timm--tiny.test" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hub" / "models--timm--tiny.test" / "refs").mkdir()
+    (tmp_path / "hub" / "models--timm--tiny.test" / "refs" / "main").write_text("0" * 40)
+    save_file({"w": torch.arange(4.0)}, snapshot / "model.safetensors")
+    _, published = for_workers(str(tiny_retina.root), "timm:tiny.test")
+    assert published.startswith("s3://transfusion-data/workers/weights/") and published.endswith(".safetensors")
+    assert torch.equal(load_state_dict_from_uri(weights_for_node(published)).state_dict["w"], torch.arange(4.0))

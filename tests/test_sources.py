@@ -421,3 +421,15 @@ def test_a_registered_source_sets_the_input_statistics_its_weights_saw():
         JobSpec(model="cbr-tiny", init="random", dataset="synthetic-retina"), dataset, source_state=None
     )  # fmt: skip
     assert cbr.input_mean == get_pretrained_source("torchvision-resnet50-imagenet1k-v1").preprocessing.mean
+
+
+@pytest.mark.parametrize(
+    ("name", "gmacs"),
+    # Published multiply-adds at 224 px (timm's model cards; ResNet-50 as torchvision states it).
+    [("vit_small_patch16_224", 4.6), ("convnext_tiny", 4.5), ("efficientnet_b0", 0.39), ("resnet50", 4.09)],
+)
+def test_forward_flops_count_per_token_linears_and_attention(name, gmacs):
+    from transfusion.cost import forward_flops
+
+    flops = forward_flops(create_model(name, num_classes=1000), in_channels=3, resolution=224)
+    assert flops / 2e9 == pytest.approx(gmacs, rel=0.03)

@@ -260,9 +260,10 @@ for _source in (
         preprocessing=_IMAGENET_224,
         description="DINO self-supervised ResNet-50, no labels (linear probe 75.3 %)",
         model="resnet50",
-        quality=SourceQuality("ImageNet-1k (no labels, linear probe)", 0.753, _NAN, 800.0, 800 * 1_281_167),
+        # The schedule of this checkpoint is not recorded here: epochs unknown.
+        quality=SourceQuality("ImageNet-1k (no labels, linear probe)", 0.753, _NAN, _NAN, 0),
         kind=SELF_SUPERVISED,
-        provenance="Caron et al. 2021 (DINO), 800 epochs on ImageNet-1k images without labels",
+        provenance="Caron et al. 2021 (DINO), self-distillation on ImageNet-1k images without labels",
         licence="Apache-2.0",
         layout="plain",
         also_fits=_RESNET50_FAMILY,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 
 import pytest
 
@@ -132,8 +133,11 @@ def _assert_dataset_inputs_and_logged_model(home, tracking_uri, client, run):
     linked = {m.key: m for m in logged.metrics}
     assert linked["test/auc"].value == run.data.metrics["test/auc"]
     assert linked["test/auc"].dataset_name == "synthetic-retina/test" and linked["test/auc"].dataset_digest == version
-    mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    from transfusion.tracking import fluent_tracking_uri
+
+    with fluent_tracking_uri(tracking_uri):  # this grid's server is stopped after the test
+        model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    assert os.environ.get("MLFLOW_TRACKING_URI") != tracking_uri
     dataset = PreparedDataset.open(home / "data" / "synthetic-retina" / version)
     scores = evaluate(model, dataset, dataset.indices("test"), prefix="test", batch_size=64, device=torch.device("cpu"))
     assert scores["test/auc"] == pytest.approx(run.data.metrics["test/auc"], abs=1e-6)

@@ -327,16 +327,19 @@ def test_which_source_ranks_sources_and_claims_a_best_only_when_its_ci_clears_th
 
 def _register_source(home, state: dict[str, torch.Tensor], tmp_path) -> str:
     """A ``models:/`` source in ``home``'s tracking store, as ``transfusion pretrain`` leaves one."""
-    from flows.runtime import tracking_service
+    from flows.runtime import start_mlflow_server
     from transfusion import tracking
 
     weights = tmp_path / "model.pt"
     torch.save(state, weights)
-    with tracking_service(home) as uri:
-        experiment_id = tracking.ensure_experiment("sources-pretraining", uri=uri)
-        run_id = tracking.client(uri).create_run(experiment_id).info.run_id
-        tracking.log_artifact(run_id, weights, "checkpoint", uri=uri)
-        return tracking.register_model_weights("cbr-tiny-chexpert", run_id, "checkpoint/model.pt", uri=uri)
+    server = start_mlflow_server(home)  # home's own store, whatever server the session uses
+    try:
+        experiment_id = tracking.ensure_experiment("sources-pretraining", uri=server.url)
+        run_id = tracking.client(server.url).create_run(experiment_id).info.run_id
+        tracking.log_artifact(run_id, weights, "checkpoint", uri=server.url)
+        return tracking.register_model_weights("cbr-tiny-chexpert", run_id, "checkpoint/model.pt", uri=server.url)
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -290,6 +290,22 @@ def log_dataset_inputs(
     with_retries(lambda: c.log_inputs(run_id, datasets=inputs), what="log dataset inputs")
 
 
+@contextlib.contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``mlflow.pytorch.log_model``/``load_model``) pointed at ``uri`` for a block.
+
+    ``mlflow.set_tracking_uri`` also sets ``$MLFLOW_TRACKING_URI``, which this module
+    reads: both are put back after, so a server used for one block never becomes the
+    process's tracking server.
+    """
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets the variable as well
+
+
 def log_final_model(
     run_id: str,
     model,
@@ -329,9 +345,7 @@ def log_final_model(
         output = model(torch.from_numpy(input_example)).float().numpy()
     # Given outright, requirements and signature need no trial load of the model in a
     # subprocess, which would cost seconds per job.
-    previous_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri or tracking_uri())
-    try:
+    with fluent_tracking_uri(uri or tracking_uri()):
         mlflow.pytorch.log_model(
             model,
             name=MODEL_NAME,
@@ -343,8 +357,6 @@ def log_final_model(
             # eval mode, fine-tuned or probed; a torch.export program could not.
             serialization_format="pickle",
         )
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
     with_retries(
         lambda: c.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)]), what="link model to run"
     )

@@ -82,17 +82,39 @@ def wait_for_http(
     poll_until(answers, timeout=timeout, what=f"server for {url}", process=process, log_path=log_path)
 
 
+def process_group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid``, from /proc."""
+    members = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[3]) == pgid:
+            members.append(int(proc.name))
+    return members
+
+
 def stop_process_group(process: subprocess.Popen, *, timeout: float = 10.0) -> None:
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=timeout)
+    """Stops a service started in its own session, and everything it started.
+
+    Waits for the whole group, not only its leader: ``mlflow server`` exits at once on
+    SIGTERM while its uvicorn and job-runner children are still shutting down, and a
+    "stopped" server whose children live on holds the port and the store.
+    """
+    pgid = process.pid  # start_new_session: the leader's pid is the group's id
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            process.poll()  # reaps the leader, which would otherwise stay a member as a zombie
+            if not process_group_members(pgid):
+                return
+            time.sleep(0.1)
+    process.poll()
 
 
 def start_mlflow_server(
@@ -200,7 +222,8 @@ def _cmdline(pid: int) -> bytes | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -250,7 +273,7 @@ def reap_orphaned_services(run_dir: Path) -> list[str]:
         except (OSError, ValueError, KeyError, TypeError):
             pid_file.unlink(missing_ok=True)
             continue
-        if _alive(owner) and _cmdline(owner) is not None:
+        if pid_alive(owner) and _cmdline(owner) is not None:
             continue  # its owner still runs (maybe this process): not an orphan
         if _cmdline(pid) == cmdline:
             log.warning("stopping %s (pid %d) left by a transfusion process that died", pid_file.stem, pid)

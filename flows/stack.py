@@ -26,7 +26,9 @@ from pathlib import Path
 from flows.runtime import (
     S3Credentials,
     ServiceProcess,
+    pid_alive,
     poll_until,
+    process_group_members,
     start_mlflow_server,
     start_prefect_server,
     start_ray_head,
@@ -58,30 +60,20 @@ def read_state() -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _kill_group(pid: int, timeout: float = 15.0) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
+    """Stops a service's whole process group (its leader may go before its children)."""
 
     def gone() -> bool:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        return not _alive(pid)
+        return not process_group_members(pid)
 
-    with contextlib.suppress(TimeoutError):
-        poll_until(gone, timeout=timeout, what=f"process group {pid}")
-    if _alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        with contextlib.suppress(TimeoutError):
+            poll_until(gone, timeout=timeout, what=f"process group {pid}")
+            return
 
 
 def stack_env(state: dict) -> dict[str, str]:
@@ -218,7 +210,7 @@ def stack_down() -> list[str]:
     stopped = []
     for name in reversed(ORDER):
         service = state.get("services", {}).get(name)
-        if service and _alive(service["pid"]):
+        if service and pid_alive(service["pid"]):
             _kill_group(service["pid"])
             stopped.append(name)
     _state_path().unlink(missing_ok=True)
@@ -236,7 +228,7 @@ def stack_status() -> dict[str, str]:
         if not service:
             status[name] = "not started"
             continue
-        if not _alive(service["pid"]):
+        if not pid_alive(service["pid"]):
             status[name] = f"DEAD (pid {service['pid']}; log {service['log']})"
             continue
         health = {"mlflow": "/health", "prefect": "/health"}.get(name)

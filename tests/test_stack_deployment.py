@@ -148,3 +148,77 @@ def test_server_rejects_a_bad_grid_before_any_run(stack):
     run = _run(sys.executable, "-m", "prefect", "deployment", "run", "transfusion/demo",
                "--param", f"grid={json.dumps(negative)}", env=env)  # fmt: skip
     assert run.returncode != 0
+
+
+def _flow_run_processes(flow_run_id: str) -> list[int]:
+    """Processes the worker started for this flow run (it hands the id down in the environment)."""
+    marker = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                environ = open(f"/proc/{entry}/environ", "rb").read()  # noqa: SIM115
+            except OSError:
+                continue
+            if marker in environ.split(b"\0"):
+                pids.append(int(entry))
+    return pids
+
+
+def test_cancelled_deployment_run_ends_its_runs_killed(stack):
+    """`prefect flow-run cancel` mid-job: the worker's SIGTERM takes the grid's interrupt path, so
+    the job's and the grid's MLflow runs end KILLED with the reason and the flow-run process goes."""
+    import asyncio
+
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import PrefectClient
+
+    from flows.runtime import poll_until
+
+    home, env = stack
+    grid = {
+        **TINY_GRID,
+        "name": "stack-cancel",
+        "seeds": [0],
+        "train": {**TINY_GRID["train"], "steps": 200_000, "eval_every": 500},
+    }
+    started = _run(sys.executable, "-m", "prefect", "deployment", "run", "transfusion/demo",
+                   "--param", f"grid={json.dumps(grid)}", env=env)  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started.stdout).group(1)
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+    def job_runs():
+        experiment = client.get_experiment_by_name("stack-cancel")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        return [r for r in runs if r.data.tags.get("transfusion.role") == "job"]
+
+    def training() -> bool:
+        runs = job_runs()
+        return bool(runs) and runs[0].info.status == "RUNNING" and "train/loss" in runs[0].data.metrics
+
+    poll_until(training, timeout=240, interval=1, what="the job to be training")
+    cancel = _run(sys.executable, "-m", "prefect", "flow-run", "cancel", flow_run_id, env=env)
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+
+    async def flow_run_state():
+        async with PrefectClient(env["PREFECT_API_URL"]) as prefect:
+            return (await prefect.read_flow_run(flow_run_id)).state
+
+    poll_until(
+        lambda: asyncio.run(flow_run_state()).is_cancelled(),
+        timeout=120,
+        interval=2,
+        what="the flow run to be cancelled",
+    )
+    experiment = client.get_experiment_by_name("stack-cancel")
+    poll_until(lambda: all(r.info.status != "RUNNING" for r in client.search_runs([experiment.experiment_id])),
+               timeout=60, interval=1, what="every run of the grid to end")  # fmt: skip
+    runs = client.search_runs([experiment.experiment_id])
+    roles = sorted(r.data.tags.get("transfusion.role") for r in runs)
+    assert roles == ["grid", "job"], roles
+    assert {(r.info.status, r.data.tags.get("failure_reason")) for r in runs} == {("KILLED", "interrupted by SIGTERM")}
+    poll_until(
+        lambda: not _flow_run_processes(flow_run_id), timeout=30, interval=1, what="the flow-run process to exit"
+    )

@@ -218,6 +218,31 @@ PRETRAINED: Registry[PretrainedSource] = Registry("pretrained source")
 
 _IMAGENET_224 = Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD, resolution=224)
 _RESNET50_FAMILY = ("slim-resnet50",)
+
+
+def _timm_source(
+    name: str,
+    timm_tag: str,
+    *,
+    description: str,
+    quality: SourceQuality,
+    provenance: str,
+    preprocessing: Preprocessing = _IMAGENET_224,
+) -> PretrainedSource:
+    """A timm checkpoint ``<arch>.<tag>`` in the local Hugging Face cache, for our ``<arch>`` model."""
+    arch = timm_tag.split(".", 1)[0]
+    return PretrainedSource(
+        name=name,
+        uri=f"timm:{timm_tag}",
+        preprocessing=preprocessing,
+        description=description,
+        model=arch,
+        quality=quality,
+        provenance=provenance,
+        licence="Apache-2.0",
+        layout="timm",
+    )
+
 _NAN = math.nan
 
 for _source in (
@@ -295,38 +320,27 @@ for _source in (
         also_fits=_RESNET50_FAMILY,
         how_to_get="request the PyTorch ResNet-50 weights at https://www.radimagenet.com",
     ),
-    PretrainedSource(
-        name="timm-convnext_tiny-in1k",
-        uri="timm:convnext_tiny.fb_in1k",
-        preprocessing=_IMAGENET_224,
+    _timm_source(
+        "timm-convnext_tiny-in1k",
+        "convnext_tiny.fb_in1k",
         description="ConvNeXt-Tiny supervised on ImageNet-1k (top-1 82.1 %)",
-        model="convnext_tiny",
         quality=SourceQuality("ImageNet-1k", 0.821, _NAN, 300.0, 300 * 1_281_167),
         provenance="Liu et al. 2022 (ConvNeXt), 300 epochs on ImageNet-1k",
-        licence="Apache-2.0",
-        layout="timm",
     ),
-    PretrainedSource(
-        name="timm-vit_small_patch16_224-augreg-in21k-ft-in1k",
-        uri="timm:vit_small_patch16_224.augreg_in21k_ft_in1k",
-        preprocessing=Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resolution=224),
+    _timm_source(
+        "timm-vit_small_patch16_224-augreg-in21k-ft-in1k",
+        "vit_small_patch16_224.augreg_in21k_ft_in1k",
         description="ViT-S/16 AugReg, ImageNet-21k then fine-tuned on ImageNet-1k (top-1 81.4 %)",
-        model="vit_small_patch16_224",
         quality=SourceQuality("ImageNet-21k + ImageNet-1k", 0.814, _NAN, _NAN, 0),
         provenance="Steiner et al. 2022 (How to train your ViT), ImageNet-21k pre-training, ImageNet-1k fine-tuning",
-        licence="Apache-2.0",
-        layout="timm",
+        preprocessing=Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resolution=224),
     ),
-    PretrainedSource(
-        name="timm-efficientnet_b0-in1k",
-        uri="timm:efficientnet_b0.ra_in1k",
-        preprocessing=_IMAGENET_224,
+    _timm_source(
+        "timm-efficientnet_b0-in1k",
+        "efficientnet_b0.ra_in1k",
         description="EfficientNet-B0 supervised on ImageNet-1k, timm RandAugment recipe (top-1 77.7 %)",
-        model="efficientnet_b0",
         quality=SourceQuality("ImageNet-1k", 0.777, _NAN, _NAN, 0),
         provenance="Tan & Le 2019 architecture, trained by timm (RandAugment recipe) on ImageNet-1k",
-        licence="Apache-2.0",
-        layout="timm",
     ),
 ):
     PRETRAINED.add(_source.name, _source)

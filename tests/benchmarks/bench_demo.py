@@ -74,16 +74,26 @@ def main(argv: list[str] | None = None) -> None:
             f"{baseline.wall:.0f} s ({baseline.wall / 60:.1f} min); first run ÷ baseline = {ratio:.2f} | |\n"
         )
 
-    def phases(run: DemoRun | None) -> tuple[str, str, str]:
-        if run is None:
-            return ("–",) * 3
+    def phases(run: DemoRun) -> tuple[str, str, str]:
         return f"{run.grid_start:.0f}", f"{run.jobs_done - run.grid_start:.0f}", f"{run.wall - run.jobs_done:.0f}"
 
-    (a1, a2, a3), (b1, b2, b3) = phases(demo), phases(baseline)
+    labels = (
+        "start-up: Prefect and MLflow servers, data generation, Ray, pending-job check",
+        "12 jobs, 2 at a time, with both CBRs pretrained alongside",
+        "results table, seed similarity, figures, report",
+    )
+    columns = [phases(demo)] + ([phases(baseline)] if baseline is not None else [])
+    header = "| phase | warm pool members (default) |" + (" fresh Ray Train run per job |" if baseline else "")
+    rule = "|---|---:|" + ("---:|" if baseline else "")
+    phase_rows = "\n".join(
+        f"| {label} | " + " | ".join(column[i] for column in columns) + " |" for i, label in enumerate(labels)
+    )
+    command = "python tests/benchmarks/bench_demo.py" + (" --no-baseline" if baseline is None else "")
+    then_baseline = ", then the baseline on another empty `TRANSFUSION_HOME`" if baseline is not None else ""
     body = f"""Machine: {machine_info()}.
-Command: `python tests/benchmarks/bench_demo.py`: `transfusion run demo` on an empty `TRANSFUSION_HOME`
-(data generation, pretraining of both CBR nets on synthetic shapes, 12 jobs, analyses and report), the
-same command again, then the baseline on another empty `TRANSFUSION_HOME`.
+Command: `{command}`: `transfusion run demo` on an empty `TRANSFUSION_HOME`
+(data generation, pretraining of both CBR nets on synthetic shapes, 12 jobs, analyses and report), then
+the same command again{then_baseline}.
 
 | run | wall time | goal |
 |---|---|---|
@@ -92,11 +102,9 @@ same command again, then the baseline on another empty `TRANSFUSION_HOME`.
 {baseline_row}
 Where a first run's time goes (seconds, from the arrival of its progress lines):
 
-| phase | warm pool members (default) | fresh Ray Train run per job |
-|---|---:|---:|
-| start-up: Prefect and MLflow servers, data generation, Ray, pending-job check | {a1} | {b1} |
-| 12 jobs, 2 at a time, with both CBRs pretrained alongside | {a2} | {b2} |
-| results table, seed similarity, figures, report | {a3} | {b3} |
+{header}
+{rule}
+{phase_rows}
 
 {args.note}
 

@@ -226,3 +226,29 @@ def test_ray_fan_out_equals_the_serial_path(finished_grid, ray_cluster):
     for a, b in zip(expected, got, strict=True):
         assert (a.model, a.comparison, a.measure, a.pairs) == (b.model, b.comparison, b.measure, b.pairs)
         assert b.mean == pytest.approx(a.mean, abs=1e-9) and b.chance == pytest.approx(a.chance, abs=1e-9)
+
+
+def test_a_layer_dead_at_init_is_named_in_figure4_not_left_blank(tmp_path):
+    """Mean-Var init can switch every ReLU of a layer off at init: the row says so instead of a bare n/a."""
+    from transfusion.analysis.similarity_figures import figure4_data, figure4_markdown
+
+    rng = np.random.default_rng(3)
+    latent = rng.normal(size=(N, 6))
+    records = []
+    for seed in (0, 1):
+        run = tmp_path / f"mean-var-{seed}"
+        start = _probe(rng.normal(size=(N, 6)), np.random.default_rng(seed))
+        start["stage1"] = np.zeros_like(start["stage1"])
+        save_probe(run / "probes" / "step-0.npz", start)
+        save_probe(run / "probes" / "step-40.npz", _probe(latent, np.random.default_rng(10 + seed)))
+        records.append(JobRecord(
+            job_key=f"mv{seed}", run_id=f"run-mv-{seed}", model="cbr-tiny", init="mean-var", data_size="full",
+            seed=seed, status="FINISHED", val_curve=((0, 0.5), (40, 0.9)), probe_dir=run / "probes", metrics={},
+        ))  # fmt: skip
+    rows = {r.layer: r for r in figure4_data(records, RepresentationCache(AnalysisSettings()))}
+    assert rows["stage1"].runs == 0 and rows["stage1"].note == "at init: every feature constant, a dead layer"
+    assert rows["conv1"].runs == 2 and rows["conv1"].note == ""
+    table = _table(figure4_markdown(list(rows.values())), "| model | data size | layer | init |")
+    values = {r["layer"]: r["similarity(init, trained)"] for r in table}
+    assert values["stage1"] == "n/a (at init: every feature constant, a dead layer)"
+    assert "(" not in values["conv1"]

@@ -243,6 +243,7 @@ def _timm_source(
         layout="timm",
     )
 
+
 _NAN = math.nan
 
 for _source in (

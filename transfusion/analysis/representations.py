@@ -29,6 +29,7 @@ import numpy as np
 
 from transfusion.analysis.formatting import mean_spread_text, sample_std
 from transfusion.analysis.records import JobRecord
+from transfusion.errors import first_line
 from transfusion.probes import MIN_ROWS_PER_DIM, load_probe, probe_layers, probe_sampling
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 STAGE_ORDER = re.compile(r"^(conv1|stage(\d+))$")
 EXECUTORS = ("auto", "serial", "ray")
 TOO_FEW_ROWS = "too few rows"
+DEAD_LAYER = "every feature constant, a dead layer"
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,8 @@ class PairScores:
     scores: dict[str, MeasureScore]
     rows: int
     dims: int
+    # Why the scores are undefined, naming the side: "first: <reason>" or "second: <reason>".
+    undefined: str = ""
 
     @property
     def rows_per_dim(self) -> float:
@@ -171,8 +175,10 @@ def decompose_representation(
         groups = None
     try:
         prepared = prepare(torch.from_numpy(rep).to(_device())).to("cpu")
-    except ValueError as exc:  # e.g. a layer dead at init: every feature constant
-        return Decomposition(None, groups, rows, dims, error=str(exc))
+    except ValueError as exc:
+        # A layer dead at init (every ReLU off) is common enough to be named as such.
+        dead = not np.ptp(rep, axis=0).any()
+        return Decomposition(None, groups, rows, dims, error=DEAD_LAYER if dead else first_line(exc))
     return Decomposition(prepared, groups, rows, dims)
 
 
@@ -189,7 +195,11 @@ def compare_decompositions(
     rows, dims = x.rows, max(x.dims, y.dims)
     if x.prepared is None or y.prepared is None or x.rows != y.rows:
         nan = MeasureScore(math.nan, math.nan, math.nan)
-        return PairScores({m: nan for m in measures}, rows, dims)
+        if x.prepared is None or y.prepared is None:
+            undefined = f"first: {x.error}" if x.prepared is None else f"second: {y.error}"
+        else:
+            undefined = f"rows differ: {x.rows} vs {y.rows}"
+        return PairScores({m: nan for m in measures}, rows, dims, undefined)
     device = _device()
     px, py = x.prepared.to(device), y.prepared.to(device)
     same_rows = x.groups is not None and y.groups is not None and np.array_equal(x.groups, y.groups)
@@ -359,7 +369,7 @@ class RepresentationCache:
             for key, pair in zip(keys[name], scores, strict=True):
                 previous = self._scores.get(key)
                 merged = {**previous.scores, **pair.scores} if previous else pair.scores
-                self._scores[key] = PairScores(merged, pair.rows, pair.dims)
+                self._scores[key] = PairScores(merged, pair.rows, pair.dims, pair.undefined)
 
     def pair(self, a: Path, b: Path, layer: str, *, measures: tuple[str, ...] = ("svcca",), group=()) -> PairScores:
         self.score_pairs([PairRequest(a, b, layer, tuple(group) or (layer,), measures)])
@@ -382,6 +392,20 @@ def mark_value(mean: float, std: float, rows_per_dim: float, minimum: float = MI
     return f"{TOO_FEW_ROWS}: {text}" if not rows_per_dim >= minimum else text
 
 
+def undefined_note(results: list[PairScores], sides: tuple[str, str] = ("first run", "second run")) -> str:
+    """Why the pairs of a table row gave no value, naming the side in the table's words, or ''."""
+    for pair in results:
+        if pair.undefined:
+            side, _, reason = pair.undefined.partition(": ")
+            name = {"first": sides[0], "second": sides[1]}.get(side)
+            return f"{name}: {reason}" if name else pair.undefined
+    return ""
+
+
+def with_note(value: str, note: str) -> str:
+    return f"{value} ({note})" if note else value
+
+
 def format_chance(chance: float, chance_std: float) -> str:
     return mean_spread_text(chance, chance_std)
 
@@ -401,6 +425,7 @@ class SeedSimilarityRow:
     chance: float = math.nan
     chance_std: float = math.nan
     rows_per_dim: float = math.nan
+    note: str = ""  # why there is no value, when no pair gave one
 
 
 def _seed_plans(records: list[JobRecord], cache: RepresentationCache) -> list[tuple]:
@@ -447,8 +472,9 @@ def seed_similarity(
         chance, _ = _nan_stats([p.scores[measure].chance for p in results])
         chance_std, _ = _nan_stats([p.scores[measure].chance_std for p in results])
         valid = sum(not math.isnan(p.scores[measure].score) for p in results)
+        note = "" if valid else undefined_note(results)
         rows.append(SeedSimilarityRow(model, init, size, layer, valid, mean, std, chance, chance_std,
-                                      min(p.rows_per_dim for p in results)))  # fmt: skip
+                                      min(p.rows_per_dim for p in results), note))  # fmt: skip
     return rows
 
 
@@ -460,7 +486,7 @@ def seed_similarity_markdown(rows: list[SeedSimilarityRow], *, measure: str = "s
     for r in rows:
         lines.append(
             f"| {r.model} | {r.init} | {r.data_size} | {r.layer} | {r.pairs}"
-            f" | {mark_value(r.mean, r.std, r.rows_per_dim)} | {r.rows_per_dim:.1f}"
+            f" | {with_note(mark_value(r.mean, r.std, r.rows_per_dim), r.note)} | {r.rows_per_dim:.1f}"
             f" | {format_chance(r.chance, r.chance_std)} |"
         )
     return "\n".join(lines) + "\n"

@@ -35,6 +35,8 @@ from transfusion.analysis.representations import (
     format_chance,
     initial_probe_path,
     mark_value,
+    undefined_note,
+    with_note,
 )
 
 __all__ = [
@@ -91,6 +93,7 @@ class PairSimilarity:
     chance: float = math.nan
     chance_std: float = math.nan
     rows_per_dim: float = math.nan  # the lowest of the averaged layers
+    note: str = ""  # why there is no value, when no pair gave one
 
 
 def _figure2_plans(records: list[JobRecord], cache: RepresentationCache) -> list[tuple]:
@@ -136,8 +139,9 @@ def figure2_data(records: list[JobRecord], cache: RepresentationCache) -> list[P
             chances = [_nanmean([p.scores[measure].chance for p in per_pair]) for per_pair in results]
             spreads = [_nanmean([p.scores[measure].chance_std for p in per_pair]) for per_pair in results]
             valid = [v for v in scores if not math.isnan(v)]
+            note = "" if valid else undefined_note([p for per_pair in results for p in per_pair])
             rows.append(PairSimilarity(model, size, comparison, measure, _nanmean(valid), _nanstd(valid), len(valid),
-                                       _nanmean(chances), _nanmean(spreads), rows_per_dim))  # fmt: skip
+                                       _nanmean(chances), _nanmean(spreads), rows_per_dim, note))  # fmt: skip
     return rows
 
 
@@ -154,6 +158,7 @@ class LayerMovement:
     chance: float = math.nan
     chance_std: float = math.nan
     rows_per_dim: float = math.nan
+    note: str = ""  # why there is no value, when no run gave one
 
 
 def _figure4_plans(records: list[JobRecord], cache: RepresentationCache) -> list[tuple]:
@@ -194,6 +199,7 @@ def figure4_data(
             _nanmean([p.scores[measure].chance for p in results]),
             _nanmean([p.scores[measure].chance_std for p in results]),
             min(p.rows_per_dim for p in results),
+            "" if valid else undefined_note(results, sides=("at init", "trained")),
         ))  # fmt: skip
     return rows
 
@@ -313,8 +319,8 @@ def plot_figure4(rows: list[LayerMovement], path: Path) -> Path:
 def figure2_markdown(rows: list[PairSimilarity]) -> str:
     columns = ["model", "data size", "comparison", "measure", "mean ± std", "pairs", "rows/dims", "chance"]
     return markdown_table(columns, (
-        [r.model, r.data_size, r.comparison, r.measure, mark_value(r.mean, r.std, r.rows_per_dim), r.pairs,
-         f"{r.rows_per_dim:.1f}", format_chance(r.chance, r.chance_std)]
+        [r.model, r.data_size, r.comparison, r.measure, with_note(mark_value(r.mean, r.std, r.rows_per_dim), r.note),
+         r.pairs, f"{r.rows_per_dim:.1f}", format_chance(r.chance, r.chance_std)]
         for r in rows
     ))  # fmt: skip
 
@@ -323,7 +329,7 @@ def figure4_markdown(rows: list[LayerMovement]) -> str:
     """Per model and layer: random-init vs pretrained movement and their difference."""
     columns = ["model", "data size", "layer", "init", "similarity(init, trained)", "runs", "rows/dims", "chance"]
     lines = [markdown_table(columns, (
-        [r.model, r.data_size, r.layer, r.init, mark_value(r.mean, r.std, r.rows_per_dim), r.runs,
+        [r.model, r.data_size, r.layer, r.init, with_note(mark_value(r.mean, r.std, r.rows_per_dim), r.note), r.runs,
          f"{r.rows_per_dim:.1f}", format_chance(r.chance, r.chance_std)]
         for r in rows
     )).rstrip("\n")]  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import processes_mentioning, run_cli
 from transfusion import tracking
 from transfusion.config import JobSpec, TrainSettings
 from transfusion.launcher import LaunchRequest, fit_job
@@ -178,15 +179,11 @@ def test_preflight_refuses_an_unreachable_tracking_server_and_a_missing_bucket(s
 
 
 def _kill_processes_mentioning(text: str) -> None:
-    """Stops what a SIGKILLed run left behind (its MLflow server runs in its own session)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if text.encode() in (proc / "cmdline").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            continue
+    """Stops what a SIGKILLed run left behind: its MLflow server runs in its own session, and the
+    server's uvicorn and job-runner children name the run's home only in their environment."""
+    for line in processes_mentioning(text):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
 
 
 def test_interrupted_grid_rerun_skips_finished_resumes_partial_and_never_duplicates(tmp_path):

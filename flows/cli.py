@@ -323,9 +323,9 @@ def command_analyze(args: argparse.Namespace) -> int:
 
 
 def command_pretrain(args: argparse.Namespace) -> int:
-    from tasks.pretraining import DOMAIN_PREFIX, SYNTHETIC_SOURCE, domain_dataset, pretrain_grid
+    from tasks.pretraining import SYNTHETIC_SOURCE, pretrain_grid
     from tasks.training import prepare_dataset_task
-    from transfusion.config import load_grid
+    from transfusion.config import DOMAIN_PREFIX, domain_dataset, load_grid
     from transfusion.data.synthetic import PROCEDURAL_DATASETS
     from transfusion.models import MODELS
 

@@ -8,10 +8,11 @@ import math
 from prefect import task
 
 from transfusion import tracking
-from transfusion.config import GridSpec, TrainSettings, WeakSourceSettings
+from transfusion.config import DOMAIN_PREFIX, GridSpec, TrainSettings, WeakSourceSettings, domain_dataset
+from transfusion.config import source_label as grid_source_label
 from transfusion.data import PreparedDataset
 from transfusion.data.synthetic import PROCEDURAL_DATASETS
-from transfusion.pretrained import WEAK, SourceQuality, published_quality, quality_label, source_for
+from transfusion.pretrained import WEAK, SourceQuality, published_quality, quality_label, source_at, source_for
 
 log = logging.getLogger(__name__)
 
@@ -24,24 +25,12 @@ def registered_name(model: str, source: str) -> str:
     return f"transfusion-{model}-{source}"
 
 
-DOMAIN_PREFIX = "domain:"
-
-
 def source_label(source: str) -> str:
     """``synthetic`` stays, ``domain:<dataset>`` registers as ``domain-<dataset>``; a folder of
     ImageNet-style images registers as ``imagenet``."""
-    if source.startswith(DOMAIN_PREFIX):
-        return f"domain-{source.removeprefix(DOMAIN_PREFIX)}"
-    return SYNTHETIC_SOURCE if source == SYNTHETIC_SOURCE else "imagenet"
-
-
-def domain_dataset(source: str) -> str:
-    """The registered dataset of a ``domain:<dataset>`` source (unknown names list the valid ones)."""
-    from transfusion.data import DATASETS
-
-    name = source.removeprefix(DOMAIN_PREFIX)
-    DATASETS.get(name)
-    return name
+    if source == SYNTHETIC_SOURCE or source.startswith(DOMAIN_PREFIX):
+        return grid_source_label(source)
+    return "imagenet"
 
 
 # The real recipe for an ImageNet-style folder (the torchvision classic recipe, with
@@ -202,18 +191,11 @@ def source_quality(uri: str) -> SourceQuality | None:
     return published_quality(uri)
 
 
-def registered_source_of(uri: str):
-    """The registry entry whose weights live at ``uri``, if any."""
-    from transfusion.pretrained import PRETRAINED
-
-    return next((PRETRAINED.get(n) for n in PRETRAINED.names() if PRETRAINED.get(n).uri == uri), None)
-
-
 def source_tags(uri: str, quality: SourceQuality | None, weak_source: WeakSourceSettings) -> dict[str, str]:
     """Tags of a source (on its registered version, and on every run that transfers from it)."""
     label = quality_label(quality, min_epochs=weak_source.min_epochs, min_top1=weak_source.min_top1)
     tags = {"source.uri": uri, "source.quality": label, **(quality.as_tags() if quality else {})}
-    registered = registered_source_of(uri)
+    registered = source_at(uri)
     if registered is not None:
         tags.update({k: v for k, v in registered.as_tags().items() if k != "source"})
     tags["source.description"] = f"{uri}: {quality.describe() if quality else 'accuracy not recorded'} ({label})"

@@ -391,8 +391,8 @@ class GridSpec(_Frozen):
         if clash:
             raise ValueError(f"pretrained: sources {sources} share the label {clash[0]!r}; give files distinct names")
         for source in sources:
-            if source.startswith("domain:"):
-                DATASETS.get(source.removeprefix("domain:"))  # an unknown set lists the valid ones
+            if source.startswith(DOMAIN_PREFIX):
+                domain_dataset(source)  # an unknown set lists the valid ones
         if needing:
             for source in sources:
                 registered = source_for(source)
@@ -466,13 +466,23 @@ def init_needs_source(name: str) -> bool:
     return name not in SOURCE_FREE_INITS
 
 
+DOMAIN_PREFIX = "domain:"
+
+
+def domain_dataset(source: str) -> str:
+    """The registered dataset of a ``domain:<dataset>`` source (unknown names list the valid ones)."""
+    name = source.removeprefix(DOMAIN_PREFIX)
+    DATASETS.get(name)
+    return name
+
+
 def source_label(pretrained: str) -> str:
     """How reports, run names and the ``source`` tag name a source: a registered name or
     ``synthetic``/``imagenet`` as written, ``models:/name/3`` as ``name-3``, a file by its stem."""
     if pretrained in ("synthetic", "imagenet") or source_for(pretrained):
         return pretrained
-    if pretrained.startswith("domain:"):
-        return f"domain-{pretrained.removeprefix('domain:')}"
+    if pretrained.startswith(DOMAIN_PREFIX):
+        return f"domain-{pretrained.removeprefix(DOMAIN_PREFIX)}"
     if pretrained.startswith("models:/"):
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", pretrained.removeprefix("models:/")).strip("-")
     if pretrained.startswith("timm:"):

@@ -132,8 +132,8 @@ def initialize_with_report(
     _check_options(name, init_fn, options)
     state = _as_state_dict(source) if source is not None else None
     if state is not None and init_fn is not INITS.get("random"):
-        declared = source_for(source).layout if isinstance(source, str) and source_for(source) else "auto"
-        state, _ = apply_layout(state, model.state_dict(), layout=declared)
+        registered = source_for(source) if isinstance(source, str) else None
+        state, _ = apply_layout(state, model.state_dict(), layout=registered.layout if registered else "auto")
     if seed is not None:
         with _seeded(seed, model):
             model.init_weights()

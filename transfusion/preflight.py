@@ -129,7 +129,7 @@ def check_pretrained_sources(sources: list[str]) -> None:
     """
     from urllib.parse import urlparse
 
-    from transfusion.pretrained import resolve_uri, source_for
+    from transfusion.pretrained import missing_weights_error, resolve_uri, source_for
 
     for pretrained in sources:
         if pretrained in ("synthetic", "imagenet"):
@@ -142,6 +142,4 @@ def check_pretrained_sources(sources: list[str]) -> None:
         try:
             resolve_uri(uri)
         except ValueError as err:
-            if registered and registered.how_to_get:
-                raise ValueError(f"pretrained source {pretrained}: {err}; to get it, {registered.how_to_get}") from None
-            raise ValueError(f"pretrained source {pretrained}: {err}") from None
+            raise missing_weights_error(pretrained, registered, err) from None

@@ -397,9 +397,7 @@ def layout_fit(model_state: Mapping[str, torch.Tensor], state: Mapping[str, torc
     fit = 0
     for key, tensor in model_state.items():
         other = state.get(key)
-        if other is not None and (
-            other.shape == tensor.shape or other.shape[:1] + other.shape[2:] == tensor.shape[:1] + tensor.shape[2:]
-        ):
+        if other is not None and _same_but_input_channels(other.shape, tensor.shape):
             fit += 1
     return fit
 
@@ -441,9 +439,21 @@ def get_pretrained_source(name: str) -> PretrainedSource:
     return PRETRAINED.get(name)
 
 
+def source_at(uri: str) -> PretrainedSource | None:
+    """The registered source whose weights live at ``uri``, if any."""
+    return next((PRETRAINED.get(n) for n in PRETRAINED.names() if PRETRAINED.get(n).uri == uri), None)
+
+
 def published_quality(uri: str) -> SourceQuality | None:
     """The quality of a registered source loaded from ``uri`` (e.g. ``torchvision:resnet50/IMAGENET1K_V1``)."""
-    return next((PRETRAINED.get(n).quality for n in PRETRAINED.names() if PRETRAINED.get(n).uri == uri), None)
+    source = source_at(uri)
+    return source.quality if source else None
+
+
+def missing_weights_error(name: str, source: PretrainedSource | None, err: ValueError) -> ValueError:
+    """``err`` naming the source, with its registry note on how to get the file when it has one."""
+    how = f"; to get it, {source.how_to_get}" if source and source.how_to_get else ""
+    return ValueError(f"pretrained source {name}: {err}{how}")
 
 
 def list_pretrained_sources() -> list[str]:
@@ -458,18 +468,12 @@ def load_pretrained(name: str) -> LoadedWeights:
     except ValueError as err:
         if not source.how_to_get:
             raise
-        raise ValueError(f"pretrained source {name}: {err}; to get it, {source.how_to_get}") from err
+        raise missing_weights_error(name, source, err) from err
 
 
 def source_for(pretrained: str) -> PretrainedSource | None:
     """The registered source a grid's ``pretrained`` entry names, or None for a URI or path."""
     return PRETRAINED.get(pretrained) if pretrained in PRETRAINED else None
-
-
-def resolve_source_uri(pretrained: str) -> str:
-    """The URI to load for a registered source name; any other entry is already a URI or path."""
-    source = source_for(pretrained)
-    return source.uri if source else pretrained
 
 
 def weights_cache_dir() -> Path:

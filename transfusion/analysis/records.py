@@ -27,3 +27,8 @@ class JobRecord:
     @property
     def cell(self) -> tuple[str, str, str]:
         return (self.model, self.init, self.data_size)
+
+
+def source_of(init_label: str) -> str:
+    """The source an init label names after ``@`` (``transfer@dino-resnet50``), or ``""``."""
+    return init_label.split("@", 1)[1] if "@" in init_label else ""

@@ -26,7 +26,7 @@ import numpy as np
 
 from transfusion.analysis.formatting import markdown_table, sample_std
 from transfusion.analysis.plotting import pyplot, save_figure
-from transfusion.analysis.records import JobRecord
+from transfusion.analysis.records import JobRecord, source_of
 from transfusion.analysis.representations import (
     AnalysisSettings,
     PairRequest,
@@ -68,11 +68,6 @@ def is_pretrained(record: JobRecord) -> bool:
         "synthetic-transfer",
         "transfer",
     )
-
-
-def source_of(init_label: str) -> str:
-    """The source an init label names after ``@`` (``transfer@dino-resnet50``), or ``""``."""
-    return init_label.split("@", 1)[1] if "@" in init_label else ""
 
 
 def pretrained_comparison(init_label: str) -> str:

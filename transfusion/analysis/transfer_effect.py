@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from transfusion.analysis.formatting import UNDEFINED
-from transfusion.analysis.records import JobRecord
+from transfusion.analysis.records import JobRecord, source_of
 from transfusion.metrics import RunPredictions
 
 RANDOM_INIT = "random"
@@ -308,10 +308,10 @@ _TRANSFER_NAMES = {"imagenet": "imagenet", "synthetic-transfer": "synthetic", "t
 def transfer_source(init_label: str) -> str | None:
     """The source a plain transfer init copied (``transfer@dino-resnet50`` -> ``dino-resnet50``);
     None for any other init (Mean-Var, transfusion(k), Gabor)."""
-    base, _, source = init_label.partition("@")
+    base = init_label.split("@", 1)[0]
     if base not in _TRANSFER_NAMES:
         return None
-    return source or _TRANSFER_NAMES[base] or "transfer"
+    return source_of(init_label) or _TRANSFER_NAMES[base] or "transfer"
 
 
 def _overlaps(a: EffectEstimate, b: EffectEstimate) -> bool:

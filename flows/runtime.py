@@ -196,10 +196,6 @@ class ServiceProcess:
 _TIED: dict[int, ServiceProcess] = {}
 
 
-def tied_services() -> list[ServiceProcess]:
-    return list(_TIED.values())
-
-
 def stop_tied_services(*, force: bool = False) -> None:
     """Stops every tied service still running; ``force``: SIGKILL their process groups at once
     (a second Ctrl-C: no waiting, and still no server left behind)."""

@@ -373,13 +373,6 @@ def log_final_model(
     return f"models:/{logged.model_id}"
 
 
-def logged_models_of(run_id: str, *, uri: str | None = None) -> list[str]:
-    """``models:/`` URIs of the models a run logged (its outputs)."""
-    run = client(uri).get_run(run_id)
-    outputs = run.outputs.model_outputs if run.outputs else []
-    return [f"models:/{o.model_id}" for o in outputs]
-
-
 class MlflowHooks:
     """:class:`transfusion.train.TrainingHooks` that log to one MLflow run.
 

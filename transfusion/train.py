@@ -484,7 +484,7 @@ def train_until_done(state: LoopState) -> None:
             checkpoint(state, metrics)
 
 
-def finish(state: LoopState, *, train_seconds: float, started: float) -> dict[str, float]:
+def finish(state: LoopState, *, train_seconds: float) -> dict[str, float]:
     """Final probe, test metrics and the trained weights (chief only); the final metrics."""
     if not state.is_chief:
         return {}
@@ -501,7 +501,6 @@ def finish(state: LoopState, *, train_seconds: float, started: float) -> dict[st
     final["test/selected_step"] = float(best["step"] if selected_best else state.step)
     final["time/train_s"] = train_seconds
     final["time/gpu_s"] = train_seconds * (t.gpus_per_job * state.world_size if state.on_gpu else 0.0)
-    final["time/job_s"] = time.perf_counter() - started
     weights = state.workdir / "model.pt"
     torch.save(state.model_without_ddp.state_dict(), weights)
     state.hooks.log_artifact(weights, "checkpoint")
@@ -543,7 +542,7 @@ def run_training(
         loop_started = time.perf_counter()
         train_until_done(state)
         loop_ended = time.perf_counter()
-        final = finish(state, train_seconds=loop_ended - loop_started, started=started)
+        final = finish(state, train_seconds=loop_ended - loop_started)
     return TrainingResult(
         steps=state.step,
         train_seconds=loop_ended - loop_started,

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -39,7 +39,6 @@ from torch.nn import functional as F
 from transfusion.config import JobSpec
 from transfusion.constants import IMAGENET_MEAN, IMAGENET_STD
 from transfusion.data.prepared import PreparedDataset
-from transfusion.faults import FaultInjection
 from transfusion.metrics import classification_scores, save_test_predictions
 from transfusion.models import create_model
 from transfusion.probes import ProbeSampling, capture_activations, save_probe
@@ -66,6 +65,16 @@ class TrainingHooks(Protocol):
     def log_model(self, model: nn.Module, *, input_example: np.ndarray, metrics: dict[str, float], step: int) -> None:
         """The final model with an input batch and the test metrics it scored (logged with it)."""
         ...
+
+
+@runtime_checkable
+class StepFaults(Protocol):
+    """Hooks that can also corrupt a step: test-only fault injection (:mod:`transfusion.faults`)
+    wraps the real hooks this way, so the loop needs no import of it."""
+
+    def corrupt_loss(self, loss: torch.Tensor, *, step: int) -> torch.Tensor: ...
+
+    def after_step(self, step: int) -> None: ...
 
 
 class RecordingHooks:
@@ -327,7 +336,7 @@ class LoopState:
             if data.meta.get("task") == "multiclass"
             else masked_bce
         )
-        self.faults = self.hooks if isinstance(self.hooks, FaultInjection) else None
+        self.faults = self.hooks if isinstance(self.hooks, StepFaults) else None
 
     @property
     def is_chief(self) -> bool:
@@ -526,7 +535,7 @@ def run_training(
     """Trains ``spec`` on ``dataset``; returns the final metrics.
 
     ``resume`` is a state from :meth:`TrainingHooks.checkpoint`; ``prepare_model`` wraps
-    the training forward for DDP. Wrap ``hooks`` in :class:`FaultInjection` to inject faults.
+    the training forward for DDP. Wrap ``hooks`` in :class:`transfusion.faults.FaultInjection` to inject faults.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from transfusion.config import JobSpec, TrainSettings
+from transfusion.faults import FaultInjection
 from transfusion.metrics import RunPredictions, roc_auc
 from transfusion.probes import load_probe, probe_layers
 from transfusion.train import (
-    FaultInjection,
     NonFiniteLossError,
     RecordingHooks,
     batch_indices,

@@ -153,7 +153,7 @@ def writable_directory(path: str) -> Path:
 
 def check_services(*, with_compute: bool) -> None:
     """Configured services must answer before a flow starts (its logs would bury the cause)."""
-    from tasks.training import storage_path
+    from transfusion.home import storage_path
     from transfusion.preflight import check_ray_address, check_storage_path, check_tracking_server
 
     configured = os.environ.get("MLFLOW_TRACKING_URI")
@@ -268,18 +268,19 @@ def command_run(args: argparse.Namespace) -> int:
         print(summary.similarity_markdown)
     for line in summary.failed:
         print(f"FAILED: {line}")
-    home = os.environ.get("TRANSFUSION_HOME", ".transfusion")
     print(f"Runs: MLflow experiment {summary.grid!r} (parent run {summary.parent_run_id}); "
           f"tables and plots are artifacts of the parent run under tables/.")  # fmt: skip
     if summary.report_dir:
         print(f"Report: {Path(summary.report_dir) / 'report.html'}")
-    print(f"Browse them with: transfusion ui   (store: {Path(home).resolve()})")
+    from transfusion.home import transfusion_home
+
+    print(f"Browse them with: transfusion ui   (store: {transfusion_home()})")
     return 1 if summary.failed else 0
 
 
 def command_ui(args: argparse.Namespace) -> int:
     from flows.runtime import start_mlflow_server
-    from transfusion.data import transfusion_home
+    from transfusion.home import transfusion_home
     from transfusion.tracking import experiment_page_url, last_grid_experiment
 
     server = start_mlflow_server(transfusion_home(), host=args.host, port=args.port, tied=True)

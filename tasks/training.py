@@ -15,6 +15,7 @@ from transfusion.config import GridSpec, JobSpec, WeakSourceSettings
 from transfusion.data import PreparedDataset, prepare_dataset, transfusion_home
 from transfusion.errors import Interrupted, first_line
 from transfusion.faults import injected_faults
+from transfusion.home import storage_path
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,6 @@ class JobSlots:
 
 
 JOB_SLOTS = JobSlots()
-
-
-def storage_path() -> str:
-    """Where Ray Train keeps checkpoints: ``$TRANSFUSION_STORAGE_PATH`` or the state dir."""
-    return os.environ.get("TRANSFUSION_STORAGE_PATH") or str(transfusion_home() / "ray")
 
 
 # Flows of one process that started compute and have not stopped it: the warm workers

@@ -22,6 +22,10 @@ from transfusion.data.prepared import PreparedDataset, PreparedDatasetWriter, st
 from transfusion.home import transfusion_home
 from transfusion.registry import Registry
 
+# Options every dataset accepts that change how a preparation runs, not what it produces:
+# never part of a prepared set's version key.
+RUNTIME_OPTIONS = ("skip_bad", "workers")
+
 
 @dataclass(frozen=True)
 class PrepareRequest:

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from transfusion.data import PrepareRequest
+from transfusion.data import RUNTIME_OPTIONS, PrepareRequest
 from transfusion.data.imaging import ImageDecodeError
 from transfusion.data.prepared import (
     SPLITS,
@@ -49,8 +49,6 @@ DEFAULT_RESOLUTIONS: dict[str, int] = {
     "folder": 224,
 }
 AUGMENT_POLICIES = ("fundus", "xray", "natural", "none")
-# Options that change how a preparation runs, not what it produces: not in the version key.
-RUNTIME_OPTIONS = ("skip_bad", "workers")
 SPLIT_CODES = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2}
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from transfusion.data import DATASETS, PrepareRequest, imaging
+from transfusion.data import DATASETS, RUNTIME_OPTIONS, PrepareRequest, imaging
 from transfusion.data.build import (
     DatasetOptions,
     FirstListing,
@@ -36,9 +36,6 @@ from transfusion.data.prepared import PreparedDataset
 from transfusion.data.sources import DataSource, open_source
 
 log = logging.getLogger(__name__)
-
-# Options every declared dataset accepts: how a preparation runs, not what it produces.
-COMMON_OPTIONS = ("skip_bad", "workers")
 
 
 @dataclass(frozen=True)
@@ -173,7 +170,7 @@ def _as_labelled_images(rows: LabelledImageSet, *, resolution: int) -> LabelledI
 
 def prepare_declared(declaration: DatasetDeclaration, request: PrepareRequest, data_root: Path) -> PreparedDataset:
     """Prepares (or opens, if prepared) the dataset ``declaration`` describes for ``request``."""
-    options = DatasetOptions(request, declaration.options + COMMON_OPTIONS)
+    options = DatasetOptions(request, declaration.options + RUNTIME_OPTIONS)
     source = _open_declared_source(declaration, request, data_root)
     given = DeclaredSource(request.name, source, options, request.resolution)
     typed = declaration.read_options(given)

@@ -41,6 +41,7 @@ import pyarrow.fs
 
 from transfusion.checkpoints import storage_filesystem
 from transfusion.data.prepared import PreparedDataset
+from transfusion.home import storage_path, transfusion_home
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,7 @@ def data_path() -> str:
     explicit = os.environ.get("TRANSFUSION_DATA_PATH")
     if explicit:
         return explicit
-    storage = os.environ.get("TRANSFUSION_STORAGE_PATH")
-    if storage:
-        return storage
-    return str(Path(os.environ.get("TRANSFUSION_HOME", ".transfusion")).resolve() / "ray")
+    return storage_path()
 
 
 def node_cache_root() -> Path:
@@ -64,7 +62,7 @@ def node_cache_root() -> Path:
     explicit = os.environ.get("TRANSFUSION_NODE_CACHE")
     if explicit:
         return Path(explicit).resolve()
-    return Path(os.environ.get("TRANSFUSION_HOME", ".transfusion")).resolve() / "node-cache"
+    return transfusion_home() / "node-cache"
 
 
 def is_object_store(path: str) -> bool:

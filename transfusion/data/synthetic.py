@@ -14,15 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from transfusion.data import DATASETS, PrepareRequest
+from transfusion.data import DATASETS, RUNTIME_OPTIONS, PrepareRequest
 from transfusion.data.prepared import PreparedDataset, PreparedDatasetWriter
 from transfusion.data.summary import label_summary
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
-# Options that change how a preparation runs, accepted (and ignored) for every dataset.
-RUNTIME_OPTIONS = ("skip_bad", "workers")
 
 
 @dataclass(frozen=True)

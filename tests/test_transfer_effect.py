@@ -83,7 +83,7 @@ def test_holm_marks_verdicts_that_do_not_survive_across_the_table():
     assert "Holm family: the 3 verdict(s) of this table" in text
 
 
-def _grid_records(tmp_path, *, seeds=(0, 1, 2), with_predictions=True) -> list[JobRecord]:
+def _grid_records(tmp_path, *, seeds=(0, 1, 2), with_predictions=True, patients=None) -> list[JobRecord]:
     """random and a transfer init that is a deliberately better scorer; a copy of random that is identical."""
     rng = np.random.default_rng(7)
     y = _targets(rng)
@@ -98,7 +98,9 @@ def _grid_records(tmp_path, *, seeds=(0, 1, 2), with_predictions=True) -> list[J
             "gabor": np.random.default_rng(300 + seed).normal(size=y.shape),  # chance: no signal at all
         }
         for init, scores in scorers.items():
-            path = save_test_predictions(tmp_path / f"{init}-{seed}.npz", index=index, scores=scores, targets=y)
+            path = save_test_predictions(
+                tmp_path / f"{init}-{seed}.npz", index=index, scores=scores, targets=y, groups=patients
+            )
             metrics = classification_scores(scores, y, ["referable"]).as_metrics("test")
             records.append(JobRecord(
                 job_key=f"{init}{seed}", run_id=f"{init}-{seed}", model="cbr-tiny", init=init, data_size="full",
@@ -128,6 +130,16 @@ def test_better_scorer_helps_identical_scorer_shows_no_difference_worse_hurts(tm
     assert metrics["transfer/cbr-tiny/full/synthetic-transfer/verdict_auc"] == 1.0
     assert metrics["transfer/cbr-tiny/full/gabor/verdict_auc"] == -1.0
     assert metrics["transfer/cbr-tiny/full/mean-var/delta_auc"] == 0.0
+
+
+def test_stored_patients_resample_by_patient_and_the_caption_says_so(tmp_path):
+    patients = np.array([f"patient{i // 3:05d}" for i in range(N_TEST)])
+    rows = {r.init: r for r in transfer_effect_table(_grid_records(tmp_path, patients=patients))}
+    by_image = {r.init: r for r in transfer_effect_table(_grid_records(tmp_path / "by-image"))}
+    better = rows["synthetic-transfer"].auc
+    assert better.resampled_by == "patient" and better.delta == by_image["synthetic-transfer"].auc.delta
+    assert better.se != by_image["synthetic-transfer"].auc.se  # the same Δ, a different test-set term
+    assert f"{N_TEST} test images, resampled by patient" in transfer_effect_markdown(list(rows.values()))
 
 
 def test_one_seed_has_the_test_set_interval_and_no_verdict(tmp_path):

@@ -427,7 +427,11 @@ def validate(state: LoopState) -> dict[str, float]:
                        batch_size=t.eval_batch_size, device=state.device)  # fmt: skip
     state.val_history.append((state.step, metrics["val/auc"]))
     best = state.best_val
-    if t.select == "best-val" and (best["step"] is None or metrics["val/auc"] > best["auc"]):
+    current, kept = metrics["val/auc"], best["auc"]
+    # NaN validation AUC: a label with one class in the split (NaN at every step: the newest step wins) or
+    # non-finite scores (a diverged model never replaces a finite best).
+    better = not math.isnan(current) and (kept is None or math.isnan(kept) or current > kept)
+    if t.select == "best-val" and (best["step"] is None or better or (math.isnan(current) and math.isnan(kept))):
         # A CPU copy of the weights at the best validation AUC, tested in place of the last ones.
         weights = {k: v.detach().to("cpu", copy=True) for k, v in state.model_without_ddp.state_dict().items()}
         best.update(step=state.step, auc=metrics["val/auc"], model=weights)

@@ -135,15 +135,8 @@ def macro_auc_influence(targets: np.ndarray, scores: np.ndarray) -> tuple[float,
     return total / labels, influence / labels
 
 
-def macro_metric(predictions: RunPredictions, weights: np.ndarray, metric: str) -> np.ndarray:
-    """Macro mean over labels of ``metric`` per weight row (B, N) -> (B,); NaN if a label has one class.
-
-    A bootstrap replicate in which a label drew one class only is NaN as well (dropped by the caller).
-    """
-    return _macro_weighted(predictions.targets, predictions.scores, weights, metric)
-
-
 def _macro_weighted(targets: np.ndarray, scores: np.ndarray, weights: np.ndarray, metric: str) -> np.ndarray:
+    """Macro mean over labels of ``metric`` per weight row (B, N) -> (B,); NaN in a replicate that drew one class."""
     function = {"auc": weighted_auc, "auprc": weighted_average_precision}[metric]
     per_label = []
     for j in range(targets.shape[1]):
@@ -223,19 +216,20 @@ EffectEstimate = TransferInterval
 
 
 def _t_quantile(level: float, df: float) -> float:
-    from scipy.stats import norm, t
+    # scipy.special, not scipy.stats: the same functions without seconds of import.
+    from scipy.special import ndtri, stdtrit
 
     upper = 1 - (1 - level) / 2
-    return float(norm.ppf(upper) if math.isinf(df) else t.ppf(upper, df))
+    return float(ndtri(upper) if math.isinf(df) else stdtrit(df, upper))
 
 
 def _p_value(delta: float, se: float, df: float) -> float:
-    from scipy.stats import norm, t
+    from scipy.special import ndtr, stdtr
 
     if se == 0:
         return 0.0 if delta != 0 else 1.0
     z = abs(delta) / se
-    return float(2 * (norm.sf(z) if math.isinf(df) else t.sf(z, df)))
+    return float(2 * (ndtr(-z) if math.isinf(df) else stdtr(df, -z)))
 
 
 def combine_seed_covariance(

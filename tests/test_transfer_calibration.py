@@ -128,7 +128,7 @@ def test_auprc_interval_is_the_mean_average_precision_difference():
     y, init, random = _grid(rng, seeds=3, a=0.3, b=0.3, tau=0.05)
     estimate = transfer_interval(y, init + y, random, metric="auprc", replicates=300)
     expected = np.mean(
-        [average_precision_score(y, s + y) - average_precision_score(y, r) for s, r in zip(init, random)]
+        [average_precision_score(y, s + y) - average_precision_score(y, r) for s, r in zip(init, random, strict=True)]
     )
     assert estimate.delta == pytest.approx(expected) and estimate.verdict == HELPS
     assert "300 bootstrap replicates" in estimate.basis

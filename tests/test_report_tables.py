@@ -143,8 +143,9 @@ def test_weak_source_is_labelled_weak_in_the_report_and_loses_the_papers_imagene
     outputs = analyze_records(records, tmp_path, grid_name="w", dataset="retina-eyepacs")
     text = write_report(outputs, title="w")[0].read_text()
     transfer = text[text.index("## Does transfer help?") : text.index("## Tables 1–3")]
-    row = next(line for line in transfer.splitlines() if line.startswith("| resnet50 | full | imagenet (weak source)"))
-    assert f"| **weak**: {source} |" in row and "| – | 2 seeds" in row  # no paper ΔAUC beside a weak source
+    row = next(line for line in transfer.splitlines() if line.startswith("| resnet50 | full | imagenet† |"))
+    assert f"† **weak** source: {source}" in transfer and "mean over 2 paired seeds" in transfer
+    assert "paper ΔAUC" not in transfer and row.count("|") == 7  # no paper ΔAUC beside a weak source: column dropped
     tables = text[text.index("## Tables 1–3") :]
     weak_row = next(line for line in tables.splitlines() if "| imagenet (weak source) |" in line)
     assert "| 96.7 |" not in weak_row

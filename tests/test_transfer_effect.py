@@ -16,15 +16,18 @@ from transfusion.analysis.transfer_effect import (
     HELPS,
     HURTS,
     NO_DIFFERENCE,
-    combine_seeds,
-    paired_bootstrap_difference,
+    TOO_FEW_SEEDS,
+    TransferEffectRow,
+    TransferInterval,
+    holm_adjusted,
     transfer_effect_markdown,
     transfer_effect_metrics,
     transfer_effect_table,
+    transfer_interval,
     weighted_auc,
     weighted_average_precision,
 )
-from transfusion.metrics import RunPredictions, classification_scores, save_test_predictions
+from transfusion.metrics import classification_scores, save_test_predictions
 
 N_TEST = 300
 
@@ -49,40 +52,38 @@ def test_weighted_metrics_equal_scikit_learn_on_the_resampled_set():
         )
 
 
-def test_paired_bootstrap_delta_matches_the_metric_difference_and_is_zero_for_one_scorer():
+def test_interval_delta_is_the_macro_difference_with_unlabelled_entries_left_out():
     rng = np.random.default_rng(1)
     y = _targets(rng, labels=2)
     y[:20, 1] = np.nan  # ignored entries (U-Ignore) stay out of that label
-    index = np.arange(N_TEST)
-    good = RunPredictions(index, y + 0.7 * rng.normal(size=y.shape), y)
-    bad = RunPredictions(index, y + 2.0 * rng.normal(size=y.shape), y)
+    good = np.nan_to_num(y) + 0.7 * rng.normal(size=(2, *y.shape))
+    bad = np.nan_to_num(y) + 2.0 * rng.normal(size=(2, *y.shape))
     names = ["a", "b"]
-    expected = classification_scores(good.scores, y, names).auc - classification_scores(bad.scores, y, names).auc
-    difference = paired_bootstrap_difference(good, bad, metric="auc", replicates=200)
-    assert difference.delta == pytest.approx(expected)
-    assert difference.replicates == 200 and difference.bootstrap_variance > 0
-    same = paired_bootstrap_difference(good, good, metric="auprc", replicates=50)
-    assert same.delta == 0 and same.bootstrap_variance == 0
-    other = RunPredictions(index[::-1].copy(), good.scores, y)
-    with pytest.raises(ValueError, match="same test images"):
-        paired_bootstrap_difference(good, other, metric="auc")
+    aucs = [
+        (classification_scores(g, y, names).auc, classification_scores(b, y, names).auc)
+        for g, b in zip(good, bad, strict=True)
+    ]
+    expected = np.mean([a - b for a, b in aucs])
+    estimate = transfer_interval(y, good, bad)
+    assert estimate.delta == pytest.approx(expected) and estimate.seeds == 2 and estimate.se > 0
+    same = transfer_interval(y, good, good, metric="auprc", replicates=50)
+    assert same.delta == 0 and same.se == 0 and same.verdict == NO_DIFFERENCE
 
 
-def test_combined_interval_adds_seed_spread_to_test_sampling():
-    # Two seeds, no test-set noise: mean 0.02, SE 0.01 on 1 df -> t(0.975, 1) = 12.706.
-    estimate = combine_seeds([0.01, 0.03], [0.0, 0.0])
-    assert estimate.delta == pytest.approx(0.02)
-    assert estimate.ci_high - estimate.delta == pytest.approx(12.7062 * 0.01, rel=1e-4)
-    # Identical seeds: the test-set term alone, normal quantile.
-    estimate = combine_seeds([0.05, 0.05, 0.05], [1e-4] * 3)
-    assert estimate.ci_low == pytest.approx(0.05 - 1.96 * 0.01, rel=1e-3) and estimate.verdict == HELPS
-    one = combine_seeds([0.05], [1e-4])
-    assert one.verdict == HELPS and "1 seed" in one.basis and "training noise not covered" in one.basis
-    undefined = combine_seeds([0.05], None)
-    assert math.isnan(undefined.ci_low) and undefined.verdict == "–"
+def test_holm_marks_verdicts_that_do_not_survive_across_the_table():
+    assert holm_adjusted([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan], nan_ok=True)
+
+    def row(init: str, p: float) -> TransferEffectRow:
+        estimate = TransferInterval(0.02, 0.001, 0.04, 3, "3 paired seeds", se=0.01, df=2, p_value=p)
+        return TransferEffectRow("cbr-tiny", "full", init, estimate, estimate, test_images=N_TEST)
+
+    text = transfer_effect_markdown([row("imagenet", 0.01), row("mean-var", 0.04), row("gabor", 0.03)])
+    lines = {line.split("|")[3].strip(): line for line in text.splitlines() if line.startswith("| cbr-tiny")}
+    assert lines["imagenet"].endswith(f"| {HELPS} |") and lines["mean-var"].endswith(f"| {HELPS}° |")
+    assert "Holm family: the 3 verdict(s) of this table" in text
 
 
-def _grid_records(tmp_path, *, seeds=(0, 1, 2), with_predictions=True) -> list[JobRecord]:
+def _grid_records(tmp_path, *, seeds=(0, 1, 2), with_predictions=True, patients=None) -> list[JobRecord]:
     """random and a transfer init that is a deliberately better scorer; a copy of random that is identical."""
     rng = np.random.default_rng(7)
     y = _targets(rng)
@@ -91,13 +92,15 @@ def _grid_records(tmp_path, *, seeds=(0, 1, 2), with_predictions=True) -> list[J
     for seed in seeds:
         noise = np.random.default_rng(100 + seed).normal(size=y.shape)
         scorers = {
-            "random": y + 1.6 * noise,
-            "synthetic-transfer": y + 0.6 * np.random.default_rng(200 + seed).normal(size=y.shape),
-            "mean-var": y + 1.6 * noise,  # identical to random, seed for seed
+            "random": y + 1.0 * noise,
+            "synthetic-transfer": y + 0.3 * np.random.default_rng(200 + seed).normal(size=y.shape),
+            "mean-var": y + 1.0 * noise,  # identical to random, seed for seed
             "gabor": np.random.default_rng(300 + seed).normal(size=y.shape),  # chance: no signal at all
         }
         for init, scores in scorers.items():
-            path = save_test_predictions(tmp_path / f"{init}-{seed}.npz", index=index, scores=scores, targets=y)
+            path = save_test_predictions(
+                tmp_path / f"{init}-{seed}.npz", index=index, scores=scores, targets=y, groups=patients
+            )
             metrics = classification_scores(scores, y, ["referable"]).as_metrics("test")
             records.append(JobRecord(
                 job_key=f"{init}{seed}", run_id=f"{init}-{seed}", model="cbr-tiny", init=init, data_size="full",
@@ -114,13 +117,14 @@ def test_better_scorer_helps_identical_scorer_shows_no_difference_worse_hurts(tm
     assert rows["mean-var"].auc.verdict == NO_DIFFERENCE and rows["mean-var"].auc.delta == 0
     assert rows["gabor"].auc.verdict == HURTS
     assert rows["synthetic-transfer"].auc.seeds == 3 and rows["synthetic-transfer"].test_images == N_TEST
-    assert "paired bootstrap" in rows["synthetic-transfer"].auc.basis
+    assert "3 paired seeds" in rows["synthetic-transfer"].auc.basis
+    assert "resampled by image" in rows["synthetic-transfer"].auc.basis  # the toy predictions store no patients
 
     text = transfer_effect_markdown(list(rows.values()))
     header = text.splitlines()[0]
-    for column in ("ΔAUC", "95% CI", "verdict", "ΔAUPRC"):
-        assert f"| {column} |" in header
+    assert header == "| model | size | init | ΔAUC [95 % CI] | ΔAUPRC [95 % CI] | verdict |"  # seeds: in the caption
     assert "| helps |" in text and "| no detectable difference |" in text and "| hurts |" in text
+    assert f"{N_TEST} test images, resampled by image" in text and "mean over 3 paired seeds" in text
 
     metrics = transfer_effect_metrics(list(rows.values()))
     assert metrics["transfer/cbr-tiny/full/synthetic-transfer/verdict_auc"] == 1.0
@@ -128,12 +132,34 @@ def test_better_scorer_helps_identical_scorer_shows_no_difference_worse_hurts(tm
     assert metrics["transfer/cbr-tiny/full/mean-var/delta_auc"] == 0.0
 
 
+def test_stored_patients_resample_by_patient_and_the_caption_says_so(tmp_path):
+    patients = np.array([f"patient{i // 3:05d}" for i in range(N_TEST)])
+    rows = {r.init: r for r in transfer_effect_table(_grid_records(tmp_path, patients=patients))}
+    by_image = {r.init: r for r in transfer_effect_table(_grid_records(tmp_path / "by-image"))}
+    better = rows["synthetic-transfer"].auc
+    assert better.resampled_by == "patient" and better.delta == by_image["synthetic-transfer"].auc.delta
+    assert better.se != by_image["synthetic-transfer"].auc.se  # the same Δ, a different test-set term
+    assert f"{N_TEST} test images, resampled by patient" in transfer_effect_markdown(list(rows.values()))
+
+
+def test_one_seed_has_the_test_set_interval_and_no_verdict(tmp_path):
+    rows = {r.init: r for r in transfer_effect_table(_grid_records(tmp_path, seeds=(0,)))}
+    better = rows["synthetic-transfer"].auc
+    assert better.low > 0 and better.verdict == TOO_FEW_SEEDS and "test-set noise only" in better.basis
+    line = next(
+        line for line in transfer_effect_markdown(list(rows.values())).splitlines() if "synthetic-trans" in line
+    )
+    assert "(test set only)" in line and line.endswith(f"| {TOO_FEW_SEEDS} |")
+    assert not any(key.endswith("verdict_auc") for key in transfer_effect_metrics(list(rows.values())))
+
+
 def test_without_predictions_one_seed_has_no_interval_and_no_verdict(tmp_path):
     rows = transfer_effect_table(_grid_records(tmp_path, seeds=(0,), with_predictions=False))
     for row in rows:
-        assert math.isnan(row.auc.ci_low) and row.auc.verdict == "–"
-    line = next(line for line in transfer_effect_markdown(rows).splitlines() if "synthetic-transfer" in line)
-    assert "| – | – |" in line and "no test predictions" in line
+        assert math.isnan(row.auc.ci_low) and row.auc.verdict == TOO_FEW_SEEDS
+    text = transfer_effect_markdown(rows)
+    line = next(line for line in text.splitlines() if "synthetic-transfer" in line)
+    assert "[–]" in line and "without stored test predictions" in text
     metrics = transfer_effect_metrics(rows)
     assert "transfer/cbr-tiny/full/gabor/delta_auc" in metrics
     assert not any(key.endswith("verdict_auc") for key in metrics)
@@ -145,8 +171,8 @@ def test_report_opens_with_does_transfer_help(tmp_path):
     md, html = write_report(outputs, title="toy")
     text = md.read_text()
     assert text.index("## Does transfer help?") < text.index("## Tables 1–3")
-    assert "| cbr-tiny | full | synthetic-transfer | 3 |" in text and "| helps |" in text
-    assert "<th>ΔAUC</th><th>95% CI</th><th>verdict</th>" in html.read_text()
+    assert "| cbr-tiny | full | synthetic-transfer | +" in text and "| helps |" in text
+    assert "<th>ΔAUC [95 % CI]</th><th>ΔAUPRC [95 % CI]</th><th>verdict</th>" in html.read_text()
     assert (tmp_path / "report" / "transfer_effect.md").read_text().startswith("### Does transfer help?")
 
 

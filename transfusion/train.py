@@ -192,10 +192,15 @@ def build_model(spec: JobSpec, dataset: PreparedDataset, *, source_state: dict[s
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int) -> np.ndarray:
+    """The model's logits (float32) on ``images``.
+
+    Logits, not sigmoids: AUC only needs a monotone score, and a float32 sigmoid is
+    exactly 1.0 above a logit of about 16.6, which ties the most confident images.
+    """
     was_training = model.training
     model.eval()
     try:
-        chunks = [torch.sigmoid(model(images[i : i + batch_size]).float()) for i in range(0, len(images), batch_size)]
+        chunks = [model(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(chunks).cpu().numpy()
@@ -217,10 +222,14 @@ def evaluate(
         chunk = index[start : start + batch_size * 4]
         scores.append(predict(model, load_images(dataset, chunk, device, model), batch_size=batch_size))
     scores_all, targets = np.concatenate(scores), dataset.targets[index]
+    multiclass = dataset.meta.get("task") == "multiclass"
     if predictions_path is not None:
-        save_test_predictions(predictions_path, index=index, scores=scores_all, targets=targets)
-    result = classification_scores(scores_all, targets, dataset.label_names)
-    if dataset.meta.get("task") == "multiclass":
+        groups = None if dataset.groups is None else dataset.groups[index]  # patients: resampled together
+        save_test_predictions(predictions_path, index=index, scores=scores_all, targets=targets, groups=groups,
+                              label_names=dataset.label_names)  # fmt: skip
+    # A many-class source's split cannot hold every class; its headline metric is accuracy.
+    result = classification_scores(scores_all, targets, dataset.label_names, macro_over_defined=multiclass)
+    if multiclass:
         accuracy = float(np.mean(scores_all.argmax(axis=1) == targets.argmax(axis=1)))
         # Top-5: the true class among the five highest scores (all classes when there are fewer).
         top5 = np.argsort(-scores_all, axis=1)[:, :5]
@@ -427,7 +436,11 @@ def validate(state: LoopState) -> dict[str, float]:
                        batch_size=t.eval_batch_size, device=state.device)  # fmt: skip
     state.val_history.append((state.step, metrics["val/auc"]))
     best = state.best_val
-    if t.select == "best-val" and (best["step"] is None or metrics["val/auc"] > best["auc"]):
+    current, kept = metrics["val/auc"], best["auc"]
+    # NaN validation AUC: a label with one class in the split (NaN at every step: the newest step wins) or
+    # non-finite scores (a diverged model never replaces a finite best).
+    better = not math.isnan(current) and (kept is None or math.isnan(kept) or current > kept)
+    if t.select == "best-val" and (best["step"] is None or better or (math.isnan(current) and math.isnan(kept))):
         # A CPU copy of the weights at the best validation AUC, tested in place of the last ones.
         weights = {k: v.detach().to("cpu", copy=True) for k, v in state.model_without_ddp.state_dict().items()}
         best.update(step=state.step, auc=metrics["val/auc"], model=weights)

@@ -80,6 +80,12 @@ class PreparedDataset:
         path = self.root / "grades.npy"
         return np.load(path) if path.is_file() else None
 
+    @cached_property
+    def groups(self) -> np.ndarray | None:
+        """Each image's patient id (CheXpert, EyePACS, a folder's ``patient_column``); None without patients."""
+        path = self.root / "groups.npy"
+        return np.load(path, allow_pickle=False) if path.is_file() else None
+
     def indices(self, split: str) -> np.ndarray:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")

@@ -66,11 +66,19 @@ def configure_logging(*, verbose: bool) -> None:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """``train.steps=10`` style overrides onto a grid mapping (values parsed as YAML)."""
+    """``train.steps=10`` style overrides onto a grid mapping (values parsed as YAML).
+
+    A key that is no grid field is refused with the nearest valid one; a single value
+    for a field that takes a list (``models=cbr-tiny``) is read as a list of one.
+    """
+    from transfusion.config import check_grid_field, grid_list_fields
+
+    list_fields = grid_list_fields()
     data = dict(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
-        parts = key.strip().split(".")
+        key = key.strip()
+        parts = key.split(".")
         if not sep or not all(parts):
             raise ValueError(f"--set expects KEY=VALUE with KEY like train.steps, got {item!r}")
         try:
@@ -85,6 +93,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise ValueError(f"--set {item}: {where} is a value ({inner!r}), not a group of fields")
             target[part] = dict(inner or {})
             target = target[part]
+        try:
+            check_grid_field(key)
+        except ValueError as exc:
+            raise ValueError(f"--set {item}: {exc}") from None
+        if key in list_fields and value is not None and not isinstance(value, list):
+            value = [value]
         target[parts[-1]] = value
     return data
 

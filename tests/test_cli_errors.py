@@ -131,8 +131,8 @@ CASES = [
     ),
     _case(
         "resolution below model minimum",
-        "run smoke --set models=[inception_v3] --set train.resolution=32",
-        r"grid: train\.resolution 32 is below the minimum input size of inception_v3 \(75 px\)",
+        "run smoke --set models=[inception-v3] --set train.resolution=32",
+        r"grid: train\.resolution 32 is below the minimum input size of inception-v3 \(75 px\)",
     ),
     _case(
         "data size above the pool",
@@ -216,21 +216,21 @@ CASES = [
     ),
     _case(
         "pretrain missing source",
-        "pretrain --model cbr-tiny --source {tmp}/imagenet",
-        r"--source .*/imagenet: not 'synthetic', 'domain:<dataset>', an s3:// URI or an existing folder",
+        "pretrain --model cbr-tiny --pretrained {tmp}/imagenet",
+        r"--pretrained .*/imagenet: not 'synthetic', 'domain:<dataset>', an s3:// URI or an existing folder",
     ),
     _case(
         "pretrain domain source from files without them",
-        "pretrain --model cbr-tiny --source domain:chexpert",
-        r"--source domain:chexpert: chexpert is read from files; give them with --data",
+        "pretrain --model cbr-tiny --pretrained domain:chexpert",
+        r"--pretrained domain:chexpert: chexpert is read from files; give them with --source",
     ),
     _case(
-        "pretrain unknown domain set", "pretrain --model cbr-tiny --source domain:mnist", r"unknown dataset 'mnist'.*"
+        "pretrain unknown domain set", "pretrain --model cbr-tiny --pretrained domain:mnist", r"unknown dataset 'mnist'.*"
     ),
     _case(
         "pretrain below model minimum",
-        "pretrain --model inception_v3 --resolution 40",
-        r".*train\.resolution 40 is below the minimum input size of inception_v3 \(75 px\)",
+        "pretrain --model inception-v3 --resolution 40",
+        r".*train\.resolution 40 is below the minimum input size of inception-v3 \(75 px\)",
     ),
     # --- data prepare --------------------------------------------------------------
     _case("data unknown dataset", "data prepare mnist-of-doom", r"unknown dataset 'mnist-of-doom'; valid: .*folder.*"),

@@ -397,21 +397,89 @@ def command_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_list(args: argparse.Namespace) -> int:
+# Tables the CLI prints fit this many columns in a log (on a terminal: its width).
+LOG_WIDTH = 120
+
+
+def table_console():
+    """A rich console for stdout: the terminal's width on a terminal, ``LOG_WIDTH`` in a log."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else LOG_WIDTH, highlight=False, soft_wrap=False)
+
+
+def preset_rows() -> list[dict]:
+    """Each preset's name, one-line description and job count."""
+    from transfusion.config import load_grid
+    from transfusion.presets import PRESETS
+
+    rows = []
+    for name in PRESETS.names():
+        doc = (PRESETS.get(name).__doc__ or "").strip()
+        # The docstring's first sentence, without reST literals: a line a terminal shows as is.
+        description = " ".join(doc.split("\n\n")[0].split()).replace("``", "")
+        rows.append({"name": name, "description": description, "jobs": len(load_grid(name).jobs())})
+    return rows
+
+
+def list_contents() -> dict:
+    """What ``transfusion list`` shows, as data."""
     from transfusion.data import list_datasets
     from transfusion.inits import list_inits
-    from transfusion.models import list_models
-    from transfusion.presets import PRESETS
+    from transfusion.models import MODELS, list_models
     from transfusion.pretrained import get_pretrained_source, list_pretrained_sources
 
-    print("grid presets:", ", ".join(PRESETS.names()))
-    print("models:      ", ", ".join(list_models()))
-    print("inits:       ", ", ".join(list_inits()), "(transfer: alias of imagenet, for any source)")
-    print("datasets:    ", ", ".join(list_datasets()))
-    print("pretrained sources (also synthetic, imagenet, domain:<dataset>, a path or URI):")
-    for name in list_pretrained_sources():
-        source = get_pretrained_source(name)
-        print(f"  {name:<48} {source.kind:<16} {source.model:<22} {source.licence}")
+    sources = [get_pretrained_source(name) for name in list_pretrained_sources()]
+    return {
+        "presets": preset_rows(),
+        "models": list_models(),
+        "model_aliases": MODELS.aliases(),
+        "inits": list_inits(),
+        "init_aliases": {"transfer": "imagenet"},
+        "datasets": list_datasets(),
+        "pretrained_sources": [
+            {"name": s.name, "kind": s.kind, "model": s.model, "licence": s.licence} for s in sources
+        ],
+    }
+
+
+def command_list(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.table import Table
+
+    contents = list_contents()
+    if args.json:
+        print(json.dumps(contents, indent=2))
+        return 0
+    console = table_console()
+    presets = Table(title="grid presets (transfusion run NAME)", title_justify="left", box=None, expand=False)
+    presets.add_column("preset", no_wrap=True)
+    presets.add_column("jobs", justify="right", no_wrap=True)
+    presets.add_column("what it runs", overflow="fold")
+    for row in contents["presets"]:
+        presets.add_row(row["name"], str(row["jobs"]), row["description"])
+    console.print(presets)
+    console.print()
+    aliases = ", ".join(f"{old} -> {new}" for old, new in sorted(contents["model_aliases"].items()))
+    for label, names, note in (
+        ("models", contents["models"], f"(also accepted: {aliases})"),
+        ("inits", contents["inits"], "(transfer: alias of imagenet, for any source)"),
+        ("datasets", contents["datasets"], ""),
+    ):
+        console.print(f"{label + ':':<10}{', '.join(names)} {note}".rstrip(), overflow="fold")
+    console.print()
+    sources = Table(
+        title="pretrained sources (also synthetic, imagenet, domain:<dataset>, a path or URI)",
+        title_justify="left",
+        box=None,
+    )
+    for column in ("source", "kind", "model"):
+        sources.add_column(column, no_wrap=True)
+    sources.add_column("licence", overflow="fold")
+    for row in contents["pretrained_sources"]:
+        sources.add_row(row["name"], row["kind"], row["model"], row["licence"])
+    console.print(sources)
     return 0
 
 

@@ -275,12 +275,13 @@ def command_run(args: argparse.Namespace) -> int:
     print(f"Grid {summary.grid}: {summary.finished} trained, {summary.skipped} already done, "
           f"{len(summary.failed)} failed, in {elapsed:.0f} s")  # fmt: skip
     print()
-    print(summary.table_markdown)
+    console = table_console()
+    print_markdown_tables(summary.table_markdown, console)
     if summary.transfer_markdown:
-        print(summary.transfer_markdown)
+        print_markdown_tables(summary.transfer_markdown, console)
     if summary.similarity_markdown.strip():
         print("Top-layer SVCCA similarity between seeds:")
-        print(summary.similarity_markdown)
+        print_markdown_tables(summary.similarity_markdown, console)
     for line in summary.failed:
         print(f"FAILED: {line}")
     home = os.environ.get("TRANSFUSION_HOME", ".transfusion")
@@ -328,9 +329,10 @@ def command_analyze(args: argparse.Namespace) -> int:
     from flows.grid import transfusion
 
     summary = transfusion(grid, stage="analysis", report_dir=out)
-    print(summary.table_markdown)
+    console = table_console()
+    print_markdown_tables(summary.table_markdown, console)
     if summary.transfer_markdown:
-        print(summary.transfer_markdown)
+        print_markdown_tables(summary.transfer_markdown, console)
     print(
         f"Report: {Path(summary.report_dir) / 'report.html'} (also under report/ of parent run {summary.parent_run_id})"
     )
@@ -406,6 +408,44 @@ def table_console():
     from rich.console import Console
 
     return Console(width=None if sys.stdout.isatty() else LOG_WIDTH, highlight=False, soft_wrap=False)
+
+
+def print_markdown_tables(text: str, console=None) -> None:
+    """Markdown text with its pipe tables drawn to fit the console (cells wrap); other lines as they are."""
+    from rich import box
+    from rich.table import Table
+
+    console = console or table_console()
+    block: list[list[str]] = []
+
+    def flush() -> None:
+        if not block:
+            return
+        header, *body = block
+        rule = next((cells for cells in body if all(cell and set(cell) <= set(":-") for cell in cells)), [])
+        table = Table(box=box.MARKDOWN)
+        for i, name in enumerate(header):
+            right = i < len(rule) and rule[i].endswith(":") and not rule[i].startswith(":")
+            table.add_column(name, overflow="fold", justify="right" if right else "left")
+        for cells in body:
+            if cells is not rule:
+                table.add_row(*cells)
+        with console.capture() as captured:
+            console.print(table)
+        # The box's blank top and bottom edges and the padding to full width are noise in a log.
+        for line in captured.get().splitlines():
+            if line.strip():
+                print(line.rstrip())
+        block.clear()
+
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|") and stripped.endswith("|"):
+            block.append([cell.strip() for cell in stripped[1:-1].split("|")])
+            continue
+        flush()
+        print(line)
+    flush()
 
 
 def preset_rows() -> list[dict]:

@@ -225,7 +225,7 @@ def resolve_pretrained_task(
         if dataset != SYNTHETIC_SOURCE and dataset not in PROCEDURAL_DATASETS:
             raise ValueError(
                 f"no {pretrained} weights for {model!r}: pretrain them once with 'transfusion pretrain --model "
-                f"{model} --source {pretrained} --data PATH_OR_S3_URI --steps N' (registers {name})"
+                f"{model} --pretrained {pretrained} --source PATH_OR_S3_URI --steps N' (registers {name})"
             )
         return pretrain_and_register(pretrain_grid(model, source=pretrained, resolution=resolution), register_as=name)
     if pretrained == "imagenet":
@@ -236,7 +236,7 @@ def resolve_pretrained_task(
         if registered is None:
             raise ValueError(
                 f"no ImageNet weights for {model!r}: pretrain them once with "
-                f"'transfusion pretrain --model {model} --source PATH_OR_S3_URI_OF_IMAGENET' "
+                f"'transfusion pretrain --model {model} --pretrained PATH_OR_S3_URI_OF_IMAGENET' "
                 f"(registers {registered_name(model, 'imagenet')}), or use pretrained: synthetic"
             )
         tags = source_tags(registered, source_quality(registered), weak_source or WeakSourceSettings())

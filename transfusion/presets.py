@@ -90,7 +90,7 @@ def full_grid() -> dict:
 
     CBR nets have no published ImageNet weights: ``pretrained: imagenet`` resolves them to
     ``models:/transfusion-<model>-imagenet/latest``, made once by ``transfusion pretrain
-    --model <model> --source s3://.../imagenet`` (ResNet-50 and Inception-v3 use
+    --model <model> --pretrained s3://.../imagenet`` (ResNet-50 and Inception-v3 use
     torchvision's IMAGENET1K_V1).
     """
     return {

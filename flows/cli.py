@@ -1,8 +1,10 @@
-"""The ``transfusion`` command line.
+"""The transfusion command line: train and analyse grids of transfer-learning experiments.
 
-transfusion run demo                  # a preset grid
-transfusion run my-grid.yaml --set train.steps=500
-transfusion ui                        # MLflow UI on the local store
+transfusion list                                    # presets (with job counts), models, inits, datasets
+transfusion run demo                                # a preset grid, on this machine
+transfusion run examples/folder.yaml                # your data: start from a file in examples/
+transfusion run my-grid.yaml --set train.steps=500  # any grid field, overridden
+transfusion ui                                      # the MLflow UI on the last grid's runs
 """
 
 from __future__ import annotations

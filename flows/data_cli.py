@@ -1,4 +1,4 @@
-"""``transfusion data ...``: prepare a dataset once and print what it holds.
+"""transfusion data prepare: decode a dataset once into the cache and print what it holds.
 
 Examples:
 

@@ -225,7 +225,9 @@ CASES = [
         r"--pretrained domain:chexpert: chexpert is read from files; give them with --source",
     ),
     _case(
-        "pretrain unknown domain set", "pretrain --model cbr-tiny --pretrained domain:mnist", r"unknown dataset 'mnist'.*"
+        "pretrain unknown domain set",
+        "pretrain --model cbr-tiny --pretrained domain:mnist",
+        r"unknown dataset 'mnist'.*",
     ),
     _case(
         "pretrain below model minimum",

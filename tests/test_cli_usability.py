@@ -102,6 +102,11 @@ def test_set_wraps_a_single_value_where_only_a_list_is_accepted():
     assert counted.seeds == [0, 1, 2] and counted.pretrained == "synthetic"
 
 
+def test_set_takes_a_whole_group_of_fields():
+    grid = load_grid_with_overrides("smoke", ["train={steps: 5, lr: 0.01}"])
+    assert (grid.train.steps, grid.train.lr) == (5, 0.01)
+
+
 def test_set_leaves_free_option_keys_to_the_dataset():
     data = apply_overrides({"dataset_options": {"a": 1}}, ["dataset_options.uncertainty=u-zeros"])
     assert data["dataset_options"] == {"a": 1, "uncertainty": "u-zeros"}

@@ -515,6 +515,7 @@ def _field_paths(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
         path = f"{prefix}{name}"
         nested = info.annotation if isinstance(info.annotation, type) else None
         if nested is not None and issubclass(nested, BaseModel):
+            paths[path] = nested  # a whole group at once: ``train={steps: 5, lr: 0.01}``
             paths.update(_field_paths(nested, f"{path}."))
         else:
             paths[path] = info.annotation

@@ -1,8 +1,10 @@
-"""The ``transfusion`` command line.
+"""The transfusion command line: train and analyse grids of transfer-learning experiments.
 
-transfusion run demo                  # a preset grid
-transfusion run my-grid.yaml --set train.steps=500
-transfusion ui                        # MLflow UI on the local store
+transfusion list                                    # presets (with job counts), models, inits, datasets
+transfusion run demo                                # a preset grid, on this machine
+transfusion run examples/folder.yaml                # your data: start from a file in examples/
+transfusion run my-grid.yaml --set train.steps=500  # any grid field, overridden
+transfusion ui                                      # the MLflow UI on the last grid's runs
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ QUIET_ENV = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",
     "DO_NOT_TRACK": "1",
 }
+log = logging.getLogger("transfusion")
 _USER_ENV = frozenset(key for key in QUIET_ENV if key in os.environ)
 # Levels of the quiet environment that --verbose lifts (unless the user set them).
 VERBOSE_ENV = {"PREFECT_LOGGING_LEVEL": "INFO", "MLFLOW_LOGGING_LEVEL": "INFO"}
@@ -66,11 +69,19 @@ def configure_logging(*, verbose: bool) -> None:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """``train.steps=10`` style overrides onto a grid mapping (values parsed as YAML)."""
+    """``train.steps=10`` style overrides onto a grid mapping (values parsed as YAML).
+
+    A key that is no grid field is refused with the nearest valid one; a single value
+    for a field that takes a list (``models=cbr-tiny``) is read as a list of one.
+    """
+    from transfusion.config import check_grid_field, grid_list_fields
+
+    list_fields = grid_list_fields()
     data = dict(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
-        parts = key.strip().split(".")
+        key = key.strip()
+        parts = key.split(".")
         if not sep or not all(parts):
             raise ValueError(f"--set expects KEY=VALUE with KEY like train.steps, got {item!r}")
         try:
@@ -85,6 +96,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise ValueError(f"--set {item}: {where} is a value ({inner!r}), not a group of fields")
             target[part] = dict(inner or {})
             target = target[part]
+        try:
+            check_grid_field(key)
+        except ValueError as exc:
+            raise ValueError(f"--set {item}: {exc}") from None
+        if key in list_fields and value is not None and not isinstance(value, list):
+            value = [value]
         target[parts[-1]] = value
     return data
 
@@ -260,12 +277,13 @@ def command_run(args: argparse.Namespace) -> int:
     print(f"Grid {summary.grid}: {summary.finished} trained, {summary.skipped} already done, "
           f"{len(summary.failed)} failed, in {elapsed:.0f} s")  # fmt: skip
     print()
-    print(summary.table_markdown)
+    console = table_console()
+    print_markdown_tables(summary.table_markdown, console)
     if summary.transfer_markdown:
-        print(summary.transfer_markdown)
+        print_markdown_tables(summary.transfer_markdown, console)
     if summary.similarity_markdown.strip():
         print("Top-layer SVCCA similarity between seeds:")
-        print(summary.similarity_markdown)
+        print_markdown_tables(summary.similarity_markdown, console)
     for line in summary.failed:
         print(f"FAILED: {line}")
     print(f"Runs: MLflow experiment {summary.grid!r} (parent run {summary.parent_run_id}); "
@@ -314,13 +332,37 @@ def command_analyze(args: argparse.Namespace) -> int:
     from flows.grid import transfusion
 
     summary = transfusion(grid, stage="analysis", report_dir=out)
-    print(summary.table_markdown)
+    console = table_console()
+    print_markdown_tables(summary.table_markdown, console)
     if summary.transfer_markdown:
-        print(summary.transfer_markdown)
+        print_markdown_tables(summary.transfer_markdown, console)
     print(
         f"Report: {Path(summary.report_dir) / 'report.html'} (also under report/ of parent run {summary.parent_run_id})"
     )
     return 0
+
+
+def deprecated(old: str, new: str) -> None:
+    """The one-line notice for a spelling kept for one release."""
+    log.warning("%s is deprecated and goes in the next release; use %s", old, new)
+
+
+def pretrain_spellings(args: argparse.Namespace) -> tuple[str, str | None]:
+    """``(pretrained, source)`` from ``pretrain``'s options, reading the old spellings too.
+
+    Before one spelling per concept, ``--source`` named what to pretrain on and ``--data``
+    the files; without ``--pretrained`` an old-style ``--source`` keeps its old meaning.
+    """
+    pretrained, source = args.pretrained, args.source
+    if pretrained is None and source is not None:
+        deprecated("pretrain --source SOURCE (what to pretrain on)", f"--pretrained {source}")
+        pretrained, source = source, None
+    if args.data is not None:
+        if source is not None:
+            raise ValueError("--data is the old spelling of --source (the files); give only --source")
+        deprecated("pretrain --data", "--source (the dataset's files, as in data prepare)")
+        source = args.data
+    return pretrained or "synthetic", source
 
 
 def command_pretrain(args: argparse.Namespace) -> int:
@@ -328,52 +370,167 @@ def command_pretrain(args: argparse.Namespace) -> int:
     from tasks.training import prepare_dataset_task
     from transfusion.config import DOMAIN_PREFIX, domain_dataset, load_grid
     from transfusion.data.synthetic import PROCEDURAL_DATASETS
-    from transfusion.models import MODELS
+    from transfusion.models import MODELS, canonical_model_name
 
     MODELS.get(args.model)  # one clear line for an unknown name, before anything starts
-    domain = args.source.startswith(DOMAIN_PREFIX)
+    model = canonical_model_name(args.model)
+    pretrained, data = pretrain_spellings(args)
+    domain = pretrained.startswith(DOMAIN_PREFIX)
     if domain:
-        dataset = domain_dataset(args.source)
-        if dataset not in PROCEDURAL_DATASETS and not args.data:
-            raise ValueError(f"--source {args.source}: {dataset} is read from files; give them with --data")
-    elif args.data:
-        raise ValueError("--data goes with --source domain:<dataset>; an ImageNet folder is --source itself")
-    elif args.source != SYNTHETIC_SOURCE and not args.source.startswith("s3://") and not Path(args.source).is_dir():
+        dataset = domain_dataset(pretrained)
+        if dataset not in PROCEDURAL_DATASETS and not data:
+            raise ValueError(f"--pretrained {pretrained}: {dataset} is read from files; give them with --source")
+    elif data:
+        raise ValueError("--source (files) goes with --pretrained domain:<dataset>; an ImageNet folder is --pretrained")
+    elif pretrained != SYNTHETIC_SOURCE and not pretrained.startswith("s3://") and not Path(pretrained).is_dir():
         raise ValueError(
-            f"--source {args.source}: not 'synthetic', 'domain:<dataset>', an s3:// URI or an existing folder"
+            f"--pretrained {pretrained}: not 'synthetic', 'domain:<dataset>', an s3:// URI or an existing folder"
         )
     grid = pretrain_grid(
-        args.model, source=args.source, resolution=args.resolution, steps=args.steps, seed=args.seed,
-        epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus, data=args.data,
+        model, source=pretrained, resolution=args.resolution, steps=args.steps, seed=args.seed,
+        epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus, data=data,
     ).model_dump(mode="json")  # fmt: skip
     prepare_dataset_task.fn(load_grid(grid))
     check_services(with_compute=True)
     from flows.pretrain import pretrain
 
     uri = pretrain(
-        model=args.model, source=args.source, steps=args.steps, resolution=args.resolution, seed=args.seed,
-        epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus, data=args.data,
+        model=model, source=pretrained, steps=args.steps, resolution=args.resolution, seed=args.seed,
+        epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus, data=data,
     )  # fmt: skip
     print(f"registered {uri}")
     return 0
 
 
-def command_list(args: argparse.Namespace) -> int:
+# Tables the CLI prints fit this many columns in a log (on a terminal: its width).
+LOG_WIDTH = 120
+
+
+def table_console():
+    """A rich console for stdout: the terminal's width on a terminal, ``LOG_WIDTH`` in a log."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else LOG_WIDTH, highlight=False, soft_wrap=False)
+
+
+def print_markdown_tables(text: str, console=None) -> None:
+    """Markdown text with its pipe tables drawn to fit the console (cells wrap); other lines as they are."""
+    from rich import box
+    from rich.table import Table
+
+    console = console or table_console()
+    block: list[list[str]] = []
+
+    def flush() -> None:
+        if not block:
+            return
+        header, *body = block
+        rule = next((cells for cells in body if all(cell and set(cell) <= set(":-") for cell in cells)), [])
+        table = Table(box=box.MARKDOWN)
+        for i, name in enumerate(header):
+            right = i < len(rule) and rule[i].endswith(":") and not rule[i].startswith(":")
+            table.add_column(name, overflow="fold", justify="right" if right else "left")
+        for cells in body:
+            if cells is not rule:
+                table.add_row(*cells)
+        with console.capture() as captured:
+            console.print(table)
+        # The box's blank top and bottom edges and the padding to full width are noise in a log.
+        for line in captured.get().splitlines():
+            if line.strip():
+                print(line.rstrip())
+        block.clear()
+
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|") and stripped.endswith("|"):
+            block.append([cell.strip() for cell in stripped[1:-1].split("|")])
+            continue
+        flush()
+        print(line)
+    flush()
+
+
+def preset_rows() -> list[dict]:
+    """Each preset's name, one-line description and job count."""
+    from transfusion.config import load_grid
+    from transfusion.presets import PRESETS
+
+    rows = []
+    for name in PRESETS.names():
+        doc = (PRESETS.get(name).__doc__ or "").strip()
+        # The docstring's first sentence, without reST literals: a line a terminal shows as is.
+        description = " ".join(doc.split("\n\n")[0].split()).replace("``", "")
+        rows.append({"name": name, "description": description, "jobs": len(load_grid(name).jobs())})
+    return rows
+
+
+def list_contents() -> dict:
+    """What ``transfusion list`` shows, as data."""
     from transfusion.data import list_datasets
     from transfusion.inits import list_inits
-    from transfusion.models import list_models
-    from transfusion.presets import PRESETS
+    from transfusion.models import MODELS, list_models
     from transfusion.pretrained import get_pretrained_source, list_pretrained_sources
 
-    print("grid presets:", ", ".join(PRESETS.names()))
-    print("models:      ", ", ".join(list_models()))
-    print("inits:       ", ", ".join(list_inits()), "(transfer: alias of imagenet, for any source)")
-    print("datasets:    ", ", ".join(list_datasets()))
-    print("pretrained sources (also synthetic, imagenet, domain:<dataset>, a path or URI):")
-    for name in list_pretrained_sources():
-        source = get_pretrained_source(name)
-        print(f"  {name:<48} {source.kind:<16} {source.model:<22} {source.licence}")
+    sources = [get_pretrained_source(name) for name in list_pretrained_sources()]
+    return {
+        "presets": preset_rows(),
+        "models": list_models(),
+        "model_aliases": MODELS.aliases(),
+        "inits": list_inits(),
+        "init_aliases": {"transfer": "imagenet"},
+        "datasets": list_datasets(),
+        "pretrained_sources": [
+            {"name": s.name, "kind": s.kind, "model": s.model, "licence": s.licence} for s in sources
+        ],
+    }
+
+
+def command_list(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.table import Table
+
+    contents = list_contents()
+    if args.json:
+        print(json.dumps(contents, indent=2))
+        return 0
+    console = table_console()
+    presets = Table(title="grid presets (transfusion run NAME)", title_justify="left", box=None, expand=False)
+    presets.add_column("preset", no_wrap=True)
+    presets.add_column("jobs", justify="right", no_wrap=True)
+    presets.add_column("what it runs", overflow="fold")
+    for row in contents["presets"]:
+        presets.add_row(row["name"], str(row["jobs"]), row["description"])
+    console.print(presets)
+    console.print()
+    aliases = ", ".join(f"{old} -> {new}" for old, new in sorted(contents["model_aliases"].items()))
+    for label, names, note in (
+        ("models", contents["models"], f"(also accepted: {aliases})"),
+        ("inits", contents["inits"], "(transfer: alias of imagenet, for any source)"),
+        ("datasets", contents["datasets"], ""),
+    ):
+        console.print(f"{label + ':':<10}{', '.join(names)} {note}".rstrip(), overflow="fold")
+    console.print()
+    sources = Table(
+        title="pretrained sources (also synthetic, imagenet, domain:<dataset>, a path or URI)",
+        title_justify="left",
+        box=None,
+    )
+    for column in ("source", "kind", "model"):
+        sources.add_column(column, no_wrap=True)
+    sources.add_column("licence", overflow="fold")
+    for row in contents["pretrained_sources"]:
+        sources.add_row(row["name"], row["kind"], row["model"], row["licence"])
+    console.print(sources)
     return 0
+
+
+VERBOSE_HELP = "log at INFO level and show tracebacks (before or after the command)"
+SET_HELP = (
+    "override a grid field, e.g. train.steps=50 or models=cbr-tiny (a single value for a list field is a "
+    "list of one); repeatable"
+)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -389,50 +546,55 @@ def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
         help="Figure 5 convergence threshold: validation AUC (absolute, default 0.91 as the paper) "
         "or fraction of each cell's best (with --threshold-mode relative)",
     )  # fmt: skip
-    parser.add_argument("--threshold-mode", choices=["absolute", "relative"], default=None)
+    parser.add_argument(
+        "--threshold-mode", choices=["absolute", "relative"], default=None,
+        help="absolute: --threshold is a validation AUC; relative: a fraction of each cell's best AUC",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="transfusion", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a grid (preset name or YAML/JSON file)")
     run.add_argument("grid", help="preset name (demo, smoke, ...) or path to a grid file")
-    run.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a grid field, e.g. train.steps=50"
-    )
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     run.set_defaults(func=command_run)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on the local store")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=port_number, default=5000)
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=port_number, default=5000, help="port to listen on (default 5000)")
     ui.add_argument("--open", action="store_true", help="open the page in a web browser")
     ui.set_defaults(func=command_ui)
 
     ana = sub.add_parser("analyze", help="re-run the analyses of a trained grid from its stored artifacts")
-    ana.add_argument("grid")
-    ana.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ana.add_argument("grid", help="the trained grid: preset name or grid file, as given to run")
+    ana.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     add_threshold_arguments(ana)
     ana.set_defaults(func=command_analyze)
 
     rep = sub.add_parser("report", help="write a trained grid's report (Markdown + self-contained HTML)")
-    rep.add_argument("grid")
+    rep.add_argument("grid", help="the trained grid: preset name or grid file, as given to run")
     rep.add_argument("--out", required=True, help="directory for report.md, report.html, tables and figures")
-    rep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    rep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     add_threshold_arguments(rep)
     rep.set_defaults(func=command_analyze)
 
     pre = sub.add_parser("pretrain", help="pretrain a model on a source set and register it in MLflow")
-    pre.add_argument("--model", required=True)
+    pre.add_argument("--model", required=True, help="model to pretrain (see: transfusion list)")
     pre.add_argument(
-        "--source",
-        default="synthetic",
-        help="'synthetic', 'domain:<dataset>' (a medical set: a domain source) or an ImageNet-style folder / s3:// URI",
+        "--pretrained",
+        default=None,
+        help="what to pretrain on: 'synthetic' (default), 'domain:<dataset>' (a registered medical set) "
+        "or an ImageNet-style folder / s3:// URI",
     )
-    pre.add_argument("--data", default=None, help="files of a domain:<dataset> source (path or s3:// URI)")
+    pre.add_argument(
+        "--source", default=None, help="the files of a domain:<dataset> set (a folder or s3:// URI), as in data prepare"
+    )
+    pre.add_argument("--data", default=None, help=argparse.SUPPRESS)  # the old spelling of --source
     pre.add_argument("--steps", type=positive_int, default=None, help="steps (synthetic: 120; a folder: from --epochs)")
     pre.add_argument("--epochs", type=positive_float, default=None, help="passes over an ImageNet folder (default 90)")
     pre.add_argument(
@@ -440,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("--workers", type=positive_int, default=1, help="Ray Train workers (data parallel)")
     pre.add_argument("--gpus", type=non_negative_float, default=0.0, help="GPUs per worker")
-    pre.add_argument("--seed", type=non_negative_int, default=0)
+    pre.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initial weights and data order")
     pre.set_defaults(func=command_pretrain)
 
     from flows.data_cli import add_data_commands
@@ -449,9 +611,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_stack_commands(sub)
     add_data_commands(sub)
 
-    lst = sub.add_parser("list", help="list presets, models, inits and datasets")
+    lst = sub.add_parser("list", help="list presets (with job counts), models, inits, datasets and pretrained sources")
+    lst.add_argument("--json", action="store_true", help="print the same as one JSON object")
     lst.set_defaults(func=command_list)
+    _verbose_after_any_command(parser)
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every (sub)command parser under ``parser``, depth first."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_subparsers(child)]
+    return found
+
+
+def _verbose_after_any_command(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand that does not see -v leaves the top level's value alone.
+    for child in _subparsers(parser):
+        if "--verbose" not in child._option_string_actions:
+            child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
 
 
 # Errors whose message is written for the user; anything else also names its type.

@@ -1,6 +1,6 @@
-"""``transfusion data ...``: prepare a dataset once and print what it holds.
+"""transfusion data prepare: decode a dataset once into the cache and print what it holds.
 
-Examples::
+Examples:
 
     transfusion data prepare retina-eyepacs --source /data/eyepacs
     transfusion data prepare chexpert --source s3://bucket/CheXpert-v1.0-small \

@@ -248,11 +248,11 @@ def add_stack_commands(sub: argparse._SubParsersAction) -> None:
     up = actions.add_parser("up", help="start the services, a process work pool with the deployments and its worker")
     from flows.cli import port_number, positive_int
 
-    up.add_argument("--prefect-port", type=port_number, default=4200)
-    up.add_argument("--mlflow-port", type=port_number, default=5000)
-    up.add_argument("--s3-port", type=port_number, default=8333)
-    up.add_argument("--ray-port", type=port_number, default=6379)
-    up.add_argument("--num-cpus", type=positive_int, default=None)
+    up.add_argument("--prefect-port", type=port_number, default=4200, help="Prefect server port (default 4200)")
+    up.add_argument("--mlflow-port", type=port_number, default=5000, help="MLflow tracking server port (default 5000)")
+    up.add_argument("--s3-port", type=port_number, default=8333, help="S3 (SeaweedFS) port (default 8333)")
+    up.add_argument("--ray-port", type=port_number, default=6379, help="Ray head's GCS port (default 6379)")
+    up.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs the Ray head offers (default: all)")
     up.add_argument(
         "--serve", action="store_true",
         help=f"serve the deployments from one process instead of the {WORK_POOL} work pool and its worker",

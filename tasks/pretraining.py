@@ -12,17 +12,19 @@ from transfusion.config import DOMAIN_PREFIX, GridSpec, TrainSettings, WeakSourc
 from transfusion.config import source_label as grid_source_label
 from transfusion.data import PreparedDataset
 from transfusion.data.synthetic import PROCEDURAL_DATASETS
+from transfusion.models import canonical_model_name, model_key_name
 from transfusion.pretrained import WEAK, SourceQuality, published_quality, quality_label, source_at, source_for
 
 log = logging.getLogger(__name__)
 
 # Models that have torchvision IMAGENET1K_V1 weights (pinned: DEFAULT may change).
-TORCHVISION_IMAGENET = {"resnet50": "resnet50", "inception_v3": "inception_v3", "slim-resnet50": "resnet50"}
+TORCHVISION_IMAGENET = {"resnet50": "resnet50", "inception-v3": "inception_v3", "slim-resnet50": "resnet50"}
 SYNTHETIC_SOURCE = "synthetic"
 
 
 def registered_name(model: str, source: str) -> str:
-    return f"transfusion-{model}-{source}"
+    # The model's pre-rename spelling: versions registered before the rename stay found.
+    return f"transfusion-{model_key_name(model)}-{source}"
 
 
 def source_label(source: str) -> str:
@@ -38,13 +40,13 @@ def source_label(source: str) -> str:
 IMAGENET_RECIPE = {"epochs": 90, "warmup_epochs": 5, "batch_size": 256, "lr_per_256": 0.1, "weight_decay": 1e-4,
                    "label_smoothing": 0.1, "val_limit": 10_000}  # fmt: skip
 # The input side each model's ImageNet weights are trained at (torchvision's references).
-STANDARD_RESOLUTION = {"inception_v3": 299}
+STANDARD_RESOLUTION = {"inception-v3": 299}
 DEFAULT_RESOLUTION = 224
 SYNTHETIC_STEPS, SYNTHETIC_RESOLUTION = 120, 40
 
 
 def standard_resolution(model: str) -> int:
-    return STANDARD_RESOLUTION.get(model, DEFAULT_RESOLUTION)
+    return STANDARD_RESOLUTION.get(canonical_model_name(model), DEFAULT_RESOLUTION)
 
 
 def imagenet_recipe(
@@ -223,7 +225,7 @@ def resolve_pretrained_task(
         if dataset != SYNTHETIC_SOURCE and dataset not in PROCEDURAL_DATASETS:
             raise ValueError(
                 f"no {pretrained} weights for {model!r}: pretrain them once with 'transfusion pretrain --model "
-                f"{model} --source {pretrained} --data PATH_OR_S3_URI --steps N' (registers {name})"
+                f"{model} --pretrained {pretrained} --source PATH_OR_S3_URI --steps N' (registers {name})"
             )
         return pretrain_and_register(pretrain_grid(model, source=pretrained, resolution=resolution), register_as=name)
     if pretrained == "imagenet":
@@ -234,7 +236,7 @@ def resolve_pretrained_task(
         if registered is None:
             raise ValueError(
                 f"no ImageNet weights for {model!r}: pretrain them once with "
-                f"'transfusion pretrain --model {model} --source PATH_OR_S3_URI_OF_IMAGENET' "
+                f"'transfusion pretrain --model {model} --pretrained PATH_OR_S3_URI_OF_IMAGENET' "
                 f"(registers {registered_name(model, 'imagenet')}), or use pretrained: synthetic"
             )
         tags = source_tags(registered, source_quality(registered), weak_source or WeakSourceSettings())

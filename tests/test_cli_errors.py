@@ -60,7 +60,7 @@ CASES = [
     _case(
         "unknown grid field",
         "run {tmp}/g.yaml",
-        r"grid file .*: stepz: Extra inputs are not permitted",
+        r"grid file .*: stepz: Extra inputs are not permitted \(did you mean train\.steps\?\)",
         files={"g.yaml": GRID + "stepz: 3\n"},
     ),
     # --- run: grid values ----------------------------------------------------------
@@ -131,8 +131,8 @@ CASES = [
     ),
     _case(
         "resolution below model minimum",
-        "run smoke --set models=[inception_v3] --set train.resolution=32",
-        r"grid: train\.resolution 32 is below the minimum input size of inception_v3 \(75 px\)",
+        "run smoke --set models=[inception-v3] --set train.resolution=32",
+        r"grid: train\.resolution 32 is below the minimum input size of inception-v3 \(75 px\)",
     ),
     _case(
         "data size above the pool",
@@ -216,21 +216,23 @@ CASES = [
     ),
     _case(
         "pretrain missing source",
-        "pretrain --model cbr-tiny --source {tmp}/imagenet",
-        r"--source .*/imagenet: not 'synthetic', 'domain:<dataset>', an s3:// URI or an existing folder",
+        "pretrain --model cbr-tiny --pretrained {tmp}/imagenet",
+        r"--pretrained .*/imagenet: not 'synthetic', 'domain:<dataset>', an s3:// URI or an existing folder",
     ),
     _case(
         "pretrain domain source from files without them",
-        "pretrain --model cbr-tiny --source domain:chexpert",
-        r"--source domain:chexpert: chexpert is read from files; give them with --data",
+        "pretrain --model cbr-tiny --pretrained domain:chexpert",
+        r"--pretrained domain:chexpert: chexpert is read from files; give them with --source",
     ),
     _case(
-        "pretrain unknown domain set", "pretrain --model cbr-tiny --source domain:mnist", r"unknown dataset 'mnist'.*"
+        "pretrain unknown domain set",
+        "pretrain --model cbr-tiny --pretrained domain:mnist",
+        r"unknown dataset 'mnist'.*",
     ),
     _case(
         "pretrain below model minimum",
-        "pretrain --model inception_v3 --resolution 40",
-        r".*train\.resolution 40 is below the minimum input size of inception_v3 \(75 px\)",
+        "pretrain --model inception-v3 --resolution 40",
+        r".*train\.resolution 40 is below the minimum input size of inception-v3 \(75 px\)",
     ),
     # --- data prepare --------------------------------------------------------------
     _case("data unknown dataset", "data prepare mnist-of-doom", r"unknown dataset 'mnist-of-doom'; valid: .*folder.*"),
@@ -263,6 +265,38 @@ CASES = [
     ),
     _case("stack zero cpus", "stack up --num-cpus 0", r"argument --num-cpus: expected an integer >= 1, got 0 .*"),
     _case("stack env without a stack", "stack env", r"no stack is running; start one with 'transfusion stack up'"),
+    # --- spellings: typos get the nearest valid name, old names one spelling ------------
+    _case(
+        "set mistyped train key",
+        "run smoke --set train.stepz=3",
+        r"--set train\.stepz=3: unknown grid field 'train\.stepz'; did you mean train\.steps\?",
+    ),
+    _case(
+        "set mistyped top-level key",
+        "run smoke --set modles=cbr-small",
+        r"--set modles=cbr-small: unknown grid field 'modles'; did you mean models\?",
+    ),
+    _case(
+        "set key nothing resembles",
+        "analyze smoke --set xyzzy=1",
+        r"--set xyzzy=1: unknown grid field 'xyzzy'; see the GridSpec fields in README\.md",
+    ),
+    _case(
+        "old and new spelling of one model",
+        "run smoke --set models=[inception_v3,inception-v3]",
+        r"grid: models: 'inception-v3' is listed twice \(entries must be distinct\)",
+    ),
+    _case(
+        "pretrain old and new spelling of the files",
+        "pretrain --model cbr-tiny --pretrained domain:chexpert --source {tmp} --data {tmp}",
+        r"--data is the old spelling of --source \(the files\); give only --source",
+    ),
+    _case(
+        "pretrain files without a domain source",
+        "pretrain --model cbr-tiny --pretrained synthetic --source {tmp}",
+        r"--source \(files\) goes with --pretrained domain:<dataset>; an ImageNet folder is --pretrained",
+    ),
+    _case("list --json takes no value", "list --json=yes", r"argument --json: ignored explicit argument 'yes' .*"),
 ]
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from transfusion.config import load_grid
 
-VALID_MODELS = ["cbr-tiny", "cbr-small", "cbr-large-tall", "resnet50", "inception_v3"]
+VALID_MODELS = ["cbr-tiny", "cbr-small", "cbr-large-tall", "resnet50", "inception-v3"]
 SOURCE_FREE_INITS = ["random", "gabor"]
 
 inits = st.one_of(

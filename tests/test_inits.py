@@ -32,8 +32,8 @@ from transfusion.pretrained import (
 )
 
 NEEDS_SOURCE = ("imagenet", "mean-var", "transfusion")
-TIMM = {"convnext_tiny", "vit_small_patch16_224", "efficientnet_b0"}  # also in tests/test_sources.py
-BIG = {"inception_v3", "resnet50", "slim-resnet50", *TIMM}
+TIMM = {"convnext-tiny", "vit-small-patch16-224", "efficientnet-b0"}  # also in tests/test_sources.py
+BIG = {"inception-v3", "resnet50", "slim-resnet50", *TIMM}
 CBRS = [name for name in list_models() if name not in BIG]
 
 
@@ -98,7 +98,7 @@ def test_inits_needing_a_source_name_themselves(init: str) -> None:
         initialize(_model("cbr-tiny"), init, **options)
 
 
-@pytest.mark.parametrize("name", CBRS + ["inception_v3"])
+@pytest.mark.parametrize("name", CBRS + ["inception-v3"])
 def test_random_seed_redraws_reproducibly(name: str) -> None:
     torch.manual_seed(0)
     a = _model(name)
@@ -139,7 +139,7 @@ def test_imagenet_copies_a_classifier_of_the_same_shape() -> None:
     assert report.skipped == () and torch.equal(model.fc.weight, _source("cbr-tiny")["fc.weight"])
 
 
-@pytest.mark.parametrize("name", CBRS + ["inception_v3", "resnet50"])
+@pytest.mark.parametrize("name", CBRS + ["inception-v3", "resnet50"])
 def test_one_channel_model_sums_rgb_stem_filters(name: str) -> None:
     source = _source(name)
     model = initialize(_model(name, in_channels=1), "transfusion", source=source, k=0)
@@ -171,7 +171,7 @@ def _check_mean_var(model: CaptureModel, source: dict[str, torch.Tensor], before
             assert not torch.equal(value, source[key]), key
 
 
-@pytest.mark.parametrize("name", CBRS + ["resnet50", "convnext_tiny"])
+@pytest.mark.parametrize("name", CBRS + ["resnet50", "convnext-tiny"])
 def test_mean_var_statistics_and_batch_norm_identity(name: str) -> None:
     source = _source(name)
     model = _model(name)
@@ -277,13 +277,13 @@ def test_pretrained_architectures_fit_their_models() -> None:
 
     tv_models = {
         "resnet50": torchvision.models.resnet50,
-        "inception_v3": torchvision.models.inception_v3,
-        **{name: functools.partial(timm.create_model, name) for name in TIMM},  # timm's own names
+        "inception-v3": torchvision.models.inception_v3,
+        **{name: functools.partial(timm.create_model, name.replace("-", "_")) for name in TIMM},  # timm's own names
     }
     for name in list_pretrained_sources():
         source = get_pretrained_source(name)
         build = tv_models[source.model]
-        kwargs = {"init_weights": False} if source.model == "inception_v3" else {}
+        kwargs = {"init_weights": False} if source.model == "inception-v3" else {}
         state = build(**kwargs).state_dict()
         model = _model(source.model, num_classes=1, in_channels=1)
         _, report = initialize_with_report(model, "imagenet", source=state)

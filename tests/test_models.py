@@ -30,13 +30,13 @@ PINNED_PARAMS = {
     "cbr-large-wide": 8_441_409,
     "cbr-small": 2_113_313,
     "cbr-tiny": 1_078_817,
-    "inception_v3": 24_346_082,
+    "inception-v3": 24_346_082,
     "resnet50": 23_510_081,
     "slim-resnet50": 7_136_321,
     # timm's architectures, 1-logit head (tests/test_sources.py checks the 1 000-way counts against timm).
-    "convnext_tiny": 27_820_897,
-    "efficientnet_b0": 4_008_829,
-    "vit_small_patch16_224": 21_666_049,
+    "convnext-tiny": 27_820_897,
+    "efficientnet-b0": 4_008_829,
+    "vit-small-patch16-224": 21_666_049,
 }
 BATCH = 2
 

@@ -36,7 +36,7 @@ def test_every_analysed_layer_of_every_preset_has_ten_rows_per_dim(preset: str, 
     assert [p.layer for p in plans][0] == "conv1" and len(plans) >= 4
     for plan in plans:
         assert plan.rows_per_dim >= MIN_ROWS_PER_DIM, f"{preset}/{model}/{plan.layer}: {plan}"
-        if model in ("resnet50", "inception_v3") and plan.layer == "stage4":
+        if model in ("resnet50", "inception-v3") and plan.layer == "stage4":
             assert plan.rows >= 20480
     # The probe set fits the validation split it is drawn from.
     val = grid.dataset_options.get("val")

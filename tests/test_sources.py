@@ -22,7 +22,7 @@ from transfusion.pretrained import (
 from transfusion.probes import ROWS_SUFFIX, ProbeSampling, capture_activations
 
 # timm's own counts with a 1 000-way head (timm.create_model(name).parameters()).
-TIMM_PARAMETERS = {"convnext_tiny": 28_589_128, "vit_small_patch16_224": 22_050_664, "efficientnet_b0": 5_288_548}
+TIMM_PARAMETERS = {"convnext-tiny": 28_589_128, "vit-small-patch16-224": 22_050_664, "efficientnet-b0": 5_288_548}
 
 
 def _copied_equal(model: torch.nn.Module, reference: dict[str, torch.Tensor], skip: tuple[str, ...]) -> list[str]:
@@ -128,7 +128,9 @@ def test_timm_models_match_timm_parameter_counts_and_name_its_feature_stages(nam
 
     ours = create_model(name, num_classes=1000)
     assert (
-        count_parameters(ours) == count_parameters(timm.create_model(name, num_classes=1000)) == TIMM_PARAMETERS[name]
+        count_parameters(ours)
+        == count_parameters(timm.create_model(name.replace("-", "_"), num_classes=1000))
+        == TIMM_PARAMETERS[name]
     )
     feature_modules = [info["module"] for info in ours.net.feature_info]
     assert model_facts(name).stages == ("conv1", *[f"stage{i}" for i in range(1, len(feature_modules) + 1)])
@@ -429,7 +431,7 @@ def test_a_registered_source_sets_the_input_statistics_its_weights_saw():
 @pytest.mark.parametrize(
     ("name", "gmacs"),
     # Published multiply-adds at 224 px (timm's model cards; ResNet-50 as torchvision states it).
-    [("vit_small_patch16_224", 4.6), ("convnext_tiny", 4.5), ("efficientnet_b0", 0.39), ("resnet50", 4.09)],
+    [("vit-small-patch16-224", 4.6), ("convnext-tiny", 4.5), ("efficientnet-b0", 0.39), ("resnet50", 4.09)],
 )
 def test_forward_flops_count_per_token_linears_and_attention(name, gmacs):
     from transfusion.cost import forward_flops

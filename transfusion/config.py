@@ -8,10 +8,12 @@ so a typo fails before anything starts.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
 import re
+import types
 import typing
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -32,7 +34,7 @@ from pydantic import (
 
 from transfusion.data import DATASETS
 from transfusion.inits import INITS, check_init_options
-from transfusion.models import MODELS, model_facts
+from transfusion.models import MODELS, canonical_model_name, model_facts, model_key_name
 from transfusion.pretrained import source_for
 
 
@@ -70,7 +72,18 @@ def _canonical_init(name: Any) -> Any:
     return INIT_ALIASES.get(name, name) if isinstance(name, str) else name
 
 
-ModelName = Annotated[str, _registered(MODELS), _enum_schema(MODELS.names())]
+def _canonical_model(name: Any) -> Any:
+    return canonical_model_name(name) if isinstance(name, str) else name
+
+
+# Old spellings (``inception_v3``) are read as the canonical one (``inception-v3``); the
+# schema lists both so a Prefect server accepts a deployment written before the rename.
+ModelName = Annotated[
+    str,
+    BeforeValidator(_canonical_model),
+    _registered(MODELS),
+    _enum_schema(sorted([*MODELS.names(), *MODELS.aliases()])),
+]
 _INIT_NAMES = sorted([*INITS.names(), *INIT_ALIASES])
 InitName = Annotated[str, BeforeValidator(_canonical_init), _registered(INITS), _enum_schema(_INIT_NAMES)]
 DatasetName = Annotated[str, _registered(DATASETS), _enum_schema(DATASETS.names())]
@@ -208,6 +221,7 @@ class JobSpec(_Frozen):
         ``max_failures`` for spot nodes, finds its runs instead of retraining them.
         """
         payload = self.model_dump(mode="json", exclude={"grid": True, "train": set(PLACEMENT_FIELDS)})
+        payload["model"] = model_key_name(self.model)
         return _short_hash(payload)
 
     @property
@@ -218,6 +232,7 @@ class JobSpec(_Frozen):
         field that version did not have, set away from its default, never had a v1 key.
         """
         payload = self.model_dump(mode="json", exclude={"grid"})
+        payload["model"] = model_key_name(self.model)
         defaults = JobSpec.model_construct(model=self.model, init=self.init, dataset=self.dataset).model_dump(
             mode="json"
         )
@@ -440,6 +455,7 @@ class GridSpec(_Frozen):
     @property
     def grid_key(self) -> str:
         payload = self.model_dump(mode="json", exclude=ANALYSIS_ONLY_FIELDS)
+        payload["models"] = [model_key_name(model) for model in self.models]
         drop_unset_later_options(payload["train"])
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -493,12 +509,78 @@ def source_label(pretrained: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name) or "source"
 
 
+def _field_paths(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        nested = info.annotation if isinstance(info.annotation, type) else None
+        if nested is not None and issubclass(nested, BaseModel):
+            paths[path] = nested  # a whole group at once: ``train={steps: 5, lr: 0.01}``
+            paths.update(_field_paths(nested, f"{path}."))
+        else:
+            paths[path] = info.annotation
+    return paths
+
+
+def _only_lists(annotation: Any) -> bool:
+    """Whether a field takes a list and nothing else (``None`` aside)."""
+    if typing.get_origin(annotation) is Annotated:
+        return _only_lists(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) is list:
+        return True
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return False
+    options = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return all(_only_lists(a) for a in options)
+
+
+def grid_field_paths() -> list[str]:
+    """Every field a grid file or ``--set`` can name, dotted: ``models``, ``train.steps``, ..."""
+    return sorted(_field_paths(GridSpec))
+
+
+def grid_list_fields() -> frozenset[str]:
+    """Grid fields that take only a list, so one value given alone is read as a list of one."""
+    return frozenset(path for path, annotation in _field_paths(GridSpec).items() if _only_lists(annotation))
+
+
+# Mapping fields whose keys are free (each dataset or init types its own options).
+FREE_MAPPING_FIELDS = frozenset({"dataset_options"})
+
+
+def suggest_grid_field(key: str) -> str | None:
+    """The valid grid field path nearest to a mistyped ``key`` (``train.stepz`` -> ``train.steps``), or None."""
+    paths = grid_field_paths()
+    close = difflib.get_close_matches(key, paths, n=1)
+    if close:
+        return close[0]
+    # A field given without its group (``steps``) or mistyped in its last part only.
+    by_leaf: dict[str, str] = {}
+    for path in paths:
+        by_leaf.setdefault(path.rsplit(".", 1)[-1], path)
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1)
+    return by_leaf[close[0]] if close else None
+
+
+def check_grid_field(key: str) -> None:
+    """Raise a ValueError naming the nearest valid field when ``key`` is no grid field path."""
+    paths = set(grid_field_paths())
+    if key in paths or key.split(".", 1)[0] in FREE_MAPPING_FIELDS:
+        return
+    suggestion = suggest_grid_field(key)
+    hint = f"did you mean {suggestion}?" if suggestion else "see the GridSpec fields in README.md"
+    raise ValueError(f"unknown grid field {key!r}; {hint}")
+
+
 def format_validation_error(error: ValidationError, *, where: str) -> str:
     """One line per problem, naming the field: ``where: field: message``."""
     parts = []
     for item in error.errors():
         loc = ".".join(str(p) for p in item["loc"])
         msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden" and where.startswith(("grid", "preset")):
+            suggestion = suggest_grid_field(loc)
+            msg += f" (did you mean {suggestion}?)" if suggestion else ""
         parts.append(f"{loc}: {msg}" if loc else msg)
     return f"{where}: " + "; ".join(parts)
 

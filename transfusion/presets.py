@@ -13,7 +13,7 @@ from transfusion.registry import Registry
 
 PRESETS: Registry[Callable[[], dict]] = Registry("grid preset")
 
-PAPER_MODELS = ["resnet50", "inception_v3", "cbr-large-tall", "cbr-large-wide", "cbr-small", "cbr-tiny"]
+PAPER_MODELS = ["resnet50", "inception-v3", "cbr-large-tall", "cbr-large-wide", "cbr-small", "cbr-tiny"]
 PAPER_INITS = ["random", "imagenet", "mean-var"]
 # Figure 5's grids share one absolute threshold so their steps-to-threshold compare.
 FIGURE5_CONVERGENCE = {"convergence_threshold": 0.91, "convergence_mode": "absolute"}
@@ -90,7 +90,7 @@ def full_grid() -> dict:
 
     CBR nets have no published ImageNet weights: ``pretrained: imagenet`` resolves them to
     ``models:/transfusion-<model>-imagenet/latest``, made once by ``transfusion pretrain
-    --model <model> --source s3://.../imagenet`` (ResNet-50 and Inception-v3 use
+    --model <model> --pretrained s3://.../imagenet`` (ResNet-50 and Inception-v3 use
     torchvision's IMAGENET1K_V1).
     """
     return {

@@ -51,6 +51,7 @@ import torch
 
 from transfusion.constants import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD
 from transfusion.home import transfusion_home
+from transfusion.models import canonical_model_name
 from transfusion.object_store import s3_client, s3_endpoint
 from transfusion.registry import Registry
 
@@ -185,6 +186,7 @@ class PretrainedSource:
     how_to_get: str = ""
 
     def fits(self, model: str) -> bool:
+        model = canonical_model_name(model)
         return model == self.model or model in self.also_fits
 
     def as_tags(self) -> dict[str, str]:
@@ -230,7 +232,7 @@ def _timm_source(
     preprocessing: Preprocessing = _IMAGENET_224,
 ) -> PretrainedSource:
     """A timm checkpoint ``<arch>.<tag>`` in the local Hugging Face cache, for our ``<arch>`` model."""
-    arch = timm_tag.split(".", 1)[0]
+    arch = canonical_model_name(timm_tag.split(".", 1)[0])
     return PretrainedSource(
         name=name,
         uri=f"timm:{timm_tag}",
@@ -274,7 +276,7 @@ for _source in (
         uri="torchvision:inception_v3/IMAGENET1K_V1",
         preprocessing=Preprocessing(mean=INCEPTION_MEAN, std=INCEPTION_STD, resolution=299),
         description="torchvision Inception-v3 ImageNet-1k V1, ported from TF (top-1 77.29 %)",
-        model="inception_v3",
+        model="inception-v3",
         # Ported from TF-Slim, whose schedule torchvision does not state: epochs unknown.
         quality=SourceQuality("ImageNet-1k", 0.77294, 0.93450, _NAN, 0),
         provenance="Szegedy et al. 2016, TF-Slim weights ported by torchvision",

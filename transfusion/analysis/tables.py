@@ -93,7 +93,7 @@ def results_table(records: list[JobRecord]) -> list[ResultRow]:
 # Retina AUC % from PAPER.md (random -> ImageNet): Table 1 on full data, Table 3 on 5 000.
 PAPER_RETINA = {
     "full": {
-        "resnet50": (96.4, 96.7), "inception_v3": (96.6, 96.7), "cbr-large-tall": (96.2, 96.2),
+        "resnet50": (96.4, 96.7), "inception-v3": (96.6, 96.7), "cbr-large-tall": (96.2, 96.2),
         "cbr-large-wide": (95.8, 95.8), "cbr-small": (95.7, 95.8), "cbr-tiny": (95.8, 95.8),
     },
     "5000": {"resnet50": (92.2, 94.6), "cbr-large-tall": (93.6, 93.9), "cbr-large-wide": (93.6, 93.7)},

@@ -25,12 +25,27 @@ MODELS: Registry[Callable[..., CaptureModel]] = Registry("model")
 LAZY_FAMILIES = {
     "resnet50": "resnet",
     "slim-resnet50": "resnet",
-    "inception_v3": "inception",
+    "inception-v3": "inception",
     # timm imports torchvision and huggingface_hub: the same reason, more so.
-    "convnext_tiny": "timm_family",
-    "vit_small_patch16_224": "timm_family",
-    "efficientnet_b0": "timm_family",
+    "convnext-tiny": "timm_family",
+    "vit-small-patch16-224": "timm_family",
+    "efficientnet-b0": "timm_family",
 }
+
+# One spelling per model, with hyphens; the spellings grids used before stay accepted.
+# ``resnet50`` keeps its name: it has no underscore, and torchvision, timm and every
+# source built on it (``dino-resnet50``, ``slim-resnet50``) spell it so.
+MODEL_ALIASES = {
+    "inception_v3": "inception-v3",
+    "convnext_tiny": "convnext-tiny",
+    "vit_small_patch16_224": "vit-small-patch16-224",
+    "efficientnet_b0": "efficientnet-b0",
+    "resnet-50": "resnet50",
+    "slim-resnet-50": "slim-resnet50",
+}
+# The spelling a renamed model was stored under when its runs were keyed: job and grid
+# keys hash this one, so a grid written with either spelling finds the runs of the other.
+_KEY_NAMES = {name: old for old, name in MODEL_ALIASES.items() if "_" in old}
 _LAZY_BUILDERS: dict[str, Callable[..., CaptureModel]] = {}
 
 
@@ -56,6 +71,19 @@ def _lazy_builder(name: str, family: str) -> Callable[..., CaptureModel]:
 
 for _name, _family in LAZY_FAMILIES.items():
     MODELS.add(_name, _lazy_builder(_name, _family))
+for _old, _name in MODEL_ALIASES.items():
+    MODELS.alias(_old, _name)
+
+
+def canonical_model_name(name: str) -> str:
+    """The registered spelling of a model name (``inception_v3`` -> ``inception-v3``); others unchanged."""
+    return MODELS.canonical(name)
+
+
+def model_key_name(name: str) -> str:
+    """The spelling of model ``name`` that job and grid keys hash (its pre-rename one, if renamed)."""
+    name = canonical_model_name(name)
+    return _KEY_NAMES.get(name, name)
 
 
 def create_model(name: str, *, num_classes: int, in_channels: int = 3) -> CaptureModel:
@@ -98,11 +126,14 @@ def count_parameters(model: nn.Module) -> int:
 from transfusion.models import cbr  # noqa: E402,F401
 
 __all__ = [
+    "MODEL_ALIASES",
     "CaptureModel",
     "ModelFacts",
+    "canonical_model_name",
     "count_parameters",
     "create_model",
     "list_models",
     "model_facts",
+    "model_key_name",
     "register_model",
 ]

@@ -185,7 +185,7 @@ class InceptionV3(CaptureModel, Inception3):
         ]
 
 
-@register_model("inception_v3")
+@register_model("inception-v3")
 def inception_v3(*, num_classes: int, in_channels: int = 3) -> InceptionV3:
     """Inception-v3 (torchvision layout, fits ``IMAGENET1K_V1``) with aux logits."""
     return InceptionV3(num_classes=num_classes, in_channels=in_channels)

@@ -205,6 +205,6 @@ def _builder(cls: type[TimmModel]) -> Callable[..., TimmModel]:
     return build
 
 
-TIMM_MODELS = {"convnext_tiny": ConvNeXtTiny, "vit_small_patch16_224": ViTSmall16, "efficientnet_b0": EfficientNetB0}
+TIMM_MODELS = {"convnext-tiny": ConvNeXtTiny, "vit-small-patch16-224": ViTSmall16, "efficientnet-b0": EfficientNetB0}
 for _name, _cls in TIMM_MODELS.items():
     register_model(_name)(_builder(_cls))

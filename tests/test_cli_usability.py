@@ -250,8 +250,8 @@ def test_result_tables_fit_120_columns_and_stay_pipe_tables(capsys):
 
 @pytest.mark.parametrize("name", ["eyepacs", "chexpert", "folder"])
 def test_example_grid_loads_the_way_run_reads_it(name):
+    from transfusion.data import RUNTIME_OPTIONS
     from transfusion.data.chexpert import CHEXPERT_OPTIONS
-    from transfusion.data.declared import COMMON_OPTIONS
     from transfusion.data.folder import FOLDER_OPTIONS
     from transfusion.data.retina import RETINA_OPTIONS
 
@@ -260,7 +260,7 @@ def test_example_grid_loads_the_way_run_reads_it(name):
     assert grid.jobs()
     assert "CHANGE" in path.read_text()  # says what to edit
     known = {"retina-eyepacs": RETINA_OPTIONS, "chexpert": CHEXPERT_OPTIONS, "folder": FOLDER_OPTIONS}
-    assert set(grid.dataset_options) <= set(known[grid.dataset]) | set(COMMON_OPTIONS)
+    assert set(grid.dataset_options) <= set(known[grid.dataset]) | set(RUNTIME_OPTIONS)
     assert grid.dataset_source, "an example names where the files are"
 
 

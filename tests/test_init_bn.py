@@ -139,6 +139,11 @@ def test_init_bn_is_validated_and_part_of_the_job_key():
     with pytest.raises(ValidationError, match="recalibrate"):
         TrainSettings(init_bn="batch")
     assert TrainSettings().init_bn == "recalibrate"
+    from transfusion.tracking import job_params
+
+    # Logged with every run (a param), so which statistics a stored step-0 probe used is on record.
+    spec = JobSpec(model="cbr-tiny", init="random", dataset="synthetic-retina", train=TrainSettings(init_bn="running"))
+    assert job_params(spec)["train.init_bn"] == "running"
     base = {"model": "cbr-tiny", "init": "random", "dataset": "synthetic-retina"}
     recalibrated = JobSpec(**base)
     running = JobSpec(**base, train=TrainSettings(init_bn="running"))

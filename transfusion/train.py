@@ -54,7 +54,7 @@ AUX_LOSS_WEIGHT = 0.4
 # train.init_bn: recalibrate -- training images whose batch statistics become the
 # running statistics the step-0 probe and validation use (the first of the training
 # split, in batches of train.batch_size: the same images for every run of a grid).
-INIT_BN_IMAGES = 512
+INIT_BN_IMAGES = 256
 
 
 class NonFiniteLossError(RuntimeError):

@@ -250,7 +250,8 @@ def recalibrate_batch_norm(
             model.train()
             for batch in itertools.chain([first], iterator):
                 batch = batch if device is None else batch.to(device)
-                model(batch.contiguous(memory_format=torch.channels_last))
+                # The memory format training feeds (a channels-last model reads NCHW either way).
+                model(batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 else batch)
         finally:
             for m, momentum in zip(layers, momenta, strict=True):
                 m.momentum = momentum
@@ -557,8 +558,8 @@ def batch_norm_at_init(state: LoopState) -> Iterator[None]:
         return
     layers = _batch_norm_layers(model)
     saved = [[b.detach().clone() for b in m.buffers()] for m in layers]
-    recalibrate_batch_norm(model, init_bn_batches(state.spec, state.dataset, state.device, model))
     try:
+        recalibrate_batch_norm(model, init_bn_batches(state.spec, state.dataset, state.device, model))
         yield
     finally:
         with torch.no_grad():

@@ -213,6 +213,22 @@ def test_figure2_pairs_distinct_seeds_by_one_rule_for_both_comparisons(finished_
     assert f"Pairs: {FIGURE2_PAIRING}." in figure2_markdown(rows)
 
 
+def test_figure2_compares_random_init_with_each_source_on_its_own(tmp_path):
+    rng = np.random.default_rng(7)
+    records = []
+    for init in ("random", "transfer@a", "transfer@b"):
+        latent = rng.normal(size=(N, 6))
+        for seed in (0, 1):
+            run = tmp_path / f"{init}-{seed}"
+            save_probe(run / "probes" / "step-40.npz", _probe(latent, np.random.default_rng(seed)))
+            records.append(JobRecord(f"{init}{seed}", f"run-{init}-{seed}", "cbr-tiny", init, "full", seed, "FINISHED",
+                                     probe_dir=run / "probes"))  # fmt: skip
+    rows = figure2_data(records, RepresentationCache(AnalysisSettings()))
+    assert {(r.comparison, r.pairs) for r in rows} == {
+        ("rand-rand", 1), ("rand-pretrained@a", 1), ("rand-pretrained@b", 1)
+    }  # fmt: skip
+
+
 def test_convergence_steps_to_threshold():
     # Interpolated between steps 10 (0.8) and 20 (0.92).
     assert steps_to_auc([(0, 0.5), (10, 0.8), (20, 0.92)], 0.91) == pytest.approx(10 + 10 * 0.11 / 0.12)

@@ -229,6 +229,7 @@ def _convergence_figure(records: list[JobRecord], rows: list[ConvergenceRow]):
                     ax.plot(run.steps, row.threshold, marker="o", markerfacecolor="none", color=c, zorder=4)
                     ax.annotate("→", xy=(run.steps + 0.02 * span, row.threshold), color=c, fontsize=11,
                                 va="center", ha="left", annotation_clip=False)  # fmt: skip
+                    ax.set_xlim(right=max(ax.get_xlim()[1], run.steps + 0.1 * span))  # room for the arrow
         if row_of:
             ax.axhline(next(iter(row_of.values())).threshold, color="grey", linestyle=":", linewidth=1)
         ax.set_title(f"{key[0]} ({key[1]})")
@@ -236,7 +237,8 @@ def _convergence_figure(records: list[JobRecord], rows: list[ConvergenceRow]):
         ax.set_ylabel("validation AUC")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Figure 5: convergence by initialisation (dots: each seed's crossing; ○→: never reached)")
+    caption = "(dots: each seed's crossing; ○→: never reached, at its last step)"
+    fig.suptitle(f"Figure 5: convergence by initialisation\n{caption}", fontsize=10)
     fig.tight_layout()
     return fig
 

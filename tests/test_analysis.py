@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -65,7 +64,7 @@ def finished_grid(tmp_path_factory):
     rng = np.random.default_rng(0)
     shared = {"random": rng.normal(size=(N, 6)), "synthetic-transfer": rng.normal(size=(N, 6))}
     records = []
-    for init, seeds in (("random", (0, 1, 2)), ("synthetic-transfer", (0, 1))):
+    for init, seeds in (("random", (0, 1, 2)), ("synthetic-transfer", (0, 1, 2))):
         for seed in seeds:
             run = root / f"{init}-{seed}"
             final = _probe(shared[init], np.random.default_rng(100 + seed))
@@ -112,7 +111,7 @@ def test_analyses_produce_every_table_and_figure(finished_grid, tmp_path):
     assert logged["similarity"]["conv_method"] == "examples"
     assert list(logged["probe_sampling"].values()) == [{"rows_per_channel": 10, "seed": 0}]
     # 5 runs x 2 steps x 3 layers: one decomposition each for Figures 2, 4 and the seed table together.
-    assert outputs.decompositions == logged["decompositions"] == 30
+    assert outputs.decompositions == logged["decompositions"] == 36
     assert logged["similarity_executors"] == ["serial"]
 
 
@@ -188,21 +187,60 @@ def test_figure2_separates_rand_rand_from_rand_pretrained_and_decomposes_once(fi
     by = {(r.comparison, r.measure): r for r in rows}
     for measure in ("svcca", "pwcca", "linear_cka"):
         assert by[("rand-rand", measure)].mean > by[("rand-pretrained", measure)].mean + 0.1
-    assert by[("rand-rand", "svcca")].pairs == 3 and by[("rand-pretrained", "svcca")].pairs == 6
+    assert by[("rand-rand", "svcca")].pairs == 3 and by[("rand-pretrained", "svcca")].pairs == 3
+    # The pairs (s < t) read random 0..2 and transfer 1, 2 (transfer seed 0 is never the higher seed):
     # 5 runs x 2 top layers, each decomposed once however many pairs and measures use it.
     assert cache.decompositions == 10
 
 
+def test_figure2_pairs_distinct_seeds_by_one_rule_for_both_comparisons(finished_grid):
+    """Same-seed runs share the training subset, batch order and augmentation: never a Figure 2 pair."""
+    from transfusion.analysis.similarity_figures import FIGURE2_PAIRING, figure2_markdown, figure2_requests
+
+    _, records = finished_grid
+    assert sorted({r.seed for r in records}) == [0, 1, 2]
+    run_of = {r.probe_dir: r for r in records}
+    pairs: dict[str, set[tuple[int, int]]] = {}
+    for request in figure2_requests(records, RepresentationCache(AnalysisSettings())):
+        a, b = run_of[request.a.parent], run_of[request.b.parent]
+        assert a.init == "random"
+        pairs.setdefault("rand-rand" if b.init == "random" else "rand-pretrained", set()).add((a.seed, b.seed))
+    assert all(s != t for kind in pairs.values() for s, t in kind)
+    # One rule for both: each pair of distinct seeds once, random run of the lower seed first.
+    assert pairs["rand-rand"] == pairs["rand-pretrained"] == {(0, 1), (0, 2), (1, 2)}
+    rows = figure2_data(records, RepresentationCache(AnalysisSettings()))
+    assert {r.comparison: r.pairs for r in rows} == {"rand-rand": 3, "rand-pretrained": 3}
+    assert f"Pairs: {FIGURE2_PAIRING}." in figure2_markdown(rows)
+
+
+def test_figure2_compares_random_init_with_each_source_on_its_own(tmp_path):
+    rng = np.random.default_rng(7)
+    records = []
+    for init in ("random", "transfer@a", "transfer@b"):
+        latent = rng.normal(size=(N, 6))
+        for seed in (0, 1):
+            run = tmp_path / f"{init}-{seed}"
+            save_probe(run / "probes" / "step-40.npz", _probe(latent, np.random.default_rng(seed)))
+            records.append(JobRecord(f"{init}{seed}", f"run-{init}-{seed}", "cbr-tiny", init, "full", seed, "FINISHED",
+                                     probe_dir=run / "probes"))  # fmt: skip
+    rows = figure2_data(records, RepresentationCache(AnalysisSettings()))
+    assert {(r.comparison, r.pairs) for r in rows} == {
+        ("rand-rand", 1), ("rand-pretrained@a", 1), ("rand-pretrained@b", 1)
+    }  # fmt: skip
+
+
 def test_convergence_steps_to_threshold():
-    assert steps_to_auc([(0, 0.5), (10, 0.8), (20, 0.92)], 0.91) == 20
+    # Interpolated between steps 10 (0.8) and 20 (0.92).
+    assert steps_to_auc([(0, 0.5), (10, 0.8), (20, 0.92)], 0.91) == pytest.approx(10 + 10 * 0.11 / 0.12)
     assert steps_to_auc([(0, 0.5), (10, 0.8)], 0.91) is None
     fast = JobRecord("a", "a", "m", "transfer", "full", 0, "FINISHED", val_curve=((0, 0.5), (10, 0.95), (20, 0.96)))
     slow = JobRecord("b", "b", "m", "random", "full", 0, "FINISHED", val_curve=((0, 0.5), (10, 0.7), (20, 0.96)))
     rows = {r.init: r for r in convergence_table([fast, slow], ConvergenceSettings(threshold=0.91, relative=False))}
-    assert rows["transfer"].steps_mean == 10 and rows["random"].steps_mean == 20
+    assert rows["transfer"].steps_median == pytest.approx(10 * 0.41 / 0.45)
+    assert rows["random"].steps_median == pytest.approx(10 + 10 * 0.21 / 0.26)
     never = JobRecord("c", "c", "m", "mean-var", "full", 0, "FINISHED", val_curve=((0, 0.5), (20, 0.6)))
     rows = {r.init: r for r in convergence_table([never], ConvergenceSettings(threshold=0.91, relative=False))}
-    assert math.isnan(rows["mean-var"].steps_mean) and rows["mean-var"].reached == 0
+    assert rows["mean-var"].reached == 0 and rows["mean-var"].median_censored and rows["mean-var"].steps_text == "> 20"
 
 
 def test_results_table_over_seeds_and_paper_numbers(finished_grid):

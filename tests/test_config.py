@@ -41,14 +41,21 @@ def test_job_key_ignores_placement_and_fault_policy_but_not_the_experiment():
 def test_legacy_key_is_the_one_version_1_wrote():
     # Pinned from the code that wrote stores before placement left the key (commit 38ebbba):
     # those stores tag their runs with these keys.
+    # Those runs probed step 0 with the init's running batch-norm statistics: they are runs of
+    # ``init_bn: running``, and not of the default (recalibrated statistics).
     spec = JobSpec(
         grid="g", model="cbr-tiny", init="random", dataset="synthetic-retina", data_size=1000, seed=2,
-        train=TrainSettings(steps=40, resolution=32, cpus_per_job=2),
+        train=TrainSettings(steps=40, resolution=32, cpus_per_job=2, init_bn="running"),
     )  # fmt: skip
     assert spec.legacy_job_keys == ("67c85b535ca74d5c",)
     assert spec.lookup_keys == (spec.job_key, "67c85b535ca74d5c")
-    transfer = JobSpec(grid="g", model="cbr-small", init="imagenet", pretrained="synthetic", dataset="synthetic-retina")
+    running = TrainSettings(init_bn="running")
+    transfer = JobSpec(
+        grid="g", model="cbr-small", init="imagenet", pretrained="synthetic", dataset="synthetic-retina", train=running
+    )
     assert transfer.model_copy(update={"seed": 1}).legacy_job_keys == ("9736b92490a522a3",)
+    recalibrated = spec.model_copy(update={"train": spec.train.model_copy(update={"init_bn": "recalibrate"})})
+    assert recalibrated.legacy_job_keys == () and recalibrated.lookup_keys == (recalibrated.job_key,)
 
 
 def test_grid_is_the_cartesian_product_in_stable_order():

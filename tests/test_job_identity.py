@@ -24,7 +24,8 @@ def _finished_run_tagged(grid: GridSpec, grid_run: tracking.GridRun, job_key: st
 def test_store_written_with_version_1_keys_is_found_and_not_retrained(mlflow_server):
     from tasks.training import pending_jobs_task
 
-    grid = _grid()
+    # Version 1 probed step 0 with the init's running batch-norm statistics (init_bn: running).
+    grid = _grid(init_bn="running")
     grid_run = tracking.open_grid_run(grid)
     assert pending_jobs_task.fn(grid, grid_run) == 1
     # The key the code before placement-free keys wrote for this job (pinned in test_config).

@@ -146,6 +146,11 @@ class TrainSettings(_Frozen):
     subset_seed: Annotated[int, Field(ge=0)] | None = Field(
         default=None, description="training subset drawn with this seed for every seed (None: each job's own seed)"
     )
+    init_bn: Literal["recalibrate", "running"] = Field(
+        default="recalibrate",
+        description="batch-norm statistics of the step-0 probe and validation: recalibrated on training images "
+        "in train mode (recalibrate), or the init's running statistics as they are (running); training is the same",
+    )
 
 
 class WeakSourceSettings(_Frozen):
@@ -190,10 +195,27 @@ def _short_hash(payload: dict[str, Any]) -> str:
 LATER_TRAIN_OPTIONS = {"select": "last", "subset_seed": None, "label_smoothing": 0.0}
 
 
+# Train settings added after grids had run whose *earlier behaviour* is a value other
+# than the default: a job at that value hashes as jobs did before the field existed (its
+# finished runs are found), the default is a new experiment. ``init_bn`` changes no
+# trained weight, but it does change what the run stores at step 0 (the probe that
+# Figure 4's "at init" reads, and val/auc at step 0): a run that stored running-statistic
+# probes is not a run of ``recalibrate``, so it is not reused as one.
+EARLIER_TRAIN_BEHAVIOUR = {"init_bn": "running"}
+
+
 def drop_unset_later_options(train: dict[str, Any]) -> dict[str, Any]:
     for name, default in LATER_TRAIN_OPTIONS.items():
         if train.get(name, default) == default:
             train.pop(name, None)
+    return drop_earlier_behaviour(train)
+
+
+def drop_earlier_behaviour(train: dict[str, Any]) -> dict[str, Any]:
+    """Removes the :data:`EARLIER_TRAIN_BEHAVIOUR` fields that are at their earlier value."""
+    for name, earlier in EARLIER_TRAIN_BEHAVIOUR.items():
+        if name in train and train[name] == earlier:
+            train.pop(name)
     return train
 
 
@@ -222,6 +244,7 @@ class JobSpec(_Frozen):
         """
         payload = self.model_dump(mode="json", exclude={"grid": True, "train": set(PLACEMENT_FIELDS)})
         payload["model"] = model_key_name(self.model)
+        drop_earlier_behaviour(payload["train"])
         return _short_hash(payload)
 
     @property
@@ -229,7 +252,8 @@ class JobSpec(_Frozen):
         """Keys earlier versions gave this job, so stores they wrote are found, not retrained.
 
         Version 1 hashed every field but ``grid``, placement included; a job with a
-        field that version did not have, set away from its default, never had a v1 key.
+        field that version did not have, set away from what that version did (its
+        default, or its :data:`EARLIER_TRAIN_BEHAVIOUR`), never had a v1 key.
         """
         payload = self.model_dump(mode="json", exclude={"grid"})
         payload["model"] = model_key_name(self.model)
@@ -239,8 +263,9 @@ class JobSpec(_Frozen):
         for field in set(payload) - _V1_JOB_FIELDS:
             if payload.pop(field) != defaults[field]:
                 return ()
+        then = {**defaults["train"], **EARLIER_TRAIN_BEHAVIOUR}
         for field in set(payload["train"]) - _V1_TRAIN_FIELDS:
-            if payload["train"].pop(field) != defaults["train"][field]:
+            if payload["train"].pop(field) != then[field]:
                 return ()
         payload["train"].update({k: v for k, v in _V1_REMOVED_TRAIN_DEFAULTS.items() if k not in payload["train"]})
         return (_short_hash(payload),)

@@ -19,14 +19,17 @@ CSV file), in a debugger or under ``torchrun`` for DDP::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import itertools
 import logging
 import math
 import os
+import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -47,6 +50,10 @@ log = logging.getLogger(__name__)
 
 # torchvision's Inception-v3 reference weights the aux head's loss by 0.4.
 AUX_LOSS_WEIGHT = 0.4
+# train.init_bn: recalibrate -- training images whose batch statistics become the
+# running statistics the step-0 probe and validation use (the first of the training
+# split, in batches of train.batch_size: the same images for every run of a grid).
+INIT_BN_IMAGES = 256
 
 
 class NonFiniteLossError(RuntimeError):
@@ -188,6 +195,95 @@ def build_model(spec: JobSpec, dataset: PreparedDataset, *, source_state: dict[s
         # Inputs as the source's weights saw them (ViT AugReg wants [-1, 1], not ImageNet statistics).
         model.input_mean, model.input_std = registered.preprocessing.mean, registered.preprocessing.std
     return initialize(model, spec.init, source=source_state, seed=spec.seed, **spec.init_options)
+
+
+def _batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every batch-norm layer that keeps running statistics (the ones eval mode reads)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def _rng_untouched() -> Iterator[None]:
+    """Restores the torch (CPU and CUDA), numpy and Python RNG states on exit.
+
+    A forward in train mode draws from torch's stream (dropout, drop-path); without
+    this a run with the step-0 probe would train differently from one without.
+    """
+    cpu, py, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        random.setstate(py)
+        np.random.set_state(np_state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(
+    model: nn.Module, batches: Iterable[torch.Tensor], *, device: torch.device | str | None = None
+) -> int:
+    """Replaces every batch-norm layer's running statistics by those of ``batches``.
+
+    Fresh statistics (reset, then ``momentum=None``: a cumulative average with equal
+    weight per batch) from forwards in train mode under ``torch.no_grad()``; weights,
+    batch-norm's affine weight and bias, each layer's momentum, the model's mode and
+    every RNG stream are as before. This is what eval mode should see when the running
+    statistics say nothing about the data -- at init (mean 0, var 1 for random and
+    Mean-Var layers; the source's for transferred ones) or after weights were moved.
+
+    Args:
+        model: The model itself (not a DDP wrapper: no collective is wanted here).
+        batches: Normalised NCHW input batches, each of at least two images.
+        device: Where the batches go before the forward (None: where they are).
+
+    Returns:
+        The number of batch-norm layers recalibrated (0: none, and no forward ran).
+    """
+    layers = _batch_norm_layers(model)
+    if not layers:
+        return 0
+    iterator = iter(batches)
+    first = next(iterator, None)
+    if first is None:  # reset statistics with nothing to fill them would be silent zeros
+        raise ValueError("recalibrate_batch_norm needs at least one batch of images; got none")
+    momenta = [m.momentum for m in layers]
+    was_training = model.training
+    with _rng_untouched():
+        try:
+            for m in layers:
+                m.reset_running_stats()
+                m.momentum = None
+            model.train()
+            for batch in itertools.chain([first], iterator):
+                batch = batch if device is None else batch.to(device)
+                # The memory format training feeds (a channels-last model reads NCHW either way).
+                model(batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 else batch)
+        finally:
+            for m, momentum in zip(layers, momenta, strict=True):
+                m.momentum = momentum
+            model.train(was_training)
+    return len(layers)
+
+
+def init_bn_batches(
+    spec: JobSpec, dataset: PreparedDataset, device: torch.device, model: nn.Module
+) -> Iterator[torch.Tensor]:
+    """The batches ``train.init_bn: recalibrate`` reads: the first :data:`INIT_BN_IMAGES`
+    training-split images, unaugmented, in full batches of ``train.batch_size`` (one
+    batch of them all when the split is smaller).
+
+    A source of its own, never the training batches: those are a function of
+    (seed, step) and stay exactly those of a run without the step-0 probe.
+    """
+    images = dataset.indices("train")[:INIT_BN_IMAGES]
+    if len(images) == 0:
+        raise ValueError(f"dataset {dataset.meta.get('name', '?')!r} has no training images to calibrate batch norm on")
+    size = min(spec.train.batch_size, len(images))
+    for start in range(0, len(images) - size + 1, size):
+        yield load_images(dataset, images[start : start + size], device, model)
 
 
 @torch.no_grad()
@@ -464,6 +560,36 @@ def probe(state: LoopState, tag: str) -> None:
         state.hooks.log_artifact(path, "filters")
 
 
+@contextlib.contextmanager
+def batch_norm_at_init(state: LoopState) -> Iterator[None]:
+    """The batch-norm statistics the step-0 probe and validation run with (``train.init_bn``).
+
+    ``recalibrate``: eval mode with running statistics recalibrated on fixed training
+    images (:func:`recalibrate_batch_norm`), so the representation at init is normalised
+    as training's first step normalises it, for every init alike (the initial running
+    statistics -- mean 0, var 1 for random and Mean-Var layers, the source's for
+    transferred ones -- can leave a whole layer's ReLUs off). ``running``: the initial
+    running statistics as they are. On exit the init's own buffers come back, so the
+    training that follows (weights, running statistics, RNG streams) is bit-identical
+    either way. (With ``train.select: best-val`` a step-0 best keeps the statistics it
+    was validated with.) Chief only: the other ranks neither probe nor validate.
+    """
+    model, t = state.model_without_ddp, state.spec.train
+    if t.init_bn == "running":
+        yield
+        return
+    layers = _batch_norm_layers(model)
+    saved = [[b.detach().clone() for b in m.buffers()] for m in layers]
+    try:
+        recalibrate_batch_norm(model, init_bn_batches(state.spec, state.dataset, state.device, model))
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(layers, saved, strict=True):
+                for live, kept in zip(m.buffers(), buffers, strict=True):
+                    live.copy_(kept)
+
+
 def checkpoint(state: LoopState, metrics: dict[str, float]) -> None:
     """Hands the training state to the hooks (every rank calls; the hooks decide who writes)."""
     state.hooks.checkpoint(state.state_dict(), step=state.step, metrics=metrics)
@@ -555,11 +681,10 @@ def run_training(
     with tempfile.TemporaryDirectory(prefix="transfusion-job-") as workdir:
         state = setup(spec, dataset, hooks=hooks, workdir=Path(workdir), source_state=source_state, resume=resume,
                       prepare_model=prepare_model, device=device, rank=rank, world_size=world_size)  # fmt: skip
-        if resume is None:
-            if state.is_chief:
-                log_costs(state)
-            probe(state, "step-0")
-            if state.is_chief:
+        if resume is None and state.is_chief:
+            log_costs(state)
+            with batch_norm_at_init(state):
+                probe(state, "step-0")
                 hooks.log_metrics(validate(state), step=0)
         loop_started = time.perf_counter()
         train_until_done(state)

@@ -7,7 +7,7 @@
    once with a fresh Ray Train run per job (``TRANSFUSION_REUSE_WORKERS=0``, the baseline)
    and once on warm pool members (the default), in the same process. Where the time goes:
    ``time/launch_s`` (queued until a worker picks the job up), ``time/setup_s`` (model
-   build, FLOPs count, step-0 probe and evaluation), ``time/finish_s`` (final probe, test
+   build, FLOPs count, step-0 batch-norm recalibration, probe and evaluation), ``time/finish_s`` (final probe, test
    evaluation, weights upload); the rest is the task's own MLflow calls (find/create/tag
    the run, end it) and the result's trip back.
 2. Wrapper cost: training throughput (images/s of the loop) inside the Ray Train job
@@ -133,7 +133,7 @@ Where the overhead goes (seconds, medians; "first warm-pool job" starts the memb
 |---|---:|---:|---:|
 {row("overhead, total", "overhead")}
 {row("`time/launch_s`: queued → picked up (controller, worker group, imports)", "time/launch_s")}
-{row("`time/setup_s`: model build, FLOPs, step-0 probe + evaluation", "time/setup_s")}
+{row("`time/setup_s`: model build, FLOPs, step-0 BN recalibration + probe + evaluation", "time/setup_s")}
 {row("`time/finish_s`: final probe, test evaluation, weights upload", "time/finish_s")}
 {row(REST_LABEL, "tracking")}
 """

@@ -2,7 +2,9 @@
 
 - Figure 2: per model, similarity of the top two layers (averaged) between runs from
   random init with different seeds (Rand-Rand) against random vs pretrained
-  (Rand-Pretrained), for SVCCA, PWCCA and linear CKA.
+  (Rand-Pretrained), for SVCCA, PWCCA and linear CKA. Both are built by one rule
+  (:data:`FIGURE2_PAIRING`): pairs of *distinct* seeds, so neither side compares two runs
+  that share a training subset, batch order and augmentation stream.
 - Figure 4: per model and layer, similarity of each layer at init vs after training,
   for random and pretrained inits, and their difference.
 
@@ -16,7 +18,6 @@ Each (run, layer, step) is decomposed once and reused by every pair it is part o
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -45,8 +46,10 @@ __all__ = [
     "LayerMovement",
     "PairSimilarity",
     "RepresentationCache",
+    "FIGURE2_PAIRING",
     "figure2_data",
     "figure2_markdown",
+    "figure2_pairs",
     "figure4_data",
     "figure4_markdown",
     "plot_figure2",
@@ -91,6 +94,26 @@ class PairSimilarity:
     note: str = ""  # why there is no value, when no pair gave one
 
 
+# Same-seed runs share the training subset, batch order and augmentation stream (all
+# functions of the seed); Rand-Rand pairs can never be same-seed, so Rand-Pretrained
+# pairs must not be either, or the two bars differ by more than the init.
+FIGURE2_PAIRING = (
+    "pairs of distinct seeds s < t, each once: the random-init run of seed s against the other run "
+    "(random or pretrained) of seed t; Rand–Rand and Rand–Pretrained by this one rule, so both have "
+    "the same pairs (n seeds: n(n-1)/2) and no pair shares a training subset, batch order or augmentation"
+)
+
+
+def figure2_pairs(randoms: list[JobRecord], others: list[JobRecord]) -> list[tuple[JobRecord, JobRecord]]:
+    """The pairs Figure 2 averages (:data:`FIGURE2_PAIRING`): (random run of seed s, run of seed t), s < t.
+
+    ``others`` is the random runs themselves (Rand-Rand) or one init's runs from one
+    source (Rand-Pretrained); seeds missing on either side give no pair.
+    """
+    by_seed = {r.seed: r for r in others}
+    return [(a, by_seed[t]) for a in sorted(randoms, key=lambda r: r.seed) for t in sorted(by_seed) if t > a.seed]
+
+
 def _figure2_plans(records: list[JobRecord], cache: RepresentationCache) -> list[tuple]:
     groups: dict[tuple[str, str], list[JobRecord]] = defaultdict(list)
     for r in records:
@@ -103,9 +126,12 @@ def _figure2_plans(records: list[JobRecord], cache: RepresentationCache) -> list
         if not randoms:
             continue
         layers = cache.layers(final_probe_path(randoms[0]))[-cache.settings.top_layers :]
-        comparisons = {"rand-rand": list(itertools.combinations(randoms, 2))}
-        for b in pretrained:  # one comparison per source: sources are not pooled
-            comparisons.setdefault(pretrained_comparison(b.init), []).extend((a, b) for a in randoms)
+        comparisons = {"rand-rand": figure2_pairs(randoms, randoms)}
+        by_init: dict[str, list[JobRecord]] = defaultdict(list)
+        for b in pretrained:
+            by_init[b.init].append(b)
+        for init, runs in by_init.items():  # one comparison per source: sources are not pooled
+            comparisons.setdefault(pretrained_comparison(init), []).extend(figure2_pairs(randoms, runs))
         for comparison, pairs in comparisons.items():
             if pairs:
                 paths = [(final_probe_path(a), final_probe_path(b)) for a, b in pairs]
@@ -122,7 +148,8 @@ def figure2_requests(records: list[JobRecord], cache: RepresentationCache) -> li
 
 
 def figure2_data(records: list[JobRecord], cache: RepresentationCache) -> list[PairSimilarity]:
-    """Top-layer similarity (top layers averaged): Rand-Rand across seeds vs Rand-Pretrained."""
+    """Top-layer similarity (top layers averaged): Rand-Rand vs Rand-Pretrained, both over the
+    distinct-seed pairs of :data:`FIGURE2_PAIRING` (``pairs`` counts those with a value)."""
     plans = _figure2_plans(records, cache)
     cache.score_pairs(figure2_requests(records, cache))
     rows = []
@@ -261,7 +288,8 @@ def plot_figure2(rows: list[PairSimilarity], path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Figure 2: Rand–Rand vs Rand–Pretrained (dashed + grey band: chance; hollow: too few rows)")
-    fig.tight_layout()
+    fig.text(0.5, 0.01, "Pairs: " + FIGURE2_PAIRING + ".", ha="center", va="bottom", fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return save_figure(fig, path, dpi=110)
 
 
@@ -312,12 +340,14 @@ def plot_figure4(rows: list[LayerMovement], path: Path) -> Path:
 
 
 def figure2_markdown(rows: list[PairSimilarity]) -> str:
+    """The table, then the pairing rule its ``pairs`` column counts."""
     columns = ["model", "data size", "comparison", "measure", "mean ± std", "pairs", "rows/dims", "chance"]
-    return markdown_table(columns, (
+    table = markdown_table(columns, (
         [r.model, r.data_size, r.comparison, r.measure, with_note(mark_value(r.mean, r.std, r.rows_per_dim), r.note),
          r.pairs, f"{r.rows_per_dim:.1f}", format_chance(r.chance, r.chance_std)]
         for r in rows
     ))  # fmt: skip
+    return table.rstrip("\n") + f"\n\nPairs: {FIGURE2_PAIRING}.\n"
 
 
 def figure4_markdown(rows: list[LayerMovement]) -> str:

@@ -186,7 +186,10 @@ def mlflow_auth_config(home: Path, *, admin: BasicCredentials) -> dict[str, str]
         "[mlflow]\n"
         "default_permission = NO_PERMISSIONS\n"
         f"database_uri = sqlite:///{database}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # Each request's password check is a deliberately slow hash; a job logs metrics in
+        # many small requests, so a verified password is trusted for a minute.
+        "auth_cache_ttl_seconds = 60\n",
     )
     return {
         "MLFLOW_AUTH_CONFIG_PATH": str(config),

@@ -132,13 +132,13 @@ def test_mlflow_client_and_preflight_use_the_tracking_credentials(mlflow_with_au
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
     with pytest.raises(RuntimeError, match="MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD are not set"):
-        check_tracking_server(url)
+        check_tracking_server(url, timeout=120)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin.username)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
     with pytest.raises(RuntimeError, match="were refused"):
-        check_tracking_server(url)
+        check_tracking_server(url, timeout=120)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin.password)
-    check_tracking_server(url)
+    check_tracking_server(url, timeout=120)
 
     from mlflow.tracking import MlflowClient
 

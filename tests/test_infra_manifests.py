@@ -1171,19 +1171,29 @@ SECRET_PATTERNS = {
     "40-character secret key": re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"),
 }
 # A password in a URL, or a value given on the same line to a password/secret/token key,
-# must be a placeholder or a reference: ${VAR...}, $(VAR), $VAR, {{ var }}, <what to put>.
+# must be a placeholder or a reference: ${VAR...}, $(VAR), $VAR, {{ var }}, <what to put>,
+# or the absolute path of the file holding it (RAY_AUTH_TOKEN_PATH=/etc/...).
 URL_PASSWORD = re.compile(r"://[^/\s:@]+:([^@\s/]+)@")
 ASSIGNED_SECRET = re.compile(
     r"(?i)(?<![\w${])\w*(?:password|secret|token)\w*['\"]?[ \t]*[:=][ \t]*['\"]?([^\s'\"#,{\[][^\s'\"#,]*)"
 )
-ALLOWED_VALUE = re.compile(r"^(CHANGE_ME|<.*|\$\{.*|\$\(.*|\$\w+|\{\{.*)$")
+ALLOWED_VALUE = re.compile(r"^(CHANGE_ME|<.*|\$\{.*|\$\(.*|\$\w+|\{\{.*|/[\w./-]+)$")
+
+# Fields that name a Secret (secretName, existingSecret) or switch a feature
+# (automountServiceAccountToken: false) hold no secret.
+NAMES_A_SECRET = re.compile(r"(?i)^(?:secretName|existingSecret)\b")
+FLAG = re.compile(r"(?i)^(true|false)$")
+
+
+def _literal_secret(match: re.Match) -> bool:
+    return not (ALLOWED_VALUE.match(match[1]) or FLAG.match(match[1]) or NAMES_A_SECRET.match(match.group(0)))
 
 
 def find_secrets(text: str) -> list[str]:
     """What in ``text`` looks like a real secret (empty when nothing does)."""
     found = [f"{what}: {m.group(0)[:12]}..." for what, p in SECRET_PATTERNS.items() for m in p.finditer(text)]
     found += [f"password in a URL: {m.group(0)}" for m in URL_PASSWORD.finditer(text) if not ALLOWED_VALUE.match(m[1])]
-    found += [f"literal secret: {m.group(0)}" for m in ASSIGNED_SECRET.finditer(text) if not ALLOWED_VALUE.match(m[1])]
+    found += [f"literal secret: {m.group(0)}" for m in ASSIGNED_SECRET.finditer(text) if _literal_secret(m)]
     return found
 
 

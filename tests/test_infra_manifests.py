@@ -571,7 +571,15 @@ def test_rendered_job_keeps_pod_fields_in_the_pod():
 def test_prefect_worker_values():
     values = yaml.safe_load((K8S / "prefect-worker-values.yaml").read_text())
     worker = values["worker"]
-    assert set(worker) <= {"apiConfig", "serverApiConfig", "config", "image", "resources", "cloudApiConfig", "basicAuth"}
+    assert set(worker) <= {
+        "apiConfig",
+        "serverApiConfig",
+        "config",
+        "image",
+        "resources",
+        "cloudApiConfig",
+        "basicAuth",
+    }
     assert worker["apiConfig"] == "server"
     assert worker["config"]["type"] == "kubernetes"
     assert worker["config"]["workPool"] == "transfusion-k8s"

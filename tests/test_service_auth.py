@@ -3,10 +3,8 @@ stack's own code (``flows.runtime``), on loopback."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path

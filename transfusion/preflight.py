@@ -38,9 +38,7 @@ def check_tracking_server(uri: str, *, timeout: float = 5.0) -> None:
         with urllib.request.urlopen(urllib.request.Request(f"{base}/health", headers=headers), timeout=timeout) as r:
             healthy = r.status == 200
         if healthy:
-            search = urllib.request.Request(
-                f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers
-            )
+            search = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
             with urllib.request.urlopen(search, timeout=timeout):
                 return
     except urllib.error.HTTPError as exc:

@@ -3,6 +3,7 @@ stack's own code (``flows.runtime``), on loopback."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import urllib.error
@@ -161,3 +162,25 @@ def test_prefect_refuses_unauthenticated_api_calls(prefect_with_auth):
     assert status_of(filter_flows, data=b"{}") == 401
     assert status_of(filter_flows, prefect_auth_headers("admin:wrong"), data=b"{}") == 401
     assert status_of(filter_flows, prefect_auth_headers(auth.auth_string), data=b"{}") == 200
+
+
+def test_stack_env_hands_every_credential_to_clients(tmp_path, monkeypatch):
+    """What `transfusion stack env` prints: each service's URL and the credential it asks for."""
+    from flows.runtime import S3Credentials
+    from flows.stack import stack_dir, stack_env
+
+    monkeypatch.setenv("TRANSFUSION_HOME", str(tmp_path))
+    stack_dir().mkdir(parents=True)
+    mlflow, prefect = BasicCredentials.generate(), BasicCredentials.generate()
+    s3 = S3Credentials.generate()
+    write_secret_file(stack_dir() / "credentials.json", json.dumps({
+        "s3": s3.__dict__, "mlflow": mlflow.__dict__, "prefect": prefect.__dict__, "ray_token": "t" * 64,
+    }))  # fmt: skip
+    state = {"services": {"s3": {"url": "http://127.0.0.1:8333"}}, "env": {"MLFLOW_TRACKING_URI": "http://x:1"}}
+    env = stack_env(state)
+    assert env["MLFLOW_TRACKING_URI"] == "http://x:1"
+    assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == (mlflow.username, mlflow.password)
+    assert env["PREFECT_API_AUTH_STRING"] == prefect.auth_string
+    assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"]) == ("token", "t" * 64)
+    assert env["AWS_SECRET_ACCESS_KEY"] == s3.secret_key
+    assert mlflow.password != prefect.password, "one credential per service"

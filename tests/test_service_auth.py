@@ -108,6 +108,8 @@ def test_mlflow_auth_headers_follow_mlflows_variables(monkeypatch):
 
 @pytest.fixture(scope="module")
 def mlflow_with_auth(tmp_path_factory):
+    # MLflow's auth app imports Flask-WTF (mlflow[auth], in pyproject.toml and constraints.txt).
+    pytest.importorskip("flask_wtf", reason="Flask-WTF missing: pip install -c constraints.txt 'mlflow[auth]'")
     admin = BasicCredentials.generate()
     server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-auth"), auth=admin, tied=True, timeout=300)
     try:

@@ -202,6 +202,9 @@ def stack_up(
         mlflow = start_mlflow_server(
             directory / "mlflow", port=mlflow_port, backend_uri=f"sqlite:///{home / 'mlflow.db'}",
             artifacts_destination=f"s3://{ARTIFACT_BUCKET}/", auth=mlflow_admin,
+            # The auth app first migrates its own user store: a slower first answer. A server
+            # that dies is reported at once anyway; this only bounds a hung start.
+            timeout=240,
         )  # fmt: skip
         started["mlflow"] = ServiceProcess("mlflow", mlflow.url, mlflow.process, mlflow.log_path)
         started["prefect"] = start_prefect_server(directory, port=prefect_port, auth=prefect_auth)

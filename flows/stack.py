@@ -207,7 +207,8 @@ def stack_up(
             timeout=240,
         )  # fmt: skip
         started["mlflow"] = ServiceProcess("mlflow", mlflow.url, mlflow.process, mlflow.log_path)
-        started["prefect"] = start_prefect_server(directory, port=prefect_port, auth=prefect_auth)
+        # Its first start migrates a new database (minutes on a loaded machine).
+        started["prefect"] = start_prefect_server(directory, port=prefect_port, auth=prefect_auth, timeout=240)
         # Ray's workers inherit the raylet's environment: that is how they log to MLflow. The
         # password is not sent in a job's runtime_env, which Ray stores and shows in its dashboard.
         started["ray"] = start_ray_head(

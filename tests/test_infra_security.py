@@ -186,7 +186,7 @@ def test_the_policy_check_catches_a_port_opened_to_outsiders(peer):
 # ------------------------------------------------------------------------- identities
 
 POD_IDENTITIES = {
-    # (where the pod is defined, its ServiceAccount, whether it may call the Kubernetes API)
+    # workload: the ServiceAccount its pods run as
     "ray-head": "transfusion-ray-head",
     "ray-worker": "transfusion-ray-worker",
     "mlflow": "transfusion-mlflow",

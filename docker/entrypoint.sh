@@ -12,6 +12,18 @@
 # the entry point anyway), so for them this script only execs the command.
 set -euo pipefail
 
+# A secret still reading the placeholder of docker/.env.example or
+# infra/k8s/secrets.example.yaml would start a service anyone can guess into. Compose's
+# ${VAR:?} checks only that a variable is set, so refuse here, naming the variable (never
+# its value), before any process sees it.
+placeholder="CHANGE_ME"
+while IFS='=' read -r -d '' name value; do
+    if [[ "${value}" == *"${placeholder}"* ]]; then
+        echo "transfusion-entrypoint: ${name} still holds the placeholder ${placeholder}; set a real value (docker/.env or the Kubernetes Secret)" >&2
+        exit 2
+    fi
+done < <(env -0)
+
 if [[ "${TRANSFUSION_RAY_JOIN:-0}" != "1" ]]; then
     exec "$@"
 fi

@@ -126,10 +126,14 @@ def start_mlflow_server(
     artifacts_destination: str | None = None,
     timeout: float = 90.0,
     tied: bool = False,
+    auth: BasicCredentials | None = None,
 ) -> ServiceProcess:
     """Starts ``mlflow server`` (SQLite at ``home/mlflow.db``, artifacts under ``home/artifacts``).
 
     ``tied``: the server lives only as long as this process (see :func:`start_service`).
+    ``auth``: run MLflow's basic-auth app with this admin, its users in
+    ``home/basic_auth.db`` (see :func:`mlflow_auth_config`): every request but ``/health``
+    then needs ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``.
     """
     home.mkdir(parents=True, exist_ok=True)
     if port is None:
@@ -144,19 +148,56 @@ def start_mlflow_server(
         "--port", str(port),
         "--workers", "1",
     ]  # fmt: skip
+    env = {"MLFLOW_TRACKING_URI": ""}  # the server must not act as a client of another one
+    if auth is not None:
+        command += ["--app-name", "basic-auth"]
+        env.update(mlflow_auth_config(home, admin=auth))
     url = f"http://{host}:{port}"
     server = start_service(
         f"mlflow-{port}",
         command,
-        health_url=f"{url}/health",
+        health_url=f"{url}/health",  # MLflow's auth app leaves /health open, for probes
         url=url,
         log_dir=home / "logs",
-        env={"MLFLOW_TRACKING_URI": ""},  # the server must not act as a client of another one
+        env=env,
         timeout=timeout,
         tied=tied,
     )
     log.info("MLflow server at %s (log %s)", url, server.log_path)
     return server
+
+
+def mlflow_auth_config(home: Path, *, admin: BasicCredentials) -> dict[str, str]:
+    """Writes ``home/basic_auth.ini`` for MLflow's basic-auth app; returns the server's environment.
+
+    The admin password travels in the server's environment (``MLFLOW_AUTH_ADMIN_PASSWORD``,
+    read only while the user store is empty), not in the file. The user store starts empty
+    here: MLflow ignores a new admin password once an admin exists, so a store kept from an
+    earlier start would lock out the credentials just generated. A new user sees nothing
+    until granted (``NO_PERMISSIONS``), since this server holds one person's runs.
+    """
+    import secrets
+
+    database = home / "basic_auth.db"
+    database.unlink(missing_ok=True)
+    config = home / "basic_auth.ini"
+    write_secret_file(
+        config,
+        "[mlflow]\n"
+        "default_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{database}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # Each request's password check is a deliberately slow hash; a job logs metrics in
+        # many small requests, so a verified password is trusted for a minute.
+        "auth_cache_ttl_seconds = 60\n",
+    )
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_USERNAME": admin.username,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin.password,
+        # Signs the auth app's CSRF tokens; nothing outlives the server, so a fresh one will do.
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
+    }
 
 
 @contextlib.contextmanager
@@ -363,6 +404,45 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     return ports
 
 
+def write_secret_file(path: Path, text: str) -> None:
+    """Writes ``path`` readable and writable by its owner only, from its first byte.
+
+    ``write_text`` then ``chmod`` leaves a window in which the file has the umask's
+    permissions (often world-readable); creating it with mode 600 (``O_EXCL``, so an
+    existing file or a planted symlink is never written through) leaves none. An earlier
+    file of that name is replaced.
+    """
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+@dataclass(frozen=True)
+class BasicCredentials:
+    """A user name and a password: the MLflow server's admin, the Prefect API's auth string."""
+
+    username: str
+    password: str
+
+    @classmethod
+    def generate(cls, username: str = "admin") -> BasicCredentials:
+        import secrets
+
+        # URL-safe, no ":" (Prefect splits its auth string at the first one) and no "%"
+        # (configparser would read it as an interpolation).
+        return cls(username, secrets.token_urlsafe(24))
+
+    @property
+    def auth_string(self) -> str:
+        """``user:password``, the form of ``PREFECT_SERVER_API_AUTH_STRING``/``PREFECT_API_AUTH_STRING``."""
+        return f"{self.username}:{self.password}"
+
+    def mlflow_env(self) -> dict[str, str]:
+        """What MLflow clients (``MlflowClient``, :func:`transfusion.preflight.check_tracking_server`) read."""
+        return {"MLFLOW_TRACKING_USERNAME": self.username, "MLFLOW_TRACKING_PASSWORD": self.password}
+
+
 @dataclass(frozen=True)
 class S3Credentials:
     access_key: str
@@ -405,12 +485,11 @@ def start_s3_server(
     else:
         require_free_port(host, port, "S3 server", "--s3-port")
     config = workdir / "s3-identities.json"
-    config.write_text(json.dumps({"identities": [{
+    write_secret_file(config, json.dumps({"identities": [{
         "name": "transfusion",
         "credentials": [{"accessKey": credentials.access_key, "secretKey": credentials.secret_key}],
         "actions": ["Admin", "Read", "List", "Tagging", "Write"],
     }]}))  # fmt: skip
-    config.chmod(0o600)
     master, volume, filer, admin, *grpc = free_ports(9, host)
     command = [
         str(weed), "mini", f"-dir={workdir / 'data'}", f"-ip={host}", f"-ip.bind={host}",
@@ -455,13 +534,24 @@ def s3_client_for(endpoint_url: str, credentials: S3Credentials):
     )
 
 
-def start_prefect_server(home: Path, *, port: int, host: str = "127.0.0.1", timeout: float = 120.0) -> ServiceProcess:
+def start_prefect_server(
+    home: Path,
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    timeout: float = 120.0,
+    auth: BasicCredentials | None = None,
+) -> ServiceProcess:
+    """``prefect server start``; ``auth``: every API call but ``/api/health`` and ``/api/ready``
+    then needs ``PREFECT_API_AUTH_STRING`` (``user:password``) on the client."""
     require_free_port(host, port, "Prefect server", "--prefect-port")
     env = {
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_URL": "",
     }
+    if auth is not None:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = auth.auth_string
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
     url = f"http://{host}:{port}/api"
     return start_service(

@@ -6,12 +6,19 @@ deployment of ``prefect.yaml`` and a ``prefect worker`` polling it: the shape of
 Kubernetes work pool in infra/, with flow runs as local processes instead of pods
 (``--serve``: one process serving the deployments instead, no pool); records them in
 ``$TRANSFUSION_HOME/stack/state.json`` and writes the environment that points clients
-at them to ``stack/env`` (mode 600: it holds the generated S3 credentials, which never go into logs or parameters).
+at them to ``stack/env`` (mode 600 from its creation: it holds the generated credentials,
+which never go into logs or parameters).
+
+Every control plane asks for a credential generated at ``stack up``: MLflow runs its
+basic-auth app (admin ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``), Prefect
+its API auth string (``PREFECT_API_AUTH_STRING``), Ray its token (``RAY_AUTH_TOKEN``), S3 its
+keys. ``stack down`` deletes them; the next ``stack up`` issues new ones (rotation).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -24,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from flows.runtime import (
+    BasicCredentials,
     S3Credentials,
     ServiceProcess,
     pid_alive,
@@ -35,6 +43,7 @@ from flows.runtime import (
     start_s3_server,
     start_service,
     wait_for_http,
+    write_secret_file,
 )
 from transfusion.data import transfusion_home
 
@@ -82,16 +91,25 @@ def stack_env(state: dict) -> dict[str, str]:
     credentials = stack_dir() / "credentials.json"
     if credentials.is_file():
         stored = json.loads(credentials.read_text())
-        ray_token = stored.pop("ray_token")
-        env.update(S3Credentials(**stored).env(state["services"]["s3"]["url"]))
-        env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token})
+        env.update(S3Credentials(**stored["s3"]).env(state["services"]["s3"]["url"]))
+        env.update(BasicCredentials(**stored["mlflow"]).mlflow_env())
+        env["PREFECT_API_AUTH_STRING"] = BasicCredentials(**stored["prefect"]).auth_string
+        env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": stored["ray_token"]})
     return env
 
 
-def _worker_registered(api_url: str, pool: str, worker_name: str) -> bool:
+def prefect_auth_headers(auth_string: str | None) -> dict[str, str]:
+    """The header a Prefect client sends for ``PREFECT_API_AUTH_STRING`` (HTTP basic auth)."""
+    if not auth_string:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()}
+
+
+def _worker_registered(api_url: str, pool: str, worker_name: str, *, auth_string: str | None = None) -> bool:
     request = urllib.request.Request(
-        f"{api_url}/work_pools/{pool}/workers/filter", data=b"{}", headers={"Content-Type": "application/json"}
-    )
+        f"{api_url}/work_pools/{pool}/workers/filter", data=b"{}",
+        headers={"Content-Type": "application/json", **prefect_auth_headers(auth_string)},
+    )  # fmt: skip
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return any(w.get("name") == worker_name for w in json.load(response))
@@ -140,7 +158,9 @@ def _start_deployment_runner(directory: Path, run_env: dict[str, str], *, serve:
     )  # fmt: skip
     try:
         poll_until(
-            lambda: _worker_registered(run_env["PREFECT_API_URL"], WORK_POOL, WORKER_NAME),
+            lambda: _worker_registered(
+                run_env["PREFECT_API_URL"], WORK_POOL, WORKER_NAME, auth_string=run_env.get("PREFECT_API_AUTH_STRING")
+            ),
             timeout=120, what="prefect worker", process=worker.process, log_path=worker.log_path,
         )  # fmt: skip
     except BaseException:
@@ -157,13 +177,19 @@ def stack_up(
     home = transfusion_home()
     directory = stack_dir()
     directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)  # its logs and configs name the services; its secret files are 600 anyway
     credentials = S3Credentials.generate()
+    mlflow_admin = BasicCredentials.generate()
+    prefect_auth = BasicCredentials.generate()
     cred_path = directory / "credentials.json"
     # Ray >= 2.59 authenticates every client of a cluster with a token; ours is generated here.
     ray_token = secrets.token_hex(32)
-    cred_path.write_text(json.dumps({**credentials.__dict__, "ray_token": ray_token}))
-    cred_path.chmod(0o600)
+    write_secret_file(cred_path, json.dumps({
+        "s3": credentials.__dict__, "mlflow": mlflow_admin.__dict__, "prefect": prefect_auth.__dict__,
+        "ray_token": ray_token,
+    }))  # fmt: skip
     ray_auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token}
+    mlflow_auth = mlflow_admin.mlflow_env()
 
     started: dict[str, ServiceProcess] = {}
     try:
@@ -175,11 +201,19 @@ def stack_up(
         os.environ.update(aws)  # for the MLflow server's artifact proxy
         mlflow = start_mlflow_server(
             directory / "mlflow", port=mlflow_port, backend_uri=f"sqlite:///{home / 'mlflow.db'}",
-            artifacts_destination=f"s3://{ARTIFACT_BUCKET}/",
+            artifacts_destination=f"s3://{ARTIFACT_BUCKET}/", auth=mlflow_admin,
+            # The auth app first migrates its own user store: a slower first answer. A server
+            # that dies is reported at once anyway; this only bounds a hung start.
+            timeout=240,
         )  # fmt: skip
         started["mlflow"] = ServiceProcess("mlflow", mlflow.url, mlflow.process, mlflow.log_path)
-        started["prefect"] = start_prefect_server(directory, port=prefect_port)
-        started["ray"] = start_ray_head(directory, port=ray_port, num_cpus=num_cpus, env={**aws, **ray_auth})
+        # Its first start migrates a new database (minutes on a loaded machine).
+        started["prefect"] = start_prefect_server(directory, port=prefect_port, auth=prefect_auth, timeout=240)
+        # Ray's workers inherit the raylet's environment: that is how they log to MLflow. The
+        # password is not sent in a job's runtime_env, which Ray stores and shows in its dashboard.
+        started["ray"] = start_ray_head(
+            directory, port=ray_port, num_cpus=num_cpus, env={**aws, **ray_auth, **mlflow_auth}
+        )
         env = {
             "MLFLOW_TRACKING_URI": started["mlflow"].url,
             "PREFECT_API_URL": started["prefect"].url,
@@ -187,7 +221,10 @@ def stack_up(
             "TRANSFUSION_HOME": str(home),
             "TRANSFUSION_STORAGE_PATH": f"s3://{CHECKPOINT_BUCKET}/ray",
         }
-        run_env = {**aws, **ray_auth, **env, "PREFECT_LOGGING_LEVEL": "INFO"}
+        run_env = {
+            **aws, **ray_auth, **mlflow_auth, **env,
+            "PREFECT_API_AUTH_STRING": prefect_auth.auth_string, "PREFECT_LOGGING_LEVEL": "INFO",
+        }  # fmt: skip
         runner = _start_deployment_runner(directory, run_env, serve=serve)
         started[runner.name] = runner
     except BaseException:
@@ -200,8 +237,7 @@ def stack_up(
         "env": env,
     }
     _state_path().write_text(json.dumps(state, indent=2))
-    (directory / "env").write_text("".join(f"export {k}={v}\n" for k, v in stack_env(state).items()))
-    (directory / "env").chmod(0o600)
+    write_secret_file(directory / "env", "".join(f"export {k}={v}\n" for k, v in stack_env(state).items()))
     return state
 
 

@@ -47,12 +47,46 @@ def stack(tmp_path_factory):
         assert up.returncode == 0, up.stdout + up.stderr
         exported = _run(*cli, "env", env=env)
         stack_env = dict(line.removeprefix("export ").split("=", 1) for line in exported.stdout.splitlines())
-        yield home, {**env, **stack_env}
+        with pytest.MonkeyPatch.context() as patch:
+            # This process's own MLflow clients log in as the stack's admin, like its shell would.
+            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                patch.setenv(key, stack_env[key])
+            yield home, {**env, **stack_env}
     finally:
         down = _run(*cli, "down", env=env)
         assert down.returncode == 0, down.stderr
         status = _run(*cli, "status", env=env)
         assert "not started" in status.stdout
+
+
+def test_stack_refuses_callers_without_its_credentials(stack):
+    """The stack's MLflow and Prefect answer 401 to a caller without the generated credentials;
+    its env file, which holds them, is private to its owner."""
+    import stat
+    import urllib.error
+    import urllib.request
+
+    from flows.stack import prefect_auth_headers
+    from transfusion.preflight import mlflow_auth_headers
+
+    home, env = stack
+    assert stat.S_IMODE((home / "stack" / "env").stat().st_mode) == 0o600
+    assert stat.S_IMODE((home / "stack" / "credentials.json").stat().st_mode) == 0o600
+
+    def status(url: str, headers: dict, data: bytes | None = None) -> int:
+        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **headers})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    search = env["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1"
+    assert status(search, {}) == 401
+    assert status(search, mlflow_auth_headers()) == 200  # the fixture exported the stack's admin
+    flows = env["PREFECT_API_URL"] + "/flows/filter"
+    assert status(flows, {}, b"{}") == 401
+    assert status(flows, prefect_auth_headers(env["PREFECT_API_AUTH_STRING"]), b"{}") == 200
 
 
 def test_deployment_run_trains_into_mlflow_and_s3(stack):
@@ -89,10 +123,10 @@ def test_deployment_run_trains_into_mlflow_and_s3(stack):
         job_key = child.data.tags["job_key"]
         state = re.compile(rf"jobs/[^/]+-{job_key}/{child.info.run_id}/state-\d{{8}}\.pt$")
         assert any(state.search(key) for key in checkpoint_keys), checkpoint_keys
-    _assert_prefect_artifacts_and_task_runs(env["PREFECT_API_URL"], children)
+    _assert_prefect_artifacts_and_task_runs(env["PREFECT_API_URL"], children, env["PREFECT_API_AUTH_STRING"])
 
 
-def _assert_prefect_artifacts_and_task_runs(api_url: str, children) -> None:
+def _assert_prefect_artifacts_and_task_runs(api_url: str, children, auth_string: str) -> None:
     """The flow run went through the process work pool and its worker; its results table, linked
     report and finished progress are in the Prefect UI; task runs are named and tagged by model,
     init, data size and seed."""
@@ -101,7 +135,7 @@ def _assert_prefect_artifacts_and_task_runs(api_url: str, children) -> None:
     from prefect.client.orchestration import PrefectClient
 
     async def read():
-        async with PrefectClient(api_url) as client:
+        async with PrefectClient(api_url, auth_string=auth_string) as client:
             deployments = await client.read_deployments()
             flow_runs = await client.read_flow_runs()
             return deployments, flow_runs, await client.read_artifacts(), await client.read_task_runs()
@@ -203,7 +237,7 @@ def test_cancelled_deployment_run_ends_its_runs_killed(stack):
     assert cancel.returncode == 0, cancel.stdout + cancel.stderr
 
     async def flow_run_state():
-        async with PrefectClient(env["PREFECT_API_URL"]) as prefect:
+        async with PrefectClient(env["PREFECT_API_URL"], auth_string=env["PREFECT_API_AUTH_STRING"]) as prefect:
             return (await prefect.read_flow_run(flow_run_id)).state
 
     poll_until(

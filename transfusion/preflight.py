@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import urllib.error
@@ -11,14 +12,44 @@ from urllib.parse import urlparse
 from transfusion.object_store import s3_client
 
 
+def mlflow_auth_headers() -> dict[str, str]:
+    """HTTP basic auth from ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``, as MLflow's
+    own client sends it; empty when they are unset (a server without its auth app)."""
+    username = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if not username or password is None:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()}
+
+
 def check_tracking_server(uri: str, *, timeout: float = 5.0) -> None:
-    """An HTTP tracking URI must answer ``/health``; other URIs are left to MLflow."""
+    """An HTTP tracking URI must answer ``/health`` and accept this client's credentials.
+
+    ``/health`` is open even on a server running MLflow's basic-auth app, so the
+    credentials are checked with a one-row experiment search: a missing or wrong
+    password fails here, before any run, instead of in every job. Other URIs are left
+    to MLflow.
+    """
     if not uri.startswith(("http://", "https://")):
         return
+    base = uri.rstrip("/")
+    headers = mlflow_auth_headers()
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
-            if response.status == 200:
+        with urllib.request.urlopen(urllib.request.Request(f"{base}/health", headers=headers), timeout=timeout) as r:
+            healthy = r.status == 200
+        if healthy:
+            search = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
+            with urllib.request.urlopen(search, timeout=timeout):
                 return
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            given = "were refused" if headers else "are not set"
+            raise RuntimeError(
+                f"MLflow tracking server {uri} asks for credentials (HTTP {exc.code}): "
+                f"MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD {given}"
+                " (for a stack: eval $(transfusion stack env))"
+            ) from None
+        raise RuntimeError(f"MLflow tracking server {uri} is not healthy (HTTP {exc.code})") from None
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise RuntimeError(f"MLflow tracking server {uri} is unreachable ({reason})") from None

@@ -259,19 +259,23 @@ class RichProgress:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from tasks.training import prepare_dataset_task
+    from tasks.training import check_data_sizes
+    from transfusion.identity import RetrainFilter
     from transfusion.preflight import check_pretrained_sources
 
     grid = load_grid_with_overrides(args.grid, args.set)
+    retrain = getattr(args, "retrain", None)
+    RetrainFilter.parse(retrain)  # a bad filter is one line, before anything starts
     check_services(with_compute=True)
     check_pretrained_sources(grid.sources)  # a missing weights file, before any service starts
-    # Check the data sizes against the prepared data before any service starts.
-    prepare_dataset_task.fn(grid)
+    # Check the data sizes before any service starts: from the data's version where it
+    # says the pool's size, so a re-run with nothing to train prepares (reads) nothing.
+    check_data_sizes(grid)
     from flows.grid import transfusion
 
     started = time.perf_counter()
     with progress_display():
-        summary = transfusion(grid)
+        summary = transfusion(grid, retrain=retrain)
     elapsed = time.perf_counter() - started
     print()
     print(f"Grid {summary.grid}: {summary.finished} trained, {summary.skipped} already done, "
@@ -562,6 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a grid (preset name or YAML/JSON file)")
     run.add_argument("grid", help="preset name (demo, smoke, ...) or path to a grid file")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    run.add_argument(
+        "--retrain",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILTER",
+        help="train matching jobs again though they finished (FILTER e.g. model=cbr-tiny,init=random; "
+        "fields model, init, data_size, seed, source; none: every job); the old runs are kept, tagged superseded_by",
+    )
     run.set_defaults(func=command_run)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on the local store")

@@ -33,6 +33,7 @@ from tasks.training import (
     clear_interrupt,
     end_failed_run,
     finish_grid_run_task,
+    identify_jobs_task,
     interrupt_of,
     interrupt_open_runs,
     interrupting,
@@ -46,9 +47,10 @@ from tasks.training import (
     train_job_task,
 )
 from transfusion.analysis.tables import ResultRow, to_markdown
-from transfusion.config import GridSpec, PresetName, load_grid
+from transfusion.config import GridSpec, JobSpec, PresetName, load_grid
 from transfusion.data import transfusion_home
 from transfusion.errors import first_line
+from transfusion.identity import RetrainFilter
 
 if TYPE_CHECKING:
     from transfusion.tracking import GridRun
@@ -90,31 +92,39 @@ def _describe(outcome: JobOutcome) -> str:
     return f"{name}: test/auc {auc:.3f} ({when})"
 
 
-def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSummary) -> list[JobOutcome]:
-    """The training stages: resolve pretrained sources, then every job (skipping finished ones)."""
+def _train_jobs(
+    grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSummary, retrain: str | None = None
+) -> tuple[list[JobOutcome], list[JobSpec]]:
+    """The training stages: resolve pretrained sources, identify every job by what it reads, then
+    train those without a finished run that counts (and those ``retrain`` names); returns the
+    outcomes and the identified jobs."""
     clear_interrupt()
-    dataset_root = prepare_dataset_task(grid)
+    # Bad --retrain text fails before anything trains.
+    forced = RetrainFilter.parse(retrain) if retrain is not None else None
+    # One resolution per (model, source) the grid's jobs use: their weights' sha256 is part of the jobs' identity.
+    sources = {}
+    for model, pretrained in dict.fromkeys((s.model, s.pretrained) for s in grid.jobs() if s.pretrained):
+        sources[model, pretrained] = resolve_pretrained_task.submit(
+            model, pretrained, grid.train.resolution, grid.weak_source
+        )
+    if stage == "pretrain":
+        several = len(grid.sources) > 1
+        summary.pretrained = {
+            f"{model} {pretrained}" if several else model: future.result()
+            for (model, pretrained), future in sources.items()
+        }
+        for model, uri in summary.pretrained.items():
+            _progress(f"{model}: {uri}")
+        return [], []
+    # Identity comes from the data's version and the weights' hashes, not from decoding images:
+    # a re-run with nothing to train reads no image (and prepares nothing).
+    jobs = identify_jobs_task(grid, [(*pair, _result_or_none(future)) for pair, future in sources.items()])
+    retrained = frozenset(spec.job_key for spec in jobs if forced is not None and forced.matches(spec))
+    pending = pending_jobs_task(grid, grid_run, jobs, retrained)
+    dataset_root = prepare_dataset_task(grid) if pending else ""
     # Ray starts only when there is something to train: a re-run of a done grid is quick.
-    pending = pending_jobs_task(grid, grid_run) if stage != "pretrain" else 1
     slots = start_compute_task(grid, pending) if pending else 0
     try:
-        # One resolution per (model, source) the grid's jobs use.
-        sources = {}
-        if pending:
-            for model, pretrained in dict.fromkeys((s.model, s.pretrained) for s in grid.jobs() if s.pretrained):
-                sources[model, pretrained] = resolve_pretrained_task.submit(
-                    model, pretrained, grid.train.resolution, grid.weak_source
-                )
-        if stage == "pretrain":
-            several = len(grid.sources) > 1
-            summary.pretrained = {
-                f"{model} {pretrained}" if several else model: future.result()
-                for (model, pretrained), future in sources.items()
-            }
-            for model, uri in summary.pretrained.items():
-                _progress(f"{model}: {uri}")
-            return []
-        jobs = grid.jobs()
         _progress(
             f"grid {grid.name}: {len(jobs)} jobs, {pending} to train, up to {max(slots, 1)} at a time; "
             f"tracking at {summary.tracking_uri}"
@@ -127,6 +137,7 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
                 sources.get((spec.model, spec.pretrained)) if spec.pretrained else None,
                 grid.max_retries,
                 grid.weak_source,
+                spec.job_key in retrained,
             )
             for spec in jobs
         ]
@@ -142,7 +153,7 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
                 outcomes.append(outcome)
                 progress.finish(outcome.job_key, ok=outcome.ok, line=f"[{done}/{len(jobs)}] {_describe(outcome)}")
                 progress_artifact.update(progress)
-        return outcomes
+        return outcomes, jobs
     except BaseException as exc:
         interrupt = interrupt_of(exc)  # SIGINT/SIGTERM: the CLI raises Interrupted, Prefect TerminationSignal
         if interrupt is not None:
@@ -151,6 +162,15 @@ def _train_jobs(grid: GridSpec, grid_run: GridRun, stage: Stage, summary: GridSu
     finally:
         if slots and interrupting() is None:
             stop_compute_task()  # the warm workers go before the analyses
+
+
+def _result_or_none(future) -> str | None:
+    """A resolved source URI, or None when it failed (its jobs fail with the reason when they run)."""
+    try:
+        return future.result()
+    except Exception as exc:
+        log.warning("pretrained source not resolved: %s", first_line(exc))
+        return None
 
 
 def stop_jobs_for_interrupt(exc: BaseException) -> None:
@@ -167,8 +187,15 @@ def stop_jobs_for_interrupt(exc: BaseException) -> None:
 
 
 @flow(name="transfusion", task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=False)
-def transfusion(grid: GridSpec | PresetName, stage: Stage = "all", report_dir: str | None = None) -> GridSummary:
-    """Trains every job of ``grid`` (skipping finished ones), then analyses the grid."""
+def transfusion(
+    grid: GridSpec | PresetName, stage: Stage = "all", report_dir: str | None = None, retrain: str | None = None
+) -> GridSummary:
+    """Trains every job of ``grid`` (skipping finished ones), then analyses the grid.
+
+    ``retrain``: a filter (``model=cbr-tiny,init=random``; empty: every job) of jobs to
+    train again even though a finished run counts for them; the runs they replace are
+    kept and tagged ``superseded_by``.
+    """
     grid = load_grid(grid)
     with tracking_service(transfusion_home()) as tracking_uri:
         preflight_task(grid)
@@ -177,9 +204,11 @@ def transfusion(grid: GridSpec | PresetName, stage: Stage = "all", report_dir: s
         grid_run = open_grid_run_task(grid)
         summary = GridSummary(grid.name, tracking_uri, grid_run.experiment_id, grid_run.run_id)
         try:
-            outcomes = _train_jobs(grid, grid_run, stage, summary) if stage in ("all", "train", "pretrain") else []
+            outcomes, jobs = [], None
+            if stage in ("all", "train", "pretrain"):
+                outcomes, jobs = _train_jobs(grid, grid_run, stage, summary, retrain)
             if stage in ("all", "analysis"):
-                records = collect_records_task(grid)
+                records = collect_records_task(grid, jobs=jobs)
                 summary.rows = results_table_task(grid, grid_run, records)
                 summary.table_markdown = to_markdown(summary.rows)
                 publish_results_artifacts_task(grid.name, summary.rows, records, tracking_uri, grid_run)

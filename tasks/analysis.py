@@ -12,13 +12,14 @@ from prefect import task
 from transfusion import tracking
 from transfusion.analysis.convergence import ConvergenceSettings
 from transfusion.analysis.records import JobRecord
-from transfusion.analysis.report import analyze_records, write_report
+from transfusion.analysis.report import analyze_records, code_version_notes, write_report
 from transfusion.analysis.representations import seed_similarity, seed_similarity_markdown
 from transfusion.analysis.tables import ResultRow, plot_results, results_table, to_markdown, write_csv
 from transfusion.analysis.transfer_effect import transfer_effect_metrics
-from transfusion.config import GridSpec
+from transfusion.config import GridSpec, JobSpec
 from transfusion.data import transfusion_home
 from transfusion.pretrained import WEAK
+from transfusion.provenance import CODE_VERSION_TAG
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +80,32 @@ def convergence_settings(grid: GridSpec) -> ConvergenceSettings:
     return ConvergenceSettings(threshold=grid.convergence_threshold, relative=grid.convergence_mode == "relative")
 
 
+def identified_jobs(grid: GridSpec) -> list[JobSpec]:
+    """The grid's jobs identified by what they read, for an analysis: sources are looked up, never pretrained."""
+    from tasks.pretraining import existing_source_uri
+    from tasks.training import identify_jobs
+
+    pairs = dict.fromkeys((s.model, s.pretrained) for s in grid.jobs() if s.pretrained)
+    return identify_jobs(grid, {(model, source): existing_source_uri(model, source) for model, source in pairs})
+
+
 @task(name="collect-records", cache_policy=None)
-def collect_records_task(grid: GridSpec, *, with_probes: bool = True) -> list[JobRecord]:
-    """The newest FINISHED run of each job of the grid (missing jobs are left out)."""
+def collect_records_task(
+    grid: GridSpec, *, with_probes: bool = True, jobs: list[JobSpec] | None = None
+) -> list[JobRecord]:
+    """The finished run that counts for each job of the grid (jobs without one are left out).
+
+    ``jobs``: the grid's identified jobs when the caller has them (else identified here),
+    so a run of other data, weights or (where the grid says) code is never reported.
+    """
     experiment_id = tracking.experiment_id_for(grid.name)
     records = []
     if experiment_id is None:
         return records
-    for spec in grid.jobs():
-        run = tracking.find_finished_run(experiment_id, spec.lookup_keys)
-        if run is None:
+    for match in tracking.match_job_runs(experiment_id, jobs if jobs is not None else identified_jobs(grid)):
+        if match.run is None:
             continue
+        spec, run = match.job, tracking.client().get_run(match.run.run_id)
         records.append(
             JobRecord(
                 job_key=spec.job_key,
@@ -105,6 +121,7 @@ def collect_records_task(grid: GridSpec, *, with_probes: bool = True) -> list[Jo
                 predictions=fetch_test_predictions(run.info.run_id),
                 source=run.data.tags.get("source.description", ""),
                 source_weak=run.data.tags.get("source.quality") == WEAK,
+                code_version=run.data.tags.get(CODE_VERSION_TAG, ""),
             )
         )
     return records
@@ -152,6 +169,7 @@ def analyze_grid_task(
                                     else f"one fixed subset for all seeds (subset_seed {grid.train.subset_seed})")
         + ".",
     ]  # fmt: skip
+    notes += code_version_notes(records)
     if grid.pretrained == "synthetic":
         notes.append(
             "Transfer here is synthetic-source transfer (weights pretrained on procedural shapes), not ImageNet."

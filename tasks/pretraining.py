@@ -208,6 +208,21 @@ def source_tags(uri: str, quality: SourceQuality | None, weak_source: WeakSource
     return tags
 
 
+def existing_source_uri(model: str, pretrained: str) -> str | None:
+    """The URI ``pretrained`` resolves to for ``model`` now, without pretraining (None: none yet).
+
+    What an analysis identifies a grid's transfer jobs by: it never trains a source.
+    """
+    if pretrained == SYNTHETIC_SOURCE or pretrained.startswith(DOMAIN_PREFIX):
+        return tracking.latest_model_version(registered_name(model, source_label(pretrained)))
+    if pretrained == "imagenet":
+        if model in TORCHVISION_IMAGENET:
+            return f"torchvision:{TORCHVISION_IMAGENET[model]}/IMAGENET1K_V1"
+        return tracking.latest_model_version(registered_name(model, "imagenet"))
+    registered = source_for(pretrained)
+    return registered.uri if registered is not None else pretrained
+
+
 @task(name="resolve-pretrained", cache_policy=None, task_run_name="pretrained-{model}")
 def resolve_pretrained_task(
     model: str, pretrained: str, resolution: int, weak_source: WeakSourceSettings | None = None

@@ -6,16 +6,19 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from prefect import task
 
 from transfusion import tracking
 from transfusion.config import GridSpec, JobSpec, WeakSourceSettings
-from transfusion.data import PreparedDataset, prepare_dataset, transfusion_home
+from transfusion.data import DatasetVersion, PreparedDataset, dataset_version, prepare_dataset, transfusion_home
 from transfusion.errors import Interrupted, first_line
 from transfusion.faults import injected_faults
 from transfusion.home import storage_path
+from transfusion.pretrained import weights_sha256
+from transfusion.provenance import code_identity
 
 log = logging.getLogger(__name__)
 
@@ -144,20 +147,75 @@ def retry_transient(task, task_run, state) -> bool:
 TRAIN_TAG = "transfusion-train"
 
 
-@task(name="prepare-dataset", cache_policy=None, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
-def prepare_dataset_task(grid: GridSpec) -> str:
-    """Prepares the grid's dataset once and checks every data size fits its training split."""
-    dataset = prepare_dataset(
-        grid.dataset,
-        source=grid.dataset_source,
-        resolution=grid.train.resolution,
-        options=grid.dataset_options,
-    )
-    pool = len(dataset.indices("train"))
+def _check_data_sizes(grid: GridSpec, pool: int) -> None:
     for size in grid.data_sizes:
         if size != "full" and size > pool:
             raise ValueError(f"data_size {size} is larger than the {pool} training images of dataset {grid.dataset!r}")
+
+
+def _prepare(grid: GridSpec):
+    return prepare_dataset(
+        grid.dataset, source=grid.dataset_source, resolution=grid.train.resolution, options=grid.dataset_options
+    )
+
+
+def grid_data_version(grid: GridSpec) -> DatasetVersion:
+    """The version the grid's prepared data has (or will have), found without reading an image."""
+    return dataset_version(
+        grid.dataset, source=grid.dataset_source, resolution=grid.train.resolution, options=grid.dataset_options
+    )
+
+
+def check_data_sizes(grid: GridSpec) -> None:
+    """Every data size fits the training pool: from the generator's parameters or the prepared
+    set where they say it, else by preparing the data (a source-backed set not prepared yet)."""
+    if all(size == "full" for size in grid.data_sizes):
+        return
+    pool = grid_data_version(grid).train_images
+    _check_data_sizes(grid, len(_prepare(grid).indices("train")) if pool is None else pool)
+
+
+@task(name="prepare-dataset", cache_policy=None, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def prepare_dataset_task(grid: GridSpec) -> str:
+    """Prepares the grid's dataset once and checks every data size fits its training split."""
+    dataset = _prepare(grid)
+    _check_data_sizes(grid, len(dataset.indices("train")))
     return str(dataset.root)
+
+
+def identify_jobs(grid: GridSpec, source_uris: Mapping[tuple[str, str], str | None]) -> list[JobSpec]:
+    """The grid's jobs with what they read by content: the data's version, the weights' sha256, the code.
+
+    ``source_uris`` maps each (model, pretrained) of the grid to its resolved URI (None:
+    it could not be resolved; its jobs keep the source's name in their key and fail when
+    they run, saying why). Nothing here reads an image.
+    """
+    version = grid_data_version(grid).version
+    code = code_identity(grid.identity.code)
+    sha256 = {}
+    for pair, uri in source_uris.items():
+        if uri is None:
+            continue
+        try:
+            sha256[pair] = weights_sha256(uri)
+        except Exception as exc:  # the job reports it when it loads the weights
+            log.warning("weights of %s for %s not hashed (%s): keyed by the source's name", pair[1], pair[0], exc)
+    return [
+        job.model_copy(
+            update={
+                "data_version": version,
+                "weights_sha256": sha256.get((job.model, job.pretrained)) if job.pretrained else None,
+                "code_version": code,
+            }
+        )
+        for job in grid.jobs()
+    ]
+
+
+@task(name="identify-jobs", cache_policy=None, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def identify_jobs_task(grid: GridSpec, source_uris: list[tuple[str, str, str | None]]) -> list[JobSpec]:
+    """:func:`identify_jobs` with the resolved sources as (model, pretrained, URI or None) rows."""
+    return identify_jobs(grid, {(model, pretrained): uri for model, pretrained, uri in source_uris})
 
 
 @task(name="preflight", cache_policy=None)
@@ -177,9 +235,22 @@ def preflight_task(grid: GridSpec) -> None:
 
 
 @task(name="pending-jobs", cache_policy=None)
-def pending_jobs_task(grid: GridSpec, grid_run: tracking.GridRun) -> int:
-    """How many of the grid's jobs have no FINISHED run yet (0: nothing to train)."""
-    return sum(tracking.find_finished_run(grid_run.experiment_id, s.lookup_keys) is None for s in grid.jobs())
+def pending_jobs_task(
+    grid: GridSpec,
+    grid_run: tracking.GridRun,
+    jobs: list[JobSpec] | None = None,
+    retrain: frozenset[str] = frozenset(),
+) -> int:
+    """How many jobs have no finished run that counts (:func:`transfusion.identity.match_finished_runs`)
+    or are to retrain (their ``job_key`` in ``retrain``); 0: nothing to train.
+
+    ``jobs``: the grid's identified jobs (default ``grid.jobs()``, matched by key alone).
+    """
+    matches = tracking.match_job_runs(grid_run.experiment_id, jobs if jobs is not None else grid.jobs())
+    for match in matches:
+        for reason in match.reasons():
+            log.info("%s: %s", match.job.run_name, reason)
+    return sum(match.run is None or match.job.job_key in retrain for match in matches)
 
 
 @task(name="open-grid-run", cache_policy=None)
@@ -267,14 +338,22 @@ def train_job_task(
     source_uri: str | None = None,
     max_retries: int = 1,
     weak_source: WeakSourceSettings | None = None,
+    retrain: bool = False,
 ) -> JobOutcome:
-    """Runs one job through Ray Train as one MLflow child run; never raises for job failures."""
+    """Runs one job through Ray Train as one MLflow child run; never raises for job failures.
+
+    A finished run that counts for the job (:func:`transfusion.identity.match_finished_runs`)
+    makes it SKIPPED, unless ``retrain``: then a new run trains and, once it finishes, the
+    runs it replaces are kept and tagged ``superseded_by`` with its id.
+    """
     from transfusion.data.node_cache import for_workers
     from transfusion.launcher import LaunchRequest, fit_job, shared_pool
 
     started = time.perf_counter()
-    done = tracking.find_finished_run(grid_run.experiment_id, spec.lookup_keys)
-    if done is not None:
+    (match,) = tracking.match_job_runs(grid_run.experiment_id, [spec])
+    replaced = [run.run_id for run in match.counted] if retrain else []
+    if match.run is not None and not retrain:
+        done = tracking.client().get_run(match.run.run_id)
         return JobOutcome(spec.job_key, spec, "SKIPPED", done.info.run_id, dict(done.data.metrics))
     with JOB_SLOTS:
         if interrupting() is not None:  # queued behind the slots when the interrupt came: never started
@@ -301,6 +380,10 @@ def train_job_task(
         try:
             tracking.set_tags(run_id, {"attempts": str(attempt)})
             data_meta = PreparedDataset.open(dataset_root).meta
+            if spec.data_version is not None and data_meta.get("version") != spec.data_version:
+                # The data changed between identifying the job and preparing it: the run says which it read.
+                log.warning("job %s: data version %s, identified as %s", spec.job_key, data_meta.get("version"),
+                            spec.data_version)  # fmt: skip
             data_params = {"data_version": data_meta.get("version", ""), "data_skipped": data_meta.get("skipped", 0)}
             if source_uri:
                 data_params["pretrained_uri"] = source_uri
@@ -343,6 +426,7 @@ def train_job_task(
             timings = {k: v for k, v in metrics.items() if k in JOB_TIMINGS}
             tracking.log_metrics(run_id, {"time/total_s": total, **timings}, step=int(metrics.get("steps", 0)))
             tracking.end_run(run_id, "FINISHED")
+            tracking.supersede(replaced, run_id)
             return JobOutcome(spec.job_key, spec, "FINISHED", run_id, metrics, seconds=total)
         except BaseException as exc:  # an interrupt, or tracking failing outside the job: no run stays RUNNING
             with _OPEN_RUNS_LOCK:

@@ -138,3 +138,9 @@ def pytest_sessionfinish(session, exitstatus):
     else:
         print(message, file=sys.stderr)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def identity_of(runs, job) -> dict[str, str | None]:
+    """What the run of ``job`` (found by run name) recorded it read: the JobSpec identity fields."""
+    (run,) = [r for r in runs if r.data.tags.get("mlflow.runName") == job.run_name]
+    return {"data_version": run.data.tags["data_version"], "weights_sha256": run.data.tags.get("weights_sha256")}

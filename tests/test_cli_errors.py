@@ -153,6 +153,12 @@ CASES = [
         "run smoke --set train.steps.x=1",
         r"--set train\.steps\.x=1: train\.steps is a value \(6\), not a group of fields",
     ),
+    _case(
+        "--retrain unknown field",
+        "run smoke --retrain lr=0.1",
+        r"--retrain: unknown field 'lr'; valid: model, init, data_size, seed, source",
+    ),
+    _case("--retrain without =", "run smoke --retrain cbr-tiny", r"--retrain expects FIELD=VALUE pairs .*"),
     # --- run: services -------------------------------------------------------------
     _case(
         "Ray address unreachable",

@@ -160,6 +160,19 @@ class WeakSourceSettings(_Frozen):
     min_top1: Annotated[float, Field(ge=0, le=1, description="lower top-1 on held-out source images: weak")] = 0.3
 
 
+CodeIdentity = Literal["ignore", "package", "commit"]
+
+
+class IdentitySettings(_Frozen):
+    """What besides the experiment and its inputs' content makes a job new."""
+
+    code: CodeIdentity = Field(
+        default="ignore",
+        description="ignore: an upgrade retrains nothing; package: a new package version retrains; "
+        "commit: a new git commit (or uncommitted change) retrains",
+    )
+
+
 # Where and how robustly a job runs, not what it computes: excluded from ``job_key``.
 # ``num_workers`` is here on purpose: the global batch and its sample sequence are the
 # same for any number of DDP workers (each takes its share of every batch) and gradients
@@ -167,6 +180,9 @@ class WeakSourceSettings(_Frozen):
 # with any data-parallel run without SyncBN. Scaling a job out is placement, not a new
 # experiment.
 PLACEMENT_FIELDS = ("threads", "cpus_per_job", "gpus_per_job", "num_workers", "max_failures", "eval_batch_size")
+
+# What a job read, by content (JobSpec fields set once resolved): the run's identity tags.
+IDENTITY_FIELDS = ("data_version", "weights_sha256", "code_version")
 
 # The fields job_key version 1 hashed (all of them, placement included).
 _V1_JOB_FIELDS = frozenset(
@@ -233,6 +249,11 @@ class JobSpec(_Frozen):
     data_size: DataSize = "full"
     seed: Annotated[int, Field(ge=0)] = 0
     train: TrainSettings = TrainSettings()
+    # What the job reads, by content; filled in once the grid's data and sources are resolved
+    # (None: not resolved, and the job is keyed by the names as before).
+    data_version: str | None = Field(default=None, description="the prepared data's version (content digest)")
+    weights_sha256: str | None = Field(default=None, description="sha256 of the resolved pretrained weights")
+    code_version: str | None = Field(default=None, description="code version in the key (grid identity.code)")
 
     @property
     def job_key(self) -> str:
@@ -241,24 +262,58 @@ class JobSpec(_Frozen):
         Placement and fault policy (:data:`PLACEMENT_FIELDS`) and the grid's name are
         left out, so moving a finished grid from CPUs to GPUs, or raising
         ``max_failures`` for spot nodes, finds its runs instead of retraining them.
+        Once resolved, the data's version replaces the dataset's source and options and
+        the weights' sha256 replaces the source's name: re-pretraining a source or adding
+        images under the same prefix gives new keys, while renaming either does not.
         """
-        payload = self.model_dump(mode="json", exclude={"grid": True, "train": set(PLACEMENT_FIELDS)})
+        if self.data_version is None and self.weights_sha256 is None and self.code_version is None:
+            return self.name_key
+        payload = self._named_payload()
+        if self.data_version is not None:
+            del payload["dataset_source"], payload["dataset_options"]
+            payload["data_version"] = self.data_version
+        if self.weights_sha256 is not None:
+            del payload["pretrained"]
+            payload["weights_sha256"] = self.weights_sha256
+        if self.code_version is not None:
+            payload["code_version"] = self.code_version
+        return _short_hash(payload)
+
+    def _named_payload(self) -> dict:
+        exclude = {"grid": True, "train": set(PLACEMENT_FIELDS), **dict.fromkeys(IDENTITY_FIELDS, True)}
+        payload = self.model_dump(mode="json", exclude=exclude)
         payload["model"] = model_key_name(self.model)
         drop_earlier_behaviour(payload["train"])
-        return _short_hash(payload)
+        return payload
+
+    @property
+    def name_key(self) -> str:
+        """The key by names (source string, ``pretrained`` name) that versions before content identity wrote."""
+        return _short_hash(self._named_payload())
+
+    @property
+    def identified(self) -> bool:
+        """Whether the data version, and the weights' sha256 where the init reads a source, are resolved."""
+        return self.data_version is not None and (self.pretrained is None or self.weights_sha256 is not None)
 
     @property
     def legacy_job_keys(self) -> tuple[str, ...]:
         """Keys earlier versions gave this job, so stores they wrote are found, not retrained.
 
-        Version 1 hashed every field but ``grid``, placement included; a job with a
-        field that version did not have, set away from what that version did (its
-        default, or its :data:`EARLIER_TRAIN_BEHAVIOUR`), never had a v1 key.
+        The key by names (before content identity), then version 1's: it hashed every
+        field but ``grid``, placement included; a job with a field that version did not
+        have, set away from what that version did (its default, or its
+        :data:`EARLIER_TRAIN_BEHAVIOUR`), never had a v1 key. A run under any of these
+        counts only when its recorded data version and weights match (:mod:`transfusion.identity`).
         """
-        payload = self.model_dump(mode="json", exclude={"grid"})
+        names = (self.name_key,) if self.name_key != self.job_key else ()
+        return (*names, *self._v1_keys())
+
+    def _v1_keys(self) -> tuple[str, ...]:
+        payload = self.model_dump(mode="json", exclude={"grid", *IDENTITY_FIELDS})
         payload["model"] = model_key_name(self.model)
         defaults = JobSpec.model_construct(model=self.model, init=self.init, dataset=self.dataset).model_dump(
-            mode="json"
+            mode="json", exclude=set(IDENTITY_FIELDS)
         )
         for field in set(payload) - _V1_JOB_FIELDS:
             if payload.pop(field) != defaults[field]:
@@ -273,7 +328,7 @@ class JobSpec(_Frozen):
     @property
     def lookup_keys(self) -> tuple[str, ...]:
         """``job_key`` first, then :attr:`legacy_job_keys`: every key a finished run of this job may carry."""
-        return (self.job_key, *(k for k in self.legacy_job_keys if k != self.job_key))
+        return tuple(dict.fromkeys((self.job_key, *self.legacy_job_keys)))
 
     @property
     def init_label(self) -> str:
@@ -367,6 +422,7 @@ class GridSpec(_Frozen):
     ] = 0.91
     convergence_mode: Literal["absolute", "relative"] = "absolute"
     weak_source: WeakSourceSettings = WeakSourceSettings()
+    identity: IdentitySettings = IdentitySettings()
 
     @field_validator("models", "inits", "data_sizes")
     @classmethod
@@ -482,6 +538,8 @@ class GridSpec(_Frozen):
         payload = self.model_dump(mode="json", exclude=ANALYSIS_ONLY_FIELDS)
         payload["models"] = [model_key_name(model) for model in self.models]
         drop_unset_later_options(payload["train"])
+        if self.identity == IdentitySettings():  # set only by grids that opt in: older grids keep their parent run
+            del payload["identity"]
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

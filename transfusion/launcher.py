@@ -167,7 +167,7 @@ def _run_job(request: LaunchRequest, *, storage_path: str, rank: int, world_size
     """One job in this worker: resume from its checkpoint if it has one, train, log."""
     from transfusion.data.node_cache import dataset_for_node, weights_for_node
     from transfusion.faults import FaultInjection
-    from transfusion.tracking import MlflowHooks, set_tags, test_dataset_of
+    from transfusion.tracking import MlflowHooks, log_provenance, set_tags, test_dataset_of
     from transfusion.train import run_training
 
     spec = JobSpec.model_validate(request.spec)
@@ -194,6 +194,8 @@ def _run_job(request: LaunchRequest, *, storage_path: str, rank: int, world_size
     if rank == 0:
         # Which Ray node ran (this attempt of) the job: placement is visible in the runs table.
         set_tags(request.run_id, {"ray_node": ray.get_runtime_context().get_node_id()}, uri=request.tracking_uri)
+        # The code and libraries of the node that trains, which may differ from the driver's image.
+        log_provenance(request.run_id, uri=request.tracking_uri)
     hooks = MlflowHooks(
         request.run_id,
         uri=request.tracking_uri,

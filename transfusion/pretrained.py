@@ -704,6 +704,23 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_SHA256_BY_FILE: dict[tuple[str, int, int], str] = {}
+
+
+def weights_sha256(uri: str) -> str:
+    """sha256 of the weights file ``uri`` resolves to (downloaded once): their identity by content.
+
+    Hashed once per file version in a process (path, size, mtime), since a grid asks once
+    per (model, source) and a warm process may run many grids.
+    """
+    path = resolve_uri(uri)
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_BY_FILE:
+        _SHA256_BY_FILE[key] = file_sha256(path)
+    return _SHA256_BY_FILE[key]
+
+
 def _extract_state_dict(obj: Any, uri: str) -> dict[str, torch.Tensor]:
     """A plain state dict, or the one under ``"state_dict"``/``"model"`` of a checkpoint."""
     if not isinstance(obj, Mapping):

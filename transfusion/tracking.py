@@ -38,7 +38,9 @@ from mlflow.entities import (
 )
 from mlflow.tracking import MlflowClient
 
-from transfusion.config import GridSpec, JobSpec
+from transfusion.config import IDENTITY_FIELDS, GridSpec, JobSpec
+from transfusion.identity import JobMatch, RecordedRun, match_finished_runs
+from transfusion.provenance import CODE_VERSION_TAG, ENVIRONMENT_ARTIFACT, environment_report, provenance_tags
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,6 +57,10 @@ DESCRIPTION_TAG = "mlflow.note.content"
 MODEL_NAME = "model"
 # Tags the MLflow compare view lines a grid's cells up by (on job runs and the parent's table).
 CELL_TAGS = ("model", "init", "data_size", "seed")
+# What a job read, by content: ``data_version``, ``weights_sha256`` (``code_version`` is
+# provenance: the whole version of the code that ran, whatever part the key covers).
+IDENTITY_TAGS = tuple(name for name in IDENTITY_FIELDS if name != CODE_VERSION_TAG)
+SUPERSEDED_TAG = "superseded_by"  # on a finished run a forced retrain replaced: the new run's id
 
 
 def tracking_uri() -> str:
@@ -133,9 +139,13 @@ def job_params(spec: JobSpec) -> dict[str, str]:
 
 
 def job_tags(spec: JobSpec) -> dict[str, str]:
+    """The run's cell, key and identity (what it read, by content) and this process's provenance."""
     source = {"source": spec.source_label} if spec.source_label else {}
+    identity = {name: value for name in IDENTITY_TAGS if (value := getattr(spec, name)) is not None}
     return {
         **source,
+        **identity,
+        **provenance_tags(),  # the worker that trains sets its own again
         ROLE_TAG: "job",
         "job_key": spec.job_key,
         "grid": spec.grid,
@@ -146,6 +156,63 @@ def job_tags(spec: JobSpec) -> dict[str, str]:
         "dataset": spec.dataset,
         "mlflow.runName": spec.run_name,
     }
+
+
+def recorded_run(run) -> RecordedRun:
+    """What an MLflow run records of a job, as :mod:`transfusion.identity` reads it.
+
+    Runs before content identity hold the data version as the param ``data_version`` and
+    the weights' sha256 as the param ``pretrained_sha256`` (logged by the worker that
+    loaded them); newer runs also carry both as tags.
+    """
+    tags, params = run.data.tags, run.data.params
+    return RecordedRun(
+        run_id=run.info.run_id,
+        job_key=tags.get("job_key", ""),
+        status=run.info.status,
+        start_time=int(run.info.start_time or 0),
+        data_version=tags.get("data_version") or params.get("data_version"),
+        weights_sha256=params.get("pretrained_sha256") or tags.get("weights_sha256"),
+        code_version=tags.get(CODE_VERSION_TAG),
+        superseded_by=tags.get(SUPERSEDED_TAG),
+    )
+
+
+def recorded_runs(experiment_id: str, job_keys: Sequence[str] | None = None, *, uri: str | None = None) -> list:
+    """The job runs of an experiment as :class:`~transfusion.identity.RecordedRun` (those under ``job_keys`` if given).
+
+    A few keys are looked up one by one; a whole grid's in one paged search of its job runs.
+    """
+    if job_keys is not None and len(job_keys) <= 8:
+        keys = dict.fromkeys(job_keys)
+        return [recorded_run(run) for key in keys for run in find_job_runs(experiment_id, key, uri=uri)]
+    c = client(uri)
+    found, token = [], None
+    while True:
+        page = with_retries(
+            lambda t=token: c.search_runs(
+                [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'job'", max_results=1000, page_token=t
+            ),
+            what="search job runs",
+        )
+        found.extend(recorded_run(run) for run in page)
+        token = page.token
+        if not token:
+            break
+    wanted = None if job_keys is None else set(job_keys)
+    return [run for run in found if wanted is None or run.job_key in wanted]
+
+
+def match_job_runs(experiment_id: str, jobs: Sequence[JobSpec], *, uri: str | None = None) -> list[JobMatch]:
+    """:func:`transfusion.identity.match_finished_runs` of ``jobs`` against this experiment's runs."""
+    keys = [key for job in jobs for key in job.lookup_keys]
+    return match_finished_runs(jobs, recorded_runs(experiment_id, keys, uri=uri))
+
+
+def supersede(run_ids: Sequence[str], by: str, *, uri: str | None = None) -> None:
+    """Tags finished runs that a forced retrain replaced: kept, but no longer counted for their job."""
+    for run_id in run_ids:
+        set_tags(run_id, {SUPERSEDED_TAG: by}, uri=uri)
 
 
 def find_job_runs(experiment_id: str, job_key: str, *, uri: str | None = None) -> list:
@@ -180,6 +247,20 @@ def create_job_run(spec: JobSpec, *, experiment_id: str, parent_run_id: str | No
     with_retries(lambda: c.log_batch(run_id, params=params), what="log params")
     log_json(run_id, spec.model_dump(mode="json"), "spec.json", uri=uri)
     return run_id
+
+
+def log_text(run_id: str, text: str, name: str, *, uri: str | None = None) -> None:
+    """A text file ``name`` at the root of the run's artifacts (written again each attempt)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(text)
+        with_retries(lambda: client(uri).log_artifact(run_id, str(path)), what=f"log {name}")
+
+
+def log_provenance(run_id: str, *, uri: str | None = None) -> None:
+    """This process's ``code_version``/``image`` tags and ``environment.txt`` on a run."""
+    set_tags(run_id, provenance_tags(), uri=uri)
+    log_text(run_id, environment_report(), ENVIRONMENT_ARTIFACT, uri=uri)
 
 
 def log_json(run_id: str, payload: Any, name: str, *, artifact_path: str | None = None, uri: str | None = None) -> None:
@@ -448,6 +529,7 @@ def open_grid_run(grid: GridSpec, *, uri: str | None = None) -> GridRun:
         run_id = existing[0].info.run_id
         reopen_run(run_id, uri=uri)
         set_tags(run_id, opened, uri=uri)
+        log_provenance(run_id, uri=uri)  # the code that ran the grid last
         return GridRun(experiment_id, run_id)
     run = c.create_run(
         experiment_id,
@@ -460,6 +542,7 @@ def open_grid_run(grid: GridSpec, *, uri: str | None = None) -> GridRun:
         },
     )
     log_json(run.info.run_id, grid.model_dump(mode="json"), "grid.json", uri=uri)
+    log_provenance(run.info.run_id, uri=uri)
     return GridRun(experiment_id, run.info.run_id)
 
 

@@ -38,6 +38,7 @@ def _run_grid(name: str, jobs: int, train: dict, *, reuse: bool) -> tuple[list[d
     """Trains a grid of ``jobs`` seeds; returns each job's final metrics and the wall time."""
     from flows.grid import transfusion
     from flows.runtime import tracking_service
+    from tasks.analysis import identified_jobs
     from transfusion import tracking
     from transfusion.config import load_grid
     from transfusion.data import transfusion_home
@@ -51,7 +52,8 @@ def _run_grid(name: str, jobs: int, train: dict, *, reuse: bool) -> tuple[list[d
     summary = transfusion(grid, stage="train")
     wall = time.perf_counter() - started
     with tracking_service(transfusion_home()):
-        runs = [tracking.find_finished_run(summary.experiment_id, spec.lookup_keys) for spec in grid.jobs()]
+        matches = tracking.match_job_runs(summary.experiment_id, identified_jobs(grid))
+        runs = [tracking.client().get_run(match.run.run_id) for match in matches]
     # In the order the jobs ran: the first one pays for starting the first worker.
     runs.sort(key=lambda run: run.info.start_time)
     return [dict(run.data.metrics) for run in runs], wall

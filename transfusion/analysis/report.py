@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -150,6 +151,29 @@ def analyze_records(
         result.sections.append(("First-layer filters", text, ["filters_conv1.png"]))
     result.decompositions = cache.decompositions
     return result
+
+
+def code_version_notes(records: list[JobRecord]) -> list[str]:
+    """The report summary's lines on the code its runs came from, with a warning per cell that mixes versions.
+
+    A cell's seeds trained by different code versions may differ by more than seed noise
+    (a changed default, a fixed bug); runs that recorded no version count as ``unrecorded``.
+    """
+    if not records:
+        return []
+    counts = Counter(r.code_version or "unrecorded" for r in records)
+    listed = ", ".join(f"{version} ({n} run{'s' if n != 1 else ''})" for version, n in sorted(counts.items()))
+    notes = [f"Code version{'s' if len(counts) > 1 else ''} of these runs: {listed}."]
+    by_cell: dict[tuple[str, str, str], set[str]] = {}
+    for record in records:
+        by_cell.setdefault(record.cell, set()).add(record.code_version or "unrecorded")
+    mixed = {cell: versions for cell, versions in by_cell.items() if len(versions) > 1}
+    for (model, init, size), versions in sorted(mixed.items()):
+        notes.append(
+            f"Warning: cell {model} / {init} / {size} mixes code versions {', '.join(sorted(versions))}: "
+            "its spread over seeds may include code changes (retrain it with --retrain to make it one version)."
+        )
+    return notes
 
 
 def write_report(outputs: AnalysisOutputs, *, title: str, notes: list[str] | None = None) -> tuple[Path, Path]:

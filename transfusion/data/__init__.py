@@ -44,6 +44,26 @@ Preparer = Callable[[PrepareRequest, Path], PreparedDataset]
 DATASETS: Registry[Preparer] = Registry("dataset")
 
 
+@dataclass(frozen=True)
+class DatasetVersion:
+    """A dataset's version key as preparing it would give it, found without decoding an image.
+
+    Attributes:
+        version: the prepared set's ``meta["version"]``: it changes whenever its images or labels do.
+        train_images: the training pool's size where known without preparing (a procedural
+            set's parameters, or a set already prepared); None otherwise.
+    """
+
+    version: str
+    train_images: int | None = None
+
+
+# Datasets whose version is cheap: from a generator's parameters, or a source's listing and
+# index fingerprints. A dataset without one is prepared to read its version.
+Versioner = Callable[[PrepareRequest, Path], DatasetVersion]
+DATASET_VERSIONS: Registry[Versioner] = Registry("dataset version")
+
+
 def list_datasets() -> list[str]:
     return DATASETS.names()
 
@@ -65,6 +85,30 @@ def prepare_dataset(
     return preparer(request, data_root)
 
 
+def dataset_version(
+    name: str,
+    *,
+    source: str | None = None,
+    resolution: int,
+    options: dict | None = None,
+    home: Path | None = None,
+) -> DatasetVersion:
+    """The version :func:`prepare_dataset` would give this dataset, without reading its images.
+
+    A procedural set's version comes from its generator's parameters; a source-backed
+    set's from the source's identity (an S3 prefix's listing, as mirrored) and its index
+    files' fingerprints -- the same key the preparer computes before it decodes.
+    """
+    DATASETS.get(name)  # an unknown name lists the valid ones
+    if name not in DATASET_VERSIONS:
+        prepared = prepare_dataset(name, source=source, resolution=resolution, options=options, home=home)
+        return DatasetVersion(str(prepared.meta["version"]), len(prepared.indices("train")))
+    if resolution < 8:
+        raise ValueError(f"resolution must be >= 8 pixels, got {resolution}")
+    request = PrepareRequest(name, source, resolution, tuple(sorted((options or {}).items())))
+    return DATASET_VERSIONS.get(name)(request, (home or transfusion_home()) / "data" / name)
+
+
 # Importing the preparer modules registers them.
 from transfusion.data import (  # noqa: E402,F401
     chexpert,
@@ -78,9 +122,12 @@ from transfusion.data import (  # noqa: E402,F401
 
 __all__ = [
     "DATASETS",
+    "DATASET_VERSIONS",
+    "DatasetVersion",
     "PrepareRequest",
     "PreparedDataset",
     "PreparedDatasetWriter",
+    "dataset_version",
     "list_datasets",
     "prepare_dataset",
     "stratified_order",

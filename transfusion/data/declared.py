@@ -12,6 +12,7 @@ twice are refused by :class:`ImageListing`, which every file-backed reader lists
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from transfusion.data import DATASETS, RUNTIME_OPTIONS, PrepareRequest, imaging
+from transfusion.data import DATASET_VERSIONS, DATASETS, RUNTIME_OPTIONS, DatasetVersion, PrepareRequest, imaging
 from transfusion.data.build import (
     DatasetOptions,
     FirstListing,
@@ -128,8 +129,12 @@ class DatasetDeclaration:
         def prepare(request: PrepareRequest, data_root: Path) -> PreparedDataset:
             return prepare_declared(self, request, data_root)
 
+        def version(request: PrepareRequest, data_root: Path) -> DatasetVersion:
+            return declared_version(self, request, data_root)
+
         prepare.__doc__ = doc
         DATASETS.register(name)(prepare)
+        DATASET_VERSIONS.register(name)(version)
 
 
 def _open_declared_source(declaration: DatasetDeclaration, request: PrepareRequest, data_root: Path) -> DataSource:
@@ -168,8 +173,19 @@ def _as_labelled_images(rows: LabelledImageSet, *, resolution: int) -> LabelledI
     )
 
 
-def prepare_declared(declaration: DatasetDeclaration, request: PrepareRequest, data_root: Path) -> PreparedDataset:
-    """Prepares (or opens, if prepared) the dataset ``declaration`` describes for ``request``."""
+@dataclass(frozen=True)
+class _Keyed:
+    """A declared dataset's version key with what computing it read (the source, its options)."""
+
+    key: str
+    given: DeclaredSource
+    typed: Any
+    skip_bad: bool
+    workers: int
+
+
+def _declared_key(declaration: DatasetDeclaration, request: PrepareRequest, data_root: Path) -> _Keyed:
+    """The version key: recipe, source identity, options and index fingerprints -- no image read."""
     options = DatasetOptions(request, declaration.options + RUNTIME_OPTIONS)
     source = _open_declared_source(declaration, request, data_root)
     given = DeclaredSource(request.name, source, options, request.resolution)
@@ -178,6 +194,22 @@ def prepare_declared(declaration: DatasetDeclaration, request: PrepareRequest, d
     workers = options.integer("workers", 2, low=1)
     parts = {"recipe": declaration.recipe, "source": source.identity, "options": options.key_part()}
     key = version_key(resolution=request.resolution, parts={**parts, **declaration.index(given, typed)})
+    return _Keyed(key, given, typed, skip_bad, workers)
+
+
+def declared_version(declaration: DatasetDeclaration, request: PrepareRequest, data_root: Path) -> DatasetVersion:
+    """The version preparing would give, and the training pool's size if the set is prepared already."""
+    keyed = _declared_key(declaration, request, data_root)
+    meta = data_root / keyed.key / "meta.json"
+    train = json.loads(meta.read_text()).get("counts", {}).get("train") if meta.is_file() else None
+    return DatasetVersion(keyed.key, None if train is None else int(train))
+
+
+def prepare_declared(declaration: DatasetDeclaration, request: PrepareRequest, data_root: Path) -> PreparedDataset:
+    """Prepares (or opens, if prepared) the dataset ``declaration`` describes for ``request``."""
+    keyed = _declared_key(declaration, request, data_root)
+    key, given, typed, skip_bad, workers = keyed.key, keyed.given, keyed.typed, keyed.skip_bad, keyed.workers
+    source, options = given.source, given.options
     root = data_root / key
     # Arrays cannot hold a bad file: a set prepared from them opens whatever skip_bad says.
     found = open_if_prepared(root, skip_bad=skip_bad or not declaration.decodes_files)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfusion.data import DATASETS, RUNTIME_OPTIONS, PrepareRequest
+from transfusion.data import DATASET_VERSIONS, DATASETS, RUNTIME_OPTIONS, DatasetVersion, PrepareRequest
 from transfusion.data.prepared import PreparedDataset, PreparedDatasetWriter
 from transfusion.data.summary import label_summary
 
@@ -38,8 +38,8 @@ class ProceduralSet:
     labels_are_grades: bool = True
 
 
-def prepare_procedural(spec: ProceduralSet, request: PrepareRequest, data_root: Path) -> PreparedDataset:
-    """Generates (once) and opens the procedural dataset ``spec`` for ``request``."""
+def procedural_version(spec: ProceduralSet, request: PrepareRequest) -> tuple[str, dict[str, int]]:
+    """The version key of ``spec`` for ``request`` and its sizes and seed: its generator's parameters."""
     if request.source not in (None, "", "synthetic"):
         raise ValueError(f"dataset {request.name!r} takes no source, got {request.source!r}")
     unknown = sorted(set(dict(request.options)) - {*spec.defaults, *RUNTIME_OPTIONS})
@@ -52,6 +52,12 @@ def prepare_procedural(spec: ProceduralSet, request: PrepareRequest, data_root: 
         if sizes[split] < 1:
             raise ValueError(f"{request.name} {split} size must be >= 1, got {sizes[split]}")
     key = f"v{spec.version}-r{request.resolution}-seed{sizes['seed']}-{sizes['train']}-{sizes['val']}-{sizes['test']}"
+    return key, sizes
+
+
+def prepare_procedural(spec: ProceduralSet, request: PrepareRequest, data_root: Path) -> PreparedDataset:
+    """Generates (once) and opens the procedural dataset ``spec`` for ``request``."""
+    key, sizes = procedural_version(spec, request)
     root = data_root / key
     if (root / "meta.json").is_file():
         return PreparedDataset.open(root)
@@ -99,8 +105,13 @@ def _register(name: str, spec_factory: Callable[[], ProceduralSet], doc: str) ->
     def prepare(request: PrepareRequest, data_root: Path) -> PreparedDataset:
         return prepare_procedural(spec_factory(), request, data_root)
 
+    def version(request: PrepareRequest, data_root: Path) -> DatasetVersion:
+        key, sizes = procedural_version(spec_factory(), request)
+        return DatasetVersion(key, sizes["train"])  # the generator makes exactly this many
+
     prepare.__doc__ = doc
     DATASETS.register(name)(prepare)
+    DATASET_VERSIONS.register(name)(version)
 
 
 def synthetic_retina_set() -> ProceduralSet:

@@ -18,6 +18,7 @@ from transfusion.analysis.tables import ResultRow, plot_results, results_table, 
 from transfusion.analysis.transfer_effect import transfer_effect_metrics
 from transfusion.config import GridSpec
 from transfusion.data import transfusion_home
+from transfusion.grid_status import missing_jobs_line
 from transfusion.pretrained import WEAK
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,9 @@ def analyze_grid_task(
     directory = Path(out) if out else transfusion_home() / "reports" / grid.name
     convergence = convergence_settings(grid)
     outputs = analyze_records(records, directory, grid_name=grid.name, dataset=grid.dataset, convergence=convergence)
+    missing = missing_jobs_line(grid.jobs(), {record.job_key for record in records})
     notes = [
+        *([missing] if missing else []),  # first: a reader must know before reading any table
         f"{len(records)} finished runs of {len(grid.jobs())} jobs; dataset {grid.dataset}.",
         f"Convergence threshold: {convergence.describe()}.",
         "Test metrics at: " + ("the step of best validation AUC (select: best-val)" if grid.train.select == "best-val"

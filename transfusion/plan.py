@@ -226,7 +226,10 @@ def node_cache_estimate(grid: GridSpec, home: Path | None) -> tuple[int | None, 
                 continue
             if array.ndim == 4 and array.shape[1] == grid.train.resolution:
                 return int(array.nbytes), f"{array.shape[0]} prepared images at {array.shape[1]} px"
-    return None, f"unknown until the dataset is prepared ({per_image / 1e6:.2f} MB per RGB image at {grid.train.resolution} px)"
+    return (
+        None,
+        f"unknown until the dataset is prepared ({per_image / 1e6:.2f} MB per RGB image at {grid.train.resolution} px)",
+    )
 
 
 def plan_grid(
@@ -247,7 +250,9 @@ def plan_grid(
     t = grid.train
     needed = {(m, t.resolution) for m in grid.models} | {(m.model, m.resolution) for m in MEASURED}
     costs = {
-        (model, res): model_cost(model, resolution=res, probe_size=t.probe_size, rows_per_channel=t.probe_rows_per_channel)
+        (model, res): model_cost(
+            model, resolution=res, probe_size=t.probe_size, rows_per_channel=t.probe_rows_per_channel
+        )
         for model, res in sorted(needed)
     }
     jobs = []
@@ -298,7 +303,11 @@ def format_plan(plan: GridPlan) -> str:
 
     grid, device = plan.grid, plan.device
     unit = "card" if device.is_gpu else "core"
-    lines = [f"Plan of grid {grid.name} on {device.name}: {device.description}", "", "Resolved grid (every default filled in):"]
+    lines = [
+        f"Plan of grid {grid.name} on {device.name}: {device.description}",
+        "",
+        "Resolved grid (every default filled in):",
+    ]
     resolved = yaml.safe_dump(grid.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=110)
     lines += ["  " + line for line in resolved.rstrip().splitlines()]
     lines.append("")
@@ -307,7 +316,9 @@ def format_plan(plan: GridPlan) -> str:
         lines.append(f"Jobs: {total} in total; finished: unknown ({plan.status_note or 'no tracking server'})")
     else:
         done = plan.status.count(JobState.FINISHED)
-        lines.append(f"Jobs: {total} in total, {done} already finished, {total - done} pending ({plan.status.counts_line})")
+        lines.append(
+            f"Jobs: {total} in total, {done} already finished, {total - done} pending ({plan.status.counts_line})"
+        )
         reasons: dict[str, int] = {}
         for job in plan.status.jobs:
             if job.state is not JobState.FINISHED:
@@ -335,7 +346,11 @@ def format_plan(plan: GridPlan) -> str:
         f"{pending_hours:.1f} for the {len(pending)} "
         + ("pending" if plan.status is not None else "(finished unknown)")
         + " jobs"
-        + ("" if all(j.throughput.measured for j in plan.jobs) else "; rows marked assumed were not measured on this device"),
+        + (
+            ""
+            if all(j.throughput.measured for j in plan.jobs)
+            else "; rows marked assumed were not measured on this device"
+        ),
         f"Price: ${plan.price:,.0f} for all jobs, ${pending_hours * plan.price_per_hour:,.0f} for those pending, "
         f"at ${plan.price_per_hour:.2f} per {unit}-hour ("
         + ("--price-per-hour" if plan.price_overridden else "default list price; --price-per-hour overrides")

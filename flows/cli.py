@@ -340,8 +340,9 @@ def threshold_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def command_analyze(args: argparse.Namespace) -> int:
-    from flows.plan_cli import grid_from_args, tracking_store
+    from flows.plan_cli import check_grid_arguments, grid_from_args, tracking_store
 
+    check_grid_arguments(args)
     out = str(writable_directory(args.out)) if getattr(args, "out", None) else None
     check_services(with_compute=False)
     from flows.grid import transfusion

@@ -59,15 +59,23 @@ def tracking_store(*, required: bool) -> Iterator[TrackingStore]:
         yield TrackingStore(uri)
 
 
+def check_grid_arguments(args: argparse.Namespace) -> None:
+    """GRID (with ``--set``/``--name``) or ``--run-id``: exactly one, refused before any store is opened."""
+    if getattr(args, "run_id", None):
+        if args.grid or args.set or getattr(args, "name", None):
+            raise ValueError("--run-id names the grid already: give it without GRID, --set or --name")
+    elif not args.grid:
+        raise ValueError("name a grid (a preset or a grid file) or a parent run with --run-id")
+
+
 def grid_from_args(args: argparse.Namespace, *, store: TrackingStore | None = None, extra: list[str] | None = None):
     """The grid a command names: ``--run-id`` (its parent run's grid) or GRID with ``--set``/``--name``."""
     from flows.cli import load_grid_with_overrides
     from transfusion.config import load_grid
 
+    check_grid_arguments(args)
     run_id = getattr(args, "run_id", None)
     if run_id:
-        if args.grid or args.set or getattr(args, "name", None):
-            raise ValueError("--run-id names the grid already: give it without GRID, --set or --name")
         if store is None or store.uri is None:
             raise ValueError(f"--run-id {run_id}: no tracking store to read it from ({store.note if store else ''})")
         from transfusion.tracking import grid_of_run
@@ -76,8 +84,6 @@ def grid_from_args(args: argparse.Namespace, *, store: TrackingStore | None = No
         if extra:
             grid = load_grid_with_overrides(grid.model_dump(mode="json"), extra, name=grid.name, announce=False)
         return grid
-    if not args.grid:
-        raise ValueError("name a grid (a preset or a grid file) or a parent run with --run-id")
     return load_grid_with_overrides(args.grid, args.set + (extra or []), name=getattr(args, "name", None))
 
 
@@ -122,6 +128,7 @@ def print_plan(grid, *, device: str | None, price_per_hour: float | None) -> Non
 
 
 def command_plan(args: argparse.Namespace) -> int:
+    check_grid_arguments(args)
     with tracking_store(required=False) if args.run_id else contextlib.nullcontext() as store:
         grid = grid_from_args(args, store=store)
     warn_gpus_left_idle(grid)
@@ -133,6 +140,7 @@ def command_status(args: argparse.Namespace) -> int:
     from transfusion.grid_status import JobState
     from transfusion.plan import since
 
+    check_grid_arguments(args)
     with tracking_store(required=True) as store:
         grid = grid_from_args(args, store=store)
         status = grid_status_from(grid, store)
@@ -178,6 +186,7 @@ def command_export(args: argparse.Namespace) -> int:
 
     if args.format == "parquet" and not parquet_available():
         raise ValueError("--format parquet needs pyarrow, which is not installed here; use --format csv")
+    check_grid_arguments(args)
     out = export_path(args.out, args.format)
     with tracking_store(required=True) as store:
         grid = grid_from_args(args, store=store)

@@ -161,15 +161,16 @@ def tracked_smoke(mlflow_server, monkeypatch):
     from transfusion import tracking
 
     grid = load_grid({**SMOKE.model_dump(mode="json"), "name": f"smoke-tracked-{id(monkeypatch)}"})
-    experiment = tracking.ensure_experiment(grid.name)
+    parent = tracking.open_grid_run(grid)
+    experiment = parent.experiment_id
     done, broken = grid.jobs()
-    run_id = tracking.create_job_run(done, experiment_id=experiment, parent_run_id=None)
+    run_id = tracking.create_job_run(done, experiment_id=experiment, parent_run_id=parent.run_id)
     tracking.log_metrics(run_id, {"test/auc": 0.9, tracking.DEVICE_SECONDS: 7200.0}, step=6)
     tracking.end_run(run_id, "FINISHED")
-    failed = tracking.create_job_run(broken, experiment_id=experiment, parent_run_id=None)
+    failed = tracking.create_job_run(broken, experiment_id=experiment, parent_run_id=parent.run_id)
     tracking.end_run(failed, "FAILED", reason="ValueError: NaN loss at step 3")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    return grid, done, broken
+    return grid, done, broken, parent
 
 
 def _grid_file(tmp_path, grid) -> str:
@@ -181,7 +182,7 @@ def _grid_file(tmp_path, grid) -> str:
 
 
 def test_status_lists_finished_and_failed_jobs_with_reasons(tracked_smoke, tmp_path, capsys):
-    grid, done, broken = tracked_smoke
+    grid, done, broken, _ = tracked_smoke
     assert main(["status", _grid_file(tmp_path, grid)]) == 0
     out = capsys.readouterr().out
     assert "2 jobs: 1 finished, 0 running, 1 failed, 0 pending" in out
@@ -192,7 +193,7 @@ def test_status_lists_finished_and_failed_jobs_with_reasons(tracked_smoke, tmp_p
 def test_plan_of_a_tracked_grid_counts_finished_and_sets_the_estimate_beside_what_was_spent(
     tracked_smoke, tmp_path, capsys
 ):
-    grid, _, broken = tracked_smoke
+    grid, _, broken, _ = tracked_smoke
     assert main(["plan", _grid_file(tmp_path, grid), "--gpu", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "Jobs: 2 in total, 1 already finished, 1 pending" in out
@@ -203,7 +204,7 @@ def test_plan_of_a_tracked_grid_counts_finished_and_sets_the_estimate_beside_wha
 def test_export_writes_one_row_per_run_with_identity_metrics_and_tags(tracked_smoke, tmp_path, capsys):
     import pandas as pd
 
-    grid, done, _ = tracked_smoke
+    grid, done, _, _ = tracked_smoke
     ref = _grid_file(tmp_path, grid)
     for fmt, read in (("csv", pd.read_csv), ("parquet", pd.read_parquet)):
         out = tmp_path / f"runs.{fmt}"
@@ -224,7 +225,7 @@ def test_a_scheduled_run_of_a_finished_grid_ends_with_one_line(tracked_smoke):
     from transfusion import tracking
     from transfusion.grid_status import grid_status as status_of
 
-    grid, _, broken = tracked_smoke
+    grid, _, broken, _ = tracked_smoke
     assert unchanged_since_task.fn(grid) is None  # one job failed: there is work to do
     experiment = tracking.experiment_id_for(grid.name)
     run_id = tracking.create_job_run(broken, experiment_id=experiment, parent_run_id=None)
@@ -232,3 +233,12 @@ def test_a_scheduled_run_of_a_finished_grid_ends_with_one_line(tracked_smoke):
     line = unchanged_since_task.fn(grid)
     assert re.fullmatch(r"0 pending: nothing changed since \d{4}-\d\d-\d\d \d\d:\d\d UTC", line), line
     assert status_of(grid.name, grid.jobs(), tracking.grid_job_runs(grid.name)).count(JobState.FINISHED) == 2
+
+
+def test_run_id_names_the_grid_its_parent_run_was_opened_for(tracked_smoke, capsys):
+    grid, done, _, parent = tracked_smoke
+    assert main(["status", "--run-id", parent.run_id]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Grid {grid.name} (") and "1 finished" in out
+    assert main(["status", "--run-id", done.job_key]) == 2  # not a run id
+    assert "no such run" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 
@@ -13,6 +14,8 @@ from transfusion import tracking
 from transfusion.analysis.records import JobRecord
 from transfusion.analysis.tables import ResultRow
 from transfusion.config import GridSpec
+
+log = logging.getLogger(__name__)
 
 
 def artifact_key(grid: str, what: str) -> str:
@@ -77,8 +80,12 @@ def publish_plan_artifact_task(grid: GridSpec) -> None:
     from transfusion.grid_status import grid_status
     from transfusion.plan import format_plan, local_device, plan_grid, plan_rows
 
-    status = grid_status(grid.name, grid.jobs(), tracking.grid_job_runs(grid.name))
-    plan = plan_grid(grid, device=local_device(), status=status)
+    try:
+        status = grid_status(grid.name, grid.jobs(), tracking.grid_job_runs(grid.name))
+        plan = plan_grid(grid, device=local_device(), status=status)
+    except Exception as exc:  # the plan informs; a model it cannot cost must not stop the grid
+        log.warning("no plan artifact for grid %s: %s", grid.name, exc)
+        return
     total = format_plan(plan).splitlines()
     summary = " ".join(line for line in total if line.startswith(("Estimate:", "Price:")))
     create_table_artifact(

@@ -8,6 +8,7 @@ scheduled no-op read exactly what a trained grid leaves, without training one.
 from __future__ import annotations
 
 import re
+import uuid
 
 import pytest
 
@@ -160,7 +161,7 @@ def tracked_smoke(mlflow_server, monkeypatch):
     """The smoke grid's two jobs in MLflow: one FINISHED (with time/device_s), one FAILED."""
     from transfusion import tracking
 
-    grid = load_grid({**SMOKE.model_dump(mode="json"), "name": f"smoke-tracked-{id(monkeypatch)}"})
+    grid = load_grid({**SMOKE.model_dump(mode="json"), "name": f"smoke-tracked-{uuid.uuid4().hex[:8]}"})
     parent = tracking.open_grid_run(grid)
     experiment = parent.experiment_id
     done, broken = grid.jobs()

@@ -243,3 +243,13 @@ def test_run_id_names_the_grid_its_parent_run_was_opened_for(tracked_smoke, caps
     assert out.startswith(f"Grid {grid.name} (") and "1 finished" in out
     assert main(["status", "--run-id", done.job_key]) == 2  # not a run id
     assert "no such run" in capsys.readouterr().err
+
+
+def test_a_job_holds_its_gpus_or_else_its_cpus_times_its_workers():
+    from tasks.training import devices_held
+
+    def spec(**train):
+        return JobSpec.model_validate({**SPEC.model_dump(), "train": {**SPEC.train.model_dump(), **train}})
+
+    assert devices_held(spec(gpus_per_job=0, cpus_per_job=4, num_workers=2)) == 8
+    assert devices_held(spec(gpus_per_job=0.5, cpus_per_job=4, num_workers=2)) == 1.0

@@ -184,7 +184,7 @@ def load_grid_with_overrides(ref: str, overrides: list[str], *, name: str | None
 
     A variant is named ``<name>+<hash of the overrides>`` (:func:`transfusion.config.variant_name`)
     unless ``name`` (``--name``) is given, so it never mixes its runs with its base grid's;
-    ``announce`` prints the name it got on stderr.
+    ``announce`` prints the name it got.
     """
     from transfusion.config import GridSpec, load_grid, variant_name
 
@@ -196,7 +196,8 @@ def load_grid_with_overrides(ref: str, overrides: list[str], *, name: str | None
         grid = load_grid({**grid.model_dump(mode="json"), "name": chosen})
         if announce:
             how = "--name" if name else f"variant of {ref} with " + " ".join(overrides)
-            print(f"grid {chosen} ({how})", file=sys.stderr, flush=True)
+            # stdout: stderr is kept for progress and for the one line of an error found later.
+            print(f"grid {chosen} ({how})", flush=True)
     return GridSpec.model_validate(grid.model_dump(mode="json"))
 
 

@@ -3,7 +3,9 @@
 transfusion list                                    # presets (with job counts), models, inits, datasets
 transfusion run demo                                # a preset grid, on this machine
 transfusion run examples/folder.yaml                # your data: start from a file in examples/
-transfusion run my-grid.yaml --set train.steps=500  # any grid field, overridden
+transfusion run my-grid.yaml --set train.steps=500  # a variant of a grid: runs as my-grid+<hash>
+transfusion plan full-grid --gpu a100               # jobs, FLOPs, hours, disk and price; starts nothing
+transfusion status demo                             # finished / running / pending / failed jobs
 transfusion ui                                      # the MLflow UI on the last grid's runs
 """
 
@@ -68,6 +70,23 @@ def configure_logging(*, verbose: bool) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def parse_overrides(overrides: list[str]) -> dict[str, object]:
+    """``train.steps=10`` style overrides as {dotted key: value} (values parsed as YAML; the last one of a key wins)."""
+    parsed: dict[str, object] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ValueError(f"--set expects KEY=VALUE with KEY like train.steps, got {item!r}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {item}: {raw!r} is not a valid YAML value (quote text with ':' or '[')") from None
+        parsed.pop(".".join(parts), None)
+        parsed[".".join(parts)] = value
+    return parsed
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """``train.steps=10`` style overrides onto a grid mapping (values parsed as YAML).
 
@@ -79,15 +98,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     list_fields = grid_list_fields()
     data = dict(data)
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
+        ((key, value),) = parse_overrides([item]).items()  # the same one-line errors, in the order given
         parts = key.split(".")
-        if not sep or not all(parts):
-            raise ValueError(f"--set expects KEY=VALUE with KEY like train.steps, got {item!r}")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise ValueError(f"--set {item}: {raw!r} is not a valid YAML value (quote text with ':' or '[')") from None
         target = data
         for depth, part in enumerate(parts[:-1], start=1):
             inner = target.get(part)
@@ -181,12 +193,25 @@ def check_services(*, with_compute: bool) -> None:
         check_ray_address()
 
 
-def load_grid_with_overrides(ref: str, overrides: list[str]):
-    from transfusion.config import GridSpec, load_grid
+def load_grid_with_overrides(ref: str, overrides: list[str], *, name: str | None = None, announce: bool = True):
+    """The grid ``ref`` with ``--set`` overrides; overrides that change what is trained make a variant.
+
+    A variant is named ``<name>+<hash of the overrides>`` (:func:`transfusion.config.variant_name`)
+    unless ``name`` (``--name``) is given, so it never mixes its runs with its base grid's;
+    ``announce`` prints the name it got.
+    """
+    from transfusion.config import GridSpec, load_grid, variant_name
 
     grid = load_grid(ref)
     if overrides:
         grid = load_grid(apply_overrides(grid.model_dump(mode="json"), overrides))
+    chosen = name or variant_name(grid.name, parse_overrides(overrides))
+    if chosen != grid.name:
+        grid = load_grid({**grid.model_dump(mode="json"), "name": chosen})
+        if announce:
+            how = "--name" if name else f"variant of {ref} with " + " ".join(overrides)
+            # stdout: stderr is kept for progress and for the one line of an error found later.
+            print(f"grid {chosen} ({how})", flush=True)
     return GridSpec.model_validate(grid.model_dump(mode="json"))
 
 
@@ -263,9 +288,15 @@ def command_run(args: argparse.Namespace) -> int:
     from transfusion.identity import RetrainFilter
     from transfusion.preflight import check_pretrained_sources
 
-    grid = load_grid_with_overrides(args.grid, args.set)
+    grid = load_grid_with_overrides(args.grid, args.set, name=getattr(args, "name", None))
     retrain = getattr(args, "retrain", None)
     RetrainFilter.parse(retrain)  # a bad filter is one line, before anything starts
+    if getattr(args, "dry_run", False):
+        from flows.plan_cli import print_plan, warn_gpus_left_idle
+
+        warn_gpus_left_idle(grid)
+        print_plan(grid, device=None, price_per_hour=None)
+        return 0
     check_services(with_compute=True)
     check_pretrained_sources(grid.sources)  # a missing weights file, before any service starts
     # Check the data sizes before any service starts: from the data's version where it
@@ -330,12 +361,23 @@ def threshold_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def command_analyze(args: argparse.Namespace) -> int:
-    grid = load_grid_with_overrides(args.grid, args.set + threshold_overrides(args))
+    from flows.plan_cli import check_grid_arguments, grid_from_args, tracking_store
+
+    check_grid_arguments(args)
     out = str(writable_directory(args.out)) if getattr(args, "out", None) else None
     check_services(with_compute=False)
     from flows.grid import transfusion
 
-    summary = transfusion(grid, stage="analysis", report_dir=out)
+    if getattr(args, "run_id", None):
+        # The parent run names the grid; the store it is read from serves the analysis too.
+        with tracking_store(required=True) as store:
+            grid = grid_from_args(args, store=store, extra=threshold_overrides(args))
+            summary = transfusion(grid, stage="analysis", report_dir=out)
+    else:
+        grid = grid_from_args(args, extra=threshold_overrides(args))
+        summary = transfusion(grid, stage="analysis", report_dir=out)
+    if summary.missing_line:
+        print(summary.missing_line)
     console = table_console()
     print_markdown_tables(summary.table_markdown, console)
     if summary.transfer_markdown:
@@ -557,6 +599,8 @@ def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flows.plan_cli import add_name_argument, add_run_id_argument
+
     parser = OneLineErrorParser(
         prog="transfusion", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -575,6 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="train matching jobs again though they finished (FILTER e.g. model=cbr-tiny,init=random; "
         "fields model, init, data_size, seed, source; none: every job); the old runs are kept, tagged superseded_by",
     )
+    run.add_argument(
+        "--dry-run", action="store_true", help="print the plan (as transfusion plan) and exit, starting nothing"
+    )
+    add_name_argument(run)
     run.set_defaults(func=command_run)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on the local store")
@@ -584,15 +632,19 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(func=command_ui)
 
     ana = sub.add_parser("analyze", help="re-run the analyses of a trained grid from its stored artifacts")
-    ana.add_argument("grid", help="the trained grid: preset name or grid file, as given to run")
+    ana.add_argument("grid", nargs="?", help="the trained grid as given to run: preset name or grid file (or --run-id)")
     ana.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    add_name_argument(ana)
+    add_run_id_argument(ana)
     add_threshold_arguments(ana)
     ana.set_defaults(func=command_analyze)
 
     rep = sub.add_parser("report", help="write a trained grid's report (Markdown + self-contained HTML)")
-    rep.add_argument("grid", help="the trained grid: preset name or grid file, as given to run")
+    rep.add_argument("grid", nargs="?", help="the trained grid as given to run: preset name or grid file (or --run-id)")
     rep.add_argument("--out", required=True, help="directory for report.md, report.html, tables and figures")
     rep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    add_name_argument(rep)
+    add_run_id_argument(rep)
     add_threshold_arguments(rep)
     rep.set_defaults(func=command_analyze)
 
@@ -619,10 +671,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=command_pretrain)
 
     from flows.data_cli import add_data_commands
+    from flows.plan_cli import add_plan_commands
     from flows.stack import add_stack_commands
 
     add_stack_commands(sub)
     add_data_commands(sub)
+    add_plan_commands(sub)
 
     lst = sub.add_parser("list", help="list presets (with job counts), models, inits, datasets and pretrained sources")
     lst.add_argument("--json", action="store_true", help="print the same as one JSON object")
@@ -680,7 +734,7 @@ def _quiet_orchestration_logs(verbose: bool) -> None:
 # Kubernetes' default grace period is 30 s: what a clean stop has not done by then, a forced one does.
 INTERRUPT_GRACE_S = 25.0
 # Commands whose interrupt leaves MLflow runs to continue.
-COMMANDS_WITH_RUNS = frozenset({"run", "pretrain", "analyze", "report"})
+COMMANDS_WITH_RUNS = frozenset({"run", "pretrain", "analyze", "report"})  # not plan/status/export: they only read
 
 
 class SignalShutdown:

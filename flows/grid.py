@@ -17,6 +17,7 @@ from prefect import flow
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.plan_cli import warn_gpus_left_idle
 from flows.runtime import tracking_service
 from tasks.analysis import (
     analyze_grid_task,
@@ -25,7 +26,7 @@ from tasks.analysis import (
     results_table_task,
     seed_similarity_task,
 )
-from tasks.artifacts import publish_results_artifacts_task
+from tasks.artifacts import publish_plan_artifact_task, publish_results_artifacts_task
 from tasks.pretraining import resolve_pretrained_task
 from tasks.progress import GridProgressArtifact, job_label, watch_grid
 from tasks.training import (
@@ -33,6 +34,7 @@ from tasks.training import (
     clear_interrupt,
     end_failed_run,
     finish_grid_run_task,
+    identified_jobs,
     identify_jobs_task,
     interrupt_of,
     interrupt_open_runs,
@@ -45,11 +47,13 @@ from tasks.training import (
     start_compute_task,
     stop_compute_task,
     train_job_task,
+    unchanged_since_task,
 )
 from transfusion.analysis.tables import ResultRow, to_markdown
 from transfusion.config import GridSpec, JobSpec, PresetName, load_grid
 from transfusion.data import transfusion_home
 from transfusion.errors import first_line
+from transfusion.grid_status import missing_jobs_line
 from transfusion.identity import RetrainFilter
 
 if TYPE_CHECKING:
@@ -77,6 +81,8 @@ class GridSummary:
     pretrained: dict[str, str] = field(default_factory=dict)
     report_dir: str | None = None
     transfer_markdown: str = ""  # "Does transfer help?" as the report shows it
+    missing_line: str = ""  # which jobs the analysis lacks, when it lacks any
+    result_line: str = ""  # a run that did nothing says so in one line
 
 
 def _progress(text: str) -> None:
@@ -129,6 +135,8 @@ def _train_jobs(
             f"grid {grid.name}: {len(jobs)} jobs, {pending} to train, up to {max(slots, 1)} at a time; "
             f"tracking at {summary.tracking_uri}"
         )
+        if pending:
+            publish_plan_artifact_task(grid)
         futures = [
             train_job_task.with_options(**job_task_options(spec)).submit(
                 spec,
@@ -186,18 +194,40 @@ def stop_jobs_for_interrupt(exc: BaseException) -> None:
         log.debug("could not close the job pools", exc_info=True)
 
 
+# Prefect tags the runs its scheduler creates with this.
+AUTO_SCHEDULED_TAG = "auto-scheduled"
+
+
+def _scheduled_run() -> bool:
+    from prefect.runtime import flow_run
+
+    return AUTO_SCHEDULED_TAG in (flow_run.tags or [])
+
+
 @flow(name="transfusion", task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=False)
 def transfusion(
-    grid: GridSpec | PresetName, stage: Stage = "all", report_dir: str | None = None, retrain: str | None = None
+    grid: GridSpec | PresetName,
+    stage: Stage = "all",
+    report_dir: str | None = None,
+    retrain: str | None = None,
+    only_if_pending: bool | None = None,
 ) -> GridSummary:
     """Trains every job of ``grid`` (skipping finished ones), then analyses the grid.
 
     ``retrain``: a filter (``model=cbr-tiny,init=random``; empty: every job) of jobs to
     train again even though a finished run counts for them; the runs they replace are
-    kept and tagged ``superseded_by``.
+    kept and tagged ``superseded_by``. ``only_if_pending``: with no job pending, end at
+    once with a one-line result instead of re-analysing an unchanged grid; None (the
+    default) does so for runs a schedule started.
     """
     grid = load_grid(grid)
+    warn_gpus_left_idle(grid)
     with tracking_service(transfusion_home()) as tracking_uri:
+        if stage == "all" and (_scheduled_run() if only_if_pending is None else only_if_pending):
+            unchanged = unchanged_since_task(grid)
+            if unchanged is not None:
+                _progress(unchanged)
+                return GridSummary(grid.name, tracking_uri, "", "", result_line=unchanged)
         preflight_task(grid)
         if stage == "analysis":
             require_trained_task(grid)
@@ -208,12 +238,14 @@ def transfusion(
             if stage in ("all", "train", "pretrain"):
                 outcomes, jobs = _train_jobs(grid, grid_run, stage, summary, retrain)
             if stage in ("all", "analysis"):
+                jobs = jobs if jobs is not None else identified_jobs(grid)  # the keys finished runs carry
                 records = collect_records_task(grid, jobs=jobs)
                 summary.rows = results_table_task(grid, grid_run, records)
                 summary.table_markdown = to_markdown(summary.rows)
                 publish_results_artifacts_task(grid.name, summary.rows, records, tracking_uri, grid_run)
                 summary.similarity_markdown = seed_similarity_task(grid, grid_run, records)
-                summary.report_dir = analyze_grid_task(grid, grid_run, records, report_dir)
+                summary.report_dir = analyze_grid_task(grid, grid_run, records, report_dir, jobs=jobs)
+                summary.missing_line = missing_jobs_line(jobs, {r.job_key for r in records}) or ""
                 transfer = Path(summary.report_dir) / "transfer_effect.md"
                 which = Path(summary.report_dir) / "which_source.md"  # grids over several sources
                 summary.transfer_markdown = "\n".join(f.read_text() for f in (transfer, which) if f.is_file())

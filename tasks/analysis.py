@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prefect import task
 
+from tasks.training import identified_jobs
 from transfusion import tracking
 from transfusion.analysis.convergence import ConvergenceSettings
 from transfusion.analysis.records import JobRecord
@@ -18,6 +19,7 @@ from transfusion.analysis.tables import ResultRow, plot_results, results_table, 
 from transfusion.analysis.transfer_effect import transfer_effect_metrics
 from transfusion.config import GridSpec, JobSpec
 from transfusion.data import transfusion_home
+from transfusion.grid_status import missing_jobs_line
 from transfusion.pretrained import WEAK
 from transfusion.provenance import CODE_VERSION_TAG
 
@@ -78,15 +80,6 @@ def fetch_test_predictions(run_id: str) -> Path | None:
 def convergence_settings(grid: GridSpec) -> ConvergenceSettings:
     """Figure 5's threshold as the grid sets it (``convergence_threshold``, ``convergence_mode``)."""
     return ConvergenceSettings(threshold=grid.convergence_threshold, relative=grid.convergence_mode == "relative")
-
-
-def identified_jobs(grid: GridSpec) -> list[JobSpec]:
-    """The grid's jobs identified by what they read, for an analysis: sources are looked up, never pretrained."""
-    from tasks.pretraining import existing_source_uri
-    from tasks.training import identify_jobs
-
-    pairs = dict.fromkeys((s.model, s.pretrained) for s in grid.jobs() if s.pretrained)
-    return identify_jobs(grid, {(model, source): existing_source_uri(model, source) for model, source in pairs})
 
 
 @task(name="collect-records", cache_policy=None)
@@ -154,13 +147,23 @@ def seed_similarity_task(grid: GridSpec, grid_run: tracking.GridRun, records: li
 
 @task(name="analyze-grid", cache_policy=None)
 def analyze_grid_task(
-    grid: GridSpec, grid_run: tracking.GridRun, records: list[JobRecord], out: str | None = None
+    grid: GridSpec,
+    grid_run: tracking.GridRun,
+    records: list[JobRecord],
+    out: str | None = None,
+    jobs: list[JobSpec] | None = None,
 ) -> str:
-    """Figures 2, 4, 5, Tables 1-3, filters and the report; logged under ``report/`` of the parent run."""
+    """Figures 2, 4, 5, Tables 1-3, filters and the report; logged under ``report/`` of the parent run.
+
+    ``jobs``: the grid's identified jobs (else identified here), whose keys the records carry.
+    """
     directory = Path(out) if out else transfusion_home() / "reports" / grid.name
     convergence = convergence_settings(grid)
     outputs = analyze_records(records, directory, grid_name=grid.name, dataset=grid.dataset, convergence=convergence)
+    jobs = jobs if jobs is not None else identified_jobs(grid)
+    missing = missing_jobs_line(jobs, {record.job_key for record in records})
     notes = [
+        *([missing] if missing else []),  # first: a reader must know before reading any table
         f"{len(records)} finished runs of {len(grid.jobs())} jobs; dataset {grid.dataset}.",
         f"Convergence threshold: {convergence.describe()}.",
         "Test metrics at: " + ("the step of best validation AUC (select: best-val)" if grid.train.select == "best-val"

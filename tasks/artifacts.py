@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 
@@ -12,6 +13,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from transfusion import tracking
 from transfusion.analysis.records import JobRecord
 from transfusion.analysis.tables import ResultRow
+from transfusion.config import GridSpec
+
+log = logging.getLogger(__name__)
 
 
 def artifact_key(grid: str, what: str) -> str:
@@ -67,4 +71,23 @@ def publish_results_artifacts_task(
         report_markdown(grid, rows, records, tracking_uri=tracking_uri, grid_run=grid_run),
         key=artifact_key(grid, "report"),
         description=f"grid {grid}: results with links to the MLflow runs",
+    )
+
+
+@task(name="publish-plan", cache_policy=None)
+def publish_plan_artifact_task(grid: GridSpec) -> None:
+    """The grid's plan (jobs, FLOPs, device-hours, price per model) as a table artifact, before training starts."""
+    from transfusion.grid_status import grid_status
+    from transfusion.plan import format_plan, local_device, plan_grid, plan_rows
+
+    try:
+        status = grid_status(grid.name, grid.jobs(), tracking.grid_job_runs(grid.name))
+        plan = plan_grid(grid, device=local_device(), status=status)
+    except Exception as exc:  # the plan informs; a model it cannot cost must not stop the grid
+        log.warning("no plan artifact for grid %s: %s", grid.name, exc)
+        return
+    total = format_plan(plan).splitlines()
+    summary = " ".join(line for line in total if line.startswith(("Estimate:", "Price:")))
+    create_table_artifact(
+        plan_rows(plan), key=artifact_key(grid.name, "plan"), description=f"grid {grid.name}: {summary}"
     )

@@ -253,6 +253,27 @@ def pending_jobs_task(
     return sum(match.run is None or match.job.job_key in retrain for match in matches)
 
 
+def identified_jobs(grid: GridSpec) -> list[JobSpec]:
+    """The grid's jobs identified by what they read, for an analysis: sources are looked up, never pretrained."""
+    from tasks.pretraining import existing_source_uri
+
+    pairs = dict.fromkeys((s.model, s.pretrained) for s in grid.jobs() if s.pretrained)
+    return identify_jobs(grid, {(model, source): existing_source_uri(model, source) for model, source in pairs})
+
+
+@task(name="unchanged-since", cache_policy=None)
+def unchanged_since_task(grid: GridSpec) -> str | None:
+    """``0 pending: nothing changed since <date>`` when every job of ``grid`` has a counted
+    FINISHED run (one MLflow query, nothing started); None when there is work to do."""
+    from transfusion.grid_status import JobState, grid_status
+    from transfusion.plan import since
+
+    status = grid_status(grid.name, identified_jobs(grid), tracking.grid_job_runs(grid.name))
+    if status.count(JobState.FINISHED) < len(status.jobs):
+        return None
+    return f"0 pending: nothing changed since {since(status.last_finished_ms)}"
+
+
 @task(name="open-grid-run", cache_policy=None)
 def open_grid_run_task(grid: GridSpec) -> tracking.GridRun:
     return tracking.open_grid_run(grid)
@@ -424,9 +445,11 @@ def train_job_task(
                 )
             total = time.perf_counter() - started
             timings = {k: v for k, v in metrics.items() if k in JOB_TIMINGS}
+            timings[tracking.DEVICE_SECONDS] = total * devices_held(spec)
             tracking.log_metrics(run_id, {"time/total_s": total, **timings}, step=int(metrics.get("steps", 0)))
             tracking.end_run(run_id, "FINISHED")
             tracking.supersede(replaced, run_id)
+            metrics = {**metrics, tracking.DEVICE_SECONDS: timings[tracking.DEVICE_SECONDS]}
             return JobOutcome(spec.job_key, spec, "FINISHED", run_id, metrics, seconds=total)
         except BaseException as exc:  # an interrupt, or tracking failing outside the job: no run stays RUNNING
             with _OPEN_RUNS_LOCK:
@@ -478,7 +501,18 @@ def end_failed_run(run_id: str, exc: BaseException) -> None:
         log.exception("could not end run %s", run_id)
 
 
+def devices_held(spec: JobSpec) -> float:
+    """Devices a job holds while it runs: its GPUs, or its CPUs when it has none (x workers)."""
+    t = spec.train
+    return (t.gpus_per_job or t.cpus_per_job) * t.num_workers
+
+
 @task(name="finish-grid-run", cache_policy=None)
 def finish_grid_run_task(grid_run: tracking.GridRun, outcomes: list[JobOutcome]) -> None:
     failed = any(o.status == "FAILED" for o in outcomes)
+    # What the grid's finished jobs held, this run's and earlier ones' (runs from before the
+    # metric existed add nothing): the figure ``transfusion plan`` sets beside its estimate.
+    spent = sum(o.metrics.get(tracking.DEVICE_SECONDS, 0.0) for o in outcomes if o.ok)
+    if outcomes:
+        tracking.log_metrics(grid_run.run_id, {tracking.DEVICE_SECONDS: spent}, step=0)
     tracking.end_run(grid_run.run_id, "FAILED" if failed else "FINISHED")

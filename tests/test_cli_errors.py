@@ -194,6 +194,46 @@ CASES = [
         r"--out .*/taken/sub: cannot create the directory \(Not a directory\)",
         files={"taken": "x"},
     ),
+    _case(
+        "report --run-id with a grid",
+        "report smoke --out {tmp}/r --run-id abc",
+        r"--run-id names the grid already: give it without GRID, --set or --name",
+    ),
+    _case("analyze with no grid", "analyze", r"name a grid \(a preset or a grid file\) or a parent run with --run-id"),
+    # --- run: new options ----------------------------------------------------------
+    _case("run --name with a space", ["run", "smoke", "--name", "my grid"], r"grid: name: String should match .*"),
+    _case("run --dry-run bad --set", "run smoke --dry-run --set train.steps=0", r"grid: train\.steps: .*"),
+    # --- plan / status / export ----------------------------------------------------
+    _case("plan unknown gpu", "plan smoke --gpu tpu", r"argument --gpu: expected one of a100, h100, l4, a10g, cpu, .*"),
+    _case(
+        "plan negative price",
+        "plan smoke --price-per-hour -2",
+        r"argument --price-per-hour: expected a number >= 0, got -2\.0 .*",
+    ),
+    _case("plan unknown preset", "plan smok", r"'smok' is neither a grid preset .*"),
+    _case(
+        "status without a tracking store",
+        "status smoke",
+        r"no tracking store: MLFLOW_TRACKING_URI is not set and no grid has run under .*",
+    ),
+    _case(
+        "status tracking server unreachable",
+        "status smoke",
+        r"MLflow tracking server http://127\.0\.0\.1:1 is unreachable .*",
+        env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"},
+    ),
+    _case("export unknown format", "export smoke --format xlsx --out x.xlsx", r"argument --format: invalid choice.*"),
+    _case("export without --out", "export smoke --format csv", r"the following arguments are required: --out .*"),
+    _case(
+        "export --out a directory",
+        "export smoke --format csv --out {tmp}",
+        r"--out .* is a directory; name a file, e\.g\. .*runs\.csv",
+    ),
+    _case(
+        "export suffix of another format",
+        "export smoke --format parquet --out {tmp}/runs.csv",
+        r"--out .*runs\.csv: a --format parquet file ends in \.parquet",
+    ),
     # --- ui ------------------------------------------------------------------------
     _case("ui port zero", "ui --port 0", r"argument --port: expected a port number 1-65535, got 0 .*"),
     _case("ui port too large", "ui --port 70000", r"argument --port: expected a port number 1-65535, got 70000 .*"),
@@ -339,7 +379,19 @@ def taken_port():
 
 def test_the_table_covers_every_command_and_thirty_inputs():
     commands = {case.argv[0] for case in CASES if case.argv}
-    assert commands >= {"run", "analyze", "report", "ui", "pretrain", "data", "stack", "list"}
+    assert commands >= {
+        "run",
+        "analyze",
+        "report",
+        "ui",
+        "pretrain",
+        "data",
+        "stack",
+        "list",
+        "plan",
+        "status",
+        "export",
+    }
     assert len(CASES) >= 30
     assert len({case.name for case in CASES}) == len(CASES)
 

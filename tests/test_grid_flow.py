@@ -67,6 +67,8 @@ def test_smoke_grid_leaves_one_finished_child_run_per_job(finished_smoke_grid):
             for key in ("train/loss", "val/auc", "test/auc", "test/auprc", "time/train_s", "time/total_s"):
                 assert key in metrics, key
             assert metrics["time/total_s"] >= metrics["time/train_s"] > 0
+            # Device-seconds held: wall time x the one device (a GPU, else a CPU) a smoke job asks for.
+            assert metrics["time/device_s"] == pytest.approx(metrics["time/total_s"])
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/auc")]
             assert steps == [0, 3, 6]
             artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
@@ -78,6 +80,8 @@ def test_smoke_grid_leaves_one_finished_child_run_per_job(finished_smoke_grid):
             assert any(key.startswith("system/cpu_utilization") for key in metrics), sorted(metrics)
             assert any(key.startswith("system/system_memory_usage") for key in metrics), sorted(metrics)
             _assert_dataset_inputs_and_logged_model(home, server.url, client, run)
+        spent = sum(run.data.metrics["time/device_s"] for run in children)
+        assert parents[0].data.metrics["time/device_s"] == pytest.approx(spent)
         table = client.download_artifacts(parents[0].info.run_id, "tables/results.json")
         table = json.loads(open(table).read())
         assert table["columns"][:3] == ["model", "init", "data_size"]
@@ -164,6 +168,14 @@ def test_rerun_trains_nothing_and_shows_the_same_table(finished_smoke_grid):
         assert last_grid_experiment(uri=server.url) == experiment.experiment_id
     finally:
         server.stop()
+    # From another shell: the plan counts the finished jobs and sets what they spent beside its estimate.
+    plan = run_cli("plan", "smoke", "--gpu", "cpu", home=home)
+    assert plan.returncode == 0, plan.stderr
+    assert "Jobs: 2 in total, 2 already finished, 0 pending" in plan.stdout
+    assert "device-hours logged by 2 finished jobs" in plan.stdout
+    status = run_cli("status", "smoke", home=home)
+    assert status.returncode == 0, status.stderr
+    assert "2 jobs: 2 finished, 0 running, 0 failed, 0 pending" in status.stdout
 
 
 @pytest.mark.parametrize(

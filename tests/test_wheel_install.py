@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -72,7 +73,8 @@ def test_installed_cli_lists_and_runs_a_one_job_grid_from_another_directory(inst
     assert "grid presets:" in listed.stdout and "demo" in listed.stdout and "cbr-tiny" in listed.stdout
     run = _from_elsewhere(target, "run", "smoke", "--set", "seeds=[0]", cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "Grid smoke: 1 trained, 0 already done, 0 failed" in run.stdout
+    # --set seeds=[0] makes a variant of smoke, with its own name (and experiment).
+    assert re.search(r"Grid smoke\+[0-9a-f]{8}: 1 trained, 0 already done, 0 failed", run.stdout), run.stdout
     assert "[1/1] cbr-tiny random 160 seed 0: test/auc" in run.stderr
     # Third-party noise stays out of the output (it shows with --verbose).
     assert "Token authentication is enabled" not in run.stderr

@@ -9,6 +9,7 @@ so a typo fails before anything starts.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -89,6 +90,14 @@ InitName = Annotated[str, BeforeValidator(_canonical_init), _registered(INITS), 
 DatasetName = Annotated[str, _registered(DATASETS), _enum_schema(DATASETS.names())]
 
 
+@functools.cache
+def cuda_device_count() -> int:
+    """CUDA devices this process sees (0 without a driver); asked once per process."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _accepts_bool(annotation: Any) -> bool:
     if annotation is bool or annotation is Any:
         return True
@@ -136,7 +145,11 @@ class TrainSettings(_Frozen):
     augment: bool = True
     threads: Annotated[int, Field(ge=0, description="torch threads per job, 0: auto")] = 0
     cpus_per_job: Annotated[float, Field(gt=0)] = 1.0
-    gpus_per_job: Annotated[float, Field(ge=0)] = 0.0
+    gpus_per_job: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        default="auto",
+        validate_default=True,
+        description="GPUs per Ray Train worker; auto: 1 when this machine has a CUDA device, else 0",
+    )
     num_workers: Annotated[int, Field(ge=1, description="Ray Train workers (DDP) per job")] = 1
     max_failures: Annotated[int, Field(ge=0, description="Ray Train restarts per job")] = 1
     label_smoothing: Annotated[float, Field(ge=0, lt=1, description="multi-class sources only")] = 0.0
@@ -151,6 +164,14 @@ class TrainSettings(_Frozen):
         description="batch-norm statistics of the step-0 probe and validation: recalibrated on training images "
         "in train mode (recalibrate), or the init's running statistics as they are (running); training is the same",
     )
+
+    @field_validator("gpus_per_job")
+    @classmethod
+    def _resolve_auto_gpus(cls, value: float | str) -> float:
+        # Resolved where the spec is validated (the driver), so every job, Ray's resource
+        # request and train.py see a number; a remote cluster's GPUs are not visible here,
+        # so grids for one set the number (the paper presets do).
+        return float(cuda_device_count() > 0) if value == "auto" else float(value)
 
 
 class WeakSourceSettings(_Frozen):
@@ -396,7 +417,8 @@ InitSpec = Annotated[
 class GridSpec(_Frozen):
     """A grid: the cartesian product of models x inits x data sizes x seeds."""
 
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    # "+" joins a variant's hash to its grid's name (``smoke+1a2b3c4d``, see :func:`variant_name`).
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")]
     dataset: DatasetName
     dataset_source: str | None = None
     dataset_options: dict[str, Any] = Field(default_factory=dict)
@@ -546,6 +568,27 @@ class GridSpec(_Frozen):
 
 # Grid fields that change how a finished grid is analysed and labelled, not what is trained.
 ANALYSIS_ONLY_FIELDS = {"convergence_threshold", "convergence_mode", "weak_source"}
+
+
+# ``--set`` keys that keep a grid's identity: how it is analysed, where and how robustly its
+# jobs run. Overriding only these re-runs or re-analyses the grid itself, under its own name.
+SAME_GRID_OVERRIDES = frozenset(
+    {*ANALYSIS_ONLY_FIELDS, "name", "max_concurrent", "max_retries", *(f"train.{f}" for f in PLACEMENT_FIELDS)}
+)
+VARIANT_SEPARATOR = "+"
+
+
+def variant_name(name: str, overrides: dict[str, Any]) -> str:
+    """``<name>+<8 hex digits>``: the name of ``name`` changed by ``overrides`` ({dotted key: value}).
+
+    The hash covers the overrides that change what is trained (not
+    :data:`SAME_GRID_OVERRIDES`), in any order, so the same ``--set`` flags name the same
+    variant every time and a variant never shares an experiment with its base grid.
+    """
+    changing = {key: value for key, value in overrides.items() if key not in SAME_GRID_OVERRIDES}
+    if not changing:
+        return name
+    return f"{name}{VARIANT_SEPARATOR}{_short_hash(changing)[:8]}"
 
 
 def _preset_names() -> list[str]:

@@ -39,6 +39,7 @@ from mlflow.entities import (
 from mlflow.tracking import MlflowClient
 
 from transfusion.config import IDENTITY_FIELDS, GridSpec, JobSpec
+from transfusion.grid_status import RunView
 from transfusion.identity import JobMatch, RecordedRun, match_finished_runs
 from transfusion.provenance import CODE_VERSION_TAG, ENVIRONMENT_ARTIFACT, environment_report, provenance_tags
 
@@ -708,3 +709,73 @@ def _register_models_scheme() -> None:
 
 
 _register_models_scheme()
+
+
+DEVICE_SECONDS = "time/device_s"  # wall time x devices held (GPUs, or CPUs for a CPU job)
+
+
+def grid_job_runs(experiment_name: str, *, uri: str | None = None) -> dict[str, list[RunView]]:
+    """Every job run of the grid's experiment by ``job_key``, newest first (empty: no experiment)."""
+    from mlflow.entities import ViewType
+
+    experiment_id = experiment_id_for(experiment_name, uri=uri)
+    if experiment_id is None:
+        return {}
+    c = client(uri)
+    found: dict[str, list[RunView]] = {}
+    page_token = None
+    while True:
+        page = c.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = 'job'",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+            page_token=page_token,
+        )
+        for run in page:
+            key = run.data.tags.get("job_key", "")
+            found.setdefault(key, []).append(
+                RunView(
+                    run_id=run.info.run_id,
+                    job_key=key,
+                    status=run.info.status,
+                    reason=run.data.tags.get(REASON_TAG, ""),
+                    device_s=run.data.metrics.get(DEVICE_SECONDS),
+                    start_time_ms=run.info.start_time or 0,
+                    end_time_ms=run.info.end_time,
+                )
+            )
+        page_token = page.token
+        if not page_token:
+            return found
+
+
+def grid_of_run(run_id: str, *, uri: str | None = None) -> dict[str, Any]:
+    """The grid a parent run was opened for (its ``grid.json``), as plain data."""
+    c = client(uri)
+    try:
+        run = c.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ValueError(f"--run-id {run_id}: no such run in the tracking store {uri or tracking_uri()}") from None
+    if run.data.tags.get(ROLE_TAG) != "grid":
+        raise ValueError(f"--run-id {run_id} is a job run, not a grid's parent run (grid-<name> in the MLflow UI)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(c.download_artifacts(run_id, "grid.json", tmp))
+        return json.loads(path.read_text())
+
+
+def runs_frame(experiment_name: str, *, uri: str | None = None):
+    """One row per job run of the experiment: run id, status, times, every param, metric and tag (a DataFrame)."""
+    import pandas as pd
+
+    experiment_id = experiment_id_for(experiment_name, uri=uri)
+    if experiment_id is None:
+        return pd.DataFrame()
+    with fluent_tracking_uri(uri or tracking_uri()):
+        frame = mlflow.search_runs(
+            experiment_ids=[experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = 'job'",
+            order_by=["attributes.start_time ASC"],
+        )
+    return frame

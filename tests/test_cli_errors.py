@@ -558,3 +558,27 @@ def test_ray_address_check_accepts_a_real_ray_head(ray_cluster):
     from transfusion.preflight import check_ray_address
 
     check_ray_address(ray.get_runtime_context().gcs_address, timeout=5)
+
+
+def test_weights_check_reads_every_real_weights_format_and_refuses_the_rest(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from transfusion.preflight import check_weights_file
+
+    tensors = {"conv.weight": torch.zeros(2, 3), "fc.bias": torch.ones(2)}
+    torch.save(tensors, tmp_path / "plain.pt")
+    torch.save({"state_dict": tensors, "epoch": 3}, tmp_path / "checkpoint.pth")
+    torch.save(tensors, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_file(tensors, tmp_path / "model.safetensors")
+    for name in ("plain.pt", "checkpoint.pth", "legacy.pt", "model.safetensors"):
+        check_weights_file(tmp_path / name, name=name)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({"conv.weight": "not a tensor"}, tmp_path / "strings.pt")
+    (tmp_path / "text.safetensors").write_text("not safetensors")
+    with pytest.raises(ValueError, match=r"pretrained list: .*expected a state dict or a checkpoint dict, got list"):
+        check_weights_file(tmp_path / "list.pt", name="list")
+    with pytest.raises(ValueError, match=r"pretrained strings: .*not a state dict; non-tensor values .*conv\.weight"):
+        check_weights_file(tmp_path / "strings.pt", name="strings")
+    with pytest.raises(ValueError, match=r"pretrained text: .*text\.safetensors is not a safetensors file"):
+        check_weights_file(tmp_path / "text.safetensors", name="text")

@@ -171,7 +171,7 @@ def check_pretrained_sources(sources: list[str]) -> None:
             check_weights_file(path, name=pretrained)
 
 
-def check_weights_file(path, *, name: str) -> None:
+def check_weights_file(path: str | os.PathLike[str], *, name: str) -> None:
     """A local weights file holds a state dict (tensors by name), checked without reading the tensors.
 
     A file given by hand may be anything with a weights name: text, an npz, a pickled list.
@@ -191,7 +191,8 @@ def check_weights_file(path, *, name: str) -> None:
             with safe_open(str(path), framework="pt") as weights:  # reads the header only
                 weights.keys()
         except Exception as exc:
-            raise ValueError(f"pretrained {name}: {path} is not a safetensors file ({exc})") from None
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise ValueError(f"pretrained {name}: {path} is not a safetensors file ({reason})") from None
         return
     try:
         # mmap: the tensors stay on disk; only the names and structure are read.

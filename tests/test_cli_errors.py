@@ -27,8 +27,8 @@ class BadInput:
     argv: tuple[str, ...]
     message: str  # a regex for the line after "transfusion[ COMMAND]: error: "
     code: int = 2
-    env: dict[str, str] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)  # written under the test's tmp dir first
+    env: dict[str, str] = field(default_factory=dict)  # values formatted like argv
+    files: dict[str, str | bytes] = field(default_factory=dict)  # written under the test's tmp dir first
 
 
 def _case(name, argv, message, **kwargs) -> BadInput:
@@ -343,6 +343,91 @@ CASES = [
         r"--source \(files\) goes with --pretrained domain:<dataset>; an ImageNet folder is --pretrained",
     ),
     _case("list --json takes no value", "list --json=yes", r"argument --json: ignored explicit argument 'yes' .*"),
+    # --- files that are not what their name says; services that are not what the setting says
+    _case(
+        "grid file binary",
+        "run {tmp}/g.yaml",
+        r"grid file .*/g\.yaml: not a text YAML/JSON file \(byte 0 is not UTF-8\)",
+        files={"g.yaml": b"\x89\xffPNG\r\n\x1a\n\x00\x00"},
+    ),
+    _case(
+        "grid file a JSON array",
+        "run {tmp}/g.json",
+        r"grid file .*/g\.json: expected a mapping of grid fields",
+        files={"g.json": "[1, 2, 3]"},
+    ),
+    _case(
+        "grid file empty",
+        "run {tmp}/g.yaml",
+        r"grid file .*/g\.yaml: expected a mapping of grid fields",
+        files={"g.yaml": ""},
+    ),  # fmt: skip
+    _case(
+        "grid with no models",
+        "run {tmp}/g.yaml",
+        r"grid file .*: models: List should have at least 1 item.*",
+        files={"g.yaml": GRID.replace("[cbr-tiny]", "[]")},
+    ),  # fmt: skip
+    _case("zero data size", "run smoke --set data_sizes=[0]", r"grid: data_sizes\.0: data_size must be 'full' or .*"),
+    _case("zero seeds", "run smoke --set seeds=0", r"grid: seeds: seed count must be >= 1, got 0"),
+    _case("zero batch size", "run smoke --set train.batch_size=0", r"grid: train\.batch_size: Input should be .*"),
+    _case("zero resolution", "run smoke --set train.resolution=0", r"grid: train\.resolution: Input should be .*"),
+    _case(
+        "medmnist source not an npz",
+        "data prepare medmnist --resolution 32 --source {tmp}/retinamnist.npz",
+        r".*/retinamnist\.npz: not an npz file \(an npz is a zip archive of \.npy arrays\)",
+        files={"retinamnist.npz": "id,label\n1,0\n"},
+    ),
+    _case(
+        "folder source with an empty CSV",
+        "data prepare folder --resolution 32 --source {tmp}/xrays",
+        r".*/xrays/labels\.csv: missing column 'image' \(columns: none\)",
+        files={"xrays/labels.csv": ""},
+    ),
+    _case(
+        "weights file that is text",
+        "run smoke --set inits=[random,transfer] --set pretrained={tmp}/w.pt",
+        r"pretrained .*/w\.pt: .*/w\.pt is not a weights file torch\.load\(weights_only=True\) reads .*",
+        files={"w.pt": "model weights go here\n"},
+    ),
+    _case(
+        "weights file an npz",
+        "run smoke --set inits=[random,transfer] --set pretrained={tmp}/w.pt",
+        r"pretrained .*/w\.pt: .*/w\.pt is not a weights file torch\.load\(weights_only=True\) reads .*",
+        files={"w.pt": b"PK\x03\x04" + bytes(60)},
+    ),
+    _case(
+        "tracking URI a plain web server",
+        "run smoke",
+        r"MLFLOW_TRACKING_URI=http://127\.0\.0\.1:\d+ answers, but not as an MLflow tracking server "
+        r"\(HTTP 404 on /health\)",
+        env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:{http_port}"},
+    ),
+    _case(
+        "S3 endpoint a plain web server",
+        "run smoke",
+        r"http://127\.0\.0\.1:\d+ \(AWS_ENDPOINT_URL\) answers, but not as S3 \(HTTP 404, server 'SimpleHTTP.*'\);.*",
+        env={
+            "TRANSFUSION_STORAGE_PATH": "s3://grids",
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:{http_port}",
+            "AWS_ACCESS_KEY_ID": "k",
+            "AWS_SECRET_ACCESS_KEY": "s",
+        },
+    ),
+    _case(
+        "S3 storage without credentials",
+        "run smoke",
+        r"no S3 credentials for storage path s3://grids: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY .*",
+        env={
+            "TRANSFUSION_STORAGE_PATH": "s3://grids",
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:{http_port}",
+            "AWS_SHARED_CREDENTIALS_FILE": "{tmp}/none",
+            "AWS_CONFIG_FILE": "{tmp}/none",
+            "AWS_ACCESS_KEY_ID": "",
+            "AWS_SECRET_ACCESS_KEY": "",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        },
+    ),
 ]
 
 
@@ -377,6 +462,24 @@ def taken_port():
         yield sock.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def http_port():
+    """A plain ``http.server`` on loopback: a service that answers, but as nothing the settings expect."""
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # its request lines would land in the test's stderr
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+
+
 def test_the_table_covers_every_command_and_thirty_inputs():
     commands = {case.argv[0] for case in CASES if case.argv}
     assert commands >= {
@@ -397,12 +500,16 @@ def test_the_table_covers_every_command_and_thirty_inputs():
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
-def test_bad_input_gets_one_line_and_a_non_zero_exit(case, cli_home, taken_port, monkeypatch, tmp_path, capsys):
+def test_bad_input_gets_one_line_and_a_non_zero_exit(
+    case, cli_home, taken_port, http_port, monkeypatch, tmp_path, capsys
+):
     for name, text in case.files.items():
-        (tmp_path / name).write_text(text)
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(text) if isinstance(text, bytes) else (tmp_path / name).write_text(text)
+    places = {"tmp": tmp_path, "taken_port": taken_port, "http_port": http_port}
     for key, value in case.env.items():
-        monkeypatch.setenv(key, value)
-    argv = [arg.format(tmp=tmp_path, taken_port=taken_port) for arg in case.argv]
+        monkeypatch.setenv(key, value.format(**places))
+    argv = [arg.format(**places) for arg in case.argv]
     code = main(argv)
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
@@ -509,3 +616,27 @@ def test_ray_address_check_accepts_a_real_ray_head(ray_cluster):
     from transfusion.preflight import check_ray_address
 
     check_ray_address(ray.get_runtime_context().gcs_address, timeout=5)
+
+
+def test_weights_check_reads_every_real_weights_format_and_refuses_the_rest(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from transfusion.preflight import check_weights_file
+
+    tensors = {"conv.weight": torch.zeros(2, 3), "fc.bias": torch.ones(2)}
+    torch.save(tensors, tmp_path / "plain.pt")
+    torch.save({"state_dict": tensors, "epoch": 3}, tmp_path / "checkpoint.pth")
+    torch.save(tensors, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_file(tensors, tmp_path / "model.safetensors")
+    for name in ("plain.pt", "checkpoint.pth", "legacy.pt", "model.safetensors"):
+        check_weights_file(tmp_path / name, name=name)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({"conv.weight": "not a tensor"}, tmp_path / "strings.pt")
+    (tmp_path / "text.safetensors").write_text("not safetensors")
+    with pytest.raises(ValueError, match=r"pretrained list: .*expected a state dict or a checkpoint dict, got list"):
+        check_weights_file(tmp_path / "list.pt", name="list")
+    with pytest.raises(ValueError, match=r"pretrained strings: .*not a state dict; non-tensor values .*conv\.weight"):
+        check_weights_file(tmp_path / "strings.pt", name="strings")
+    with pytest.raises(ValueError, match=r"pretrained text: .*text\.safetensors is not a safetensors file"):
+        check_weights_file(tmp_path / "text.safetensors", name="text")

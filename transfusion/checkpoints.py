@@ -5,6 +5,9 @@ from its latest state whichever process or Ray worker picks it up again: a resta
 worker after a crash, or a re-run of a grid whose flow process died (which continues the
 same MLflow run). Objects are written whole
 (to a temporary name, then renamed, on local disks), so a reader never sees half a state.
+An object store that goes away for a while (a restart, a network blip) is waited for:
+each upload, listing and read is retried with backoff (:func:`with_backoff`), so the job
+carries on in the same run once the store is back, or fails after a bounded wait.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 import pyarrow.fs
 import torch
 
-from transfusion.object_store import s3_filesystem
+from transfusion.object_store import s3_filesystem, with_backoff
 
 STATE_NAME = re.compile(r"state-(\d{8})\.pt$")
 
@@ -51,7 +54,8 @@ class JobCheckpoints:
     def _steps(self) -> list[int]:
         filesystem, folder = self._location
         selector = pyarrow.fs.FileSelector(folder, allow_not_found=True)
-        names = (STATE_NAME.search(info.path) for info in filesystem.get_file_info(selector))
+        infos = with_backoff(lambda: filesystem.get_file_info(selector), what=f"list checkpoints in {folder}")
+        names = (STATE_NAME.search(info.path) for info in infos)
         return sorted(int(m.group(1)) for m in names if m)
 
     def save(self, state: dict[str, Any], *, step: int) -> str:
@@ -59,18 +63,25 @@ class JobCheckpoints:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         filesystem, folder = self._location
-        filesystem.create_dir(folder, recursive=True)
         target = f"{folder}/state-{step:08d}.pt"
         if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+            filesystem.create_dir(folder, recursive=True)
             partial = f"{target}.partial-{os.getpid()}"
             with filesystem.open_output_stream(partial) as stream:
                 stream.write(buffer.getvalue())
             os.replace(partial, target)
         else:
-            with filesystem.open_output_stream(target) as stream:
-                stream.write(buffer.getvalue())
+
+            def upload() -> None:
+                # An S3 object appears whole on close, so a retried upload just writes it again.
+                filesystem.create_dir(folder, recursive=True)
+                with filesystem.open_output_stream(target) as stream:
+                    stream.write(buffer.getvalue())
+
+            with_backoff(upload, what=f"upload checkpoint {target}")
         for old in self._steps()[: -self.keep] if self.keep > 0 else []:
-            filesystem.delete_file(f"{folder}/state-{old:08d}.pt")
+            with_backoff(lambda old=old: filesystem.delete_file(f"{folder}/state-{old:08d}.pt"),
+                         what=f"delete old checkpoint {folder}/state-{old:08d}.pt")  # fmt: skip
         return target
 
     def latest(self) -> dict[str, Any] | None:
@@ -79,5 +90,11 @@ class JobCheckpoints:
         steps = self._steps()
         if not steps:
             return None
-        with filesystem.open_input_file(f"{folder}/state-{steps[-1]:08d}.pt") as stream:
-            return torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
+        path = f"{folder}/state-{steps[-1]:08d}.pt"
+
+        def read() -> bytes:
+            with filesystem.open_input_file(path) as stream:
+                return stream.read()
+
+        return torch.load(io.BytesIO(with_backoff(read, what=f"read checkpoint {path}")), map_location="cpu",
+                          weights_only=True)  # fmt: skip

@@ -729,6 +729,11 @@ def load_grid(ref: str | Path | dict | GridSpec) -> GridSpec:
                 raise ValueError(f"grid file {text_ref} does not exist")
             try:
                 data = yaml.safe_load(path.read_text())
+            except UnicodeDecodeError as exc:
+                # A binary file under a grid's name (an image, an archive, a model).
+                raise ValueError(
+                    f"grid file {text_ref}: not a text YAML/JSON file (byte {exc.start} is not UTF-8)"
+                ) from None
             except yaml.YAMLError as exc:
                 mark = getattr(exc, "problem_mark", None)
                 line = f" line {mark.line + 1}" if mark is not None else ""

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlparse
 
-from transfusion.object_store import s3_client
+from transfusion.object_store import s3_client, s3_endpoint
 
 
 def mlflow_auth_headers() -> dict[str, str]:
@@ -36,11 +36,14 @@ def check_tracking_server(uri: str, *, timeout: float = 5.0) -> None:
     headers = mlflow_auth_headers()
     try:
         with urllib.request.urlopen(urllib.request.Request(f"{base}/health", headers=headers), timeout=timeout) as r:
-            healthy = r.status == 200
-        if healthy:
-            search = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
-            with urllib.request.urlopen(search, timeout=timeout):
-                return
+            # MLflow answers "OK"; any other web server on that port is not a tracking server.
+            if r.status != 200 or r.read(64).strip() != b"OK":
+                raise RuntimeError(
+                    f"MLFLOW_TRACKING_URI={uri} answers, but not as an MLflow tracking server (/health is not 'OK')"
+                )
+        search = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
+        with urllib.request.urlopen(search, timeout=timeout):
+            return
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
             given = "were refused" if headers else "are not set"
@@ -49,11 +52,14 @@ def check_tracking_server(uri: str, *, timeout: float = 5.0) -> None:
                 f"MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD {given}"
                 " (for a stack: eval $(transfusion stack env))"
             ) from None
-        raise RuntimeError(f"MLflow tracking server {uri} is not healthy (HTTP {exc.code})") from None
+        if exc.code >= 500:
+            raise RuntimeError(f"MLflow tracking server {uri} is not healthy (HTTP {exc.code})") from None
+        raise RuntimeError(
+            f"MLFLOW_TRACKING_URI={uri} answers, but not as an MLflow tracking server (HTTP {exc.code})"
+        ) from None
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise RuntimeError(f"MLflow tracking server {uri} is unreachable ({reason})") from None
-    raise RuntimeError(f"MLflow tracking server {uri} is not healthy")
 
 
 def check_storage_path(path: str) -> None:
@@ -61,12 +67,27 @@ def check_storage_path(path: str) -> None:
     if not path.startswith("s3://"):
         return
     bucket = urlparse(path).netloc
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     try:
         s3_client().head_bucket(Bucket=bucket)
+    except NoCredentialsError:
+        raise RuntimeError(
+            f"no S3 credentials for storage path {path}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            " (or AWS_PROFILE)"
+        ) from None
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
+        headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        # S3 and S3-compatible servers tag every answer with x-amz-* headers; a plain web
+        # server's 404 would otherwise read as "no such bucket".
+        if not any(name.lower().startswith("x-amz-") for name in headers):
+            endpoint = s3_endpoint() or "the S3 endpoint"
+            server = f", server {headers['server']!r}" if headers.get("server") else ""
+            raise RuntimeError(
+                f"{endpoint} (AWS_ENDPOINT_URL) answers, but not as S3 (HTTP {code or '?'}{server});"
+                " point it at an S3-compatible server"
+            ) from None
         if code in ("404", "NoSuchBucket", "NotFound"):
             raise RuntimeError(f"S3 bucket {bucket!r} of storage path {path} does not exist") from None
         raise RuntimeError(f"S3 bucket {bucket!r} is not accessible ({code or exc})") from None
@@ -171,6 +192,49 @@ def check_pretrained_sources(sources: list[str]) -> None:
         if len(scheme) > 1 and scheme not in ("file", "cache", "timm"):
             continue
         try:
-            resolve_uri(uri)
+            path = resolve_uri(uri)
         except ValueError as err:
             raise missing_weights_error(pretrained, registered, err) from None
+        if scheme in ("", "file"):
+            check_weights_file(path, name=pretrained)
+
+
+def check_weights_file(path: str | os.PathLike[str], *, name: str) -> None:
+    """A local weights file holds a state dict (tensors by name), checked without reading the tensors.
+
+    A file given by hand may be anything with a weights name: text, an npz, a pickled list.
+    Jobs would each fail on it later, on a worker, after the grid started.
+    """
+    from pathlib import Path
+
+    import torch
+
+    from transfusion.pretrained import extract_state_dict
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as weights:  # reads the header only
+                weights.keys()
+        except Exception as exc:
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise ValueError(f"pretrained {name}: {path} is not a safetensors file ({reason})") from None
+        return
+    try:
+        # mmap: the tensors stay on disk; only the names and structure are read.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        try:  # files in torch's legacy (pre-zip) format cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise ValueError(
+                f"pretrained {name}: {path} is not a weights file torch.load(weights_only=True) reads ({reason});"
+                " save one with torch.save(model.state_dict(), PATH)"
+            ) from None
+    try:
+        extract_state_dict(obj, str(path))
+    except ValueError as exc:
+        raise ValueError(f"pretrained {name}: {exc}") from None

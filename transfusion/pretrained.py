@@ -721,7 +721,7 @@ def weights_sha256(uri: str) -> str:
     return _SHA256_BY_FILE[key]
 
 
-def _extract_state_dict(obj: Any, uri: str) -> dict[str, torch.Tensor]:
+def extract_state_dict(obj: Any, uri: str) -> dict[str, torch.Tensor]:
     """A plain state dict, or the one under ``"state_dict"``/``"model"`` of a checkpoint."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"{uri}: expected a state dict or a checkpoint dict, got {type(obj).__name__}")
@@ -765,7 +765,7 @@ def load_state_dict_from_uri(uri: str | os.PathLike[str]) -> LoadedWeights:
 
         state = load_file(path, device="cpu")  # tensors only, by the format's design
         logger.info("loaded weights %s (sha256 %s)", uri, sha256)
-        return LoadedWeights(state_dict=_extract_state_dict(state, uri), uri=uri, sha256=sha256, path=path)
+        return LoadedWeights(state_dict=extract_state_dict(state, uri), uri=uri, sha256=sha256, path=path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -775,4 +775,4 @@ def load_state_dict_from_uri(uri: str | os.PathLike[str]) -> LoadedWeights:
             f"Cause: {err}"
         ) from err
     logger.info("loaded weights %s (sha256 %s)", uri, sha256)
-    return LoadedWeights(state_dict=_extract_state_dict(obj, uri), uri=uri, sha256=sha256, path=path)
+    return LoadedWeights(state_dict=extract_state_dict(obj, uri), uri=uri, sha256=sha256, path=path)

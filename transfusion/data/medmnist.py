@@ -14,6 +14,7 @@ Otherwise labels ``(N, 1)`` with C classes become a one-hot multiclass task and
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,12 +72,20 @@ def _guess_preset(npz_name: str) -> str:
 
 def _load_arrays(path: Path) -> dict[str, np.ndarray]:
     try:
+        # np.load reads whatever the bytes say (one .npy array, or a pickle it then refuses
+        # with a message naming neither the file nor npz): only a zip is an npz.
+        with path.open("rb") as stream:
+            if stream.read(4) != b"PK\x03\x04":
+                raise ValueError(f"{path}: not an npz file (an npz is a zip archive of .npy arrays)")
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in _KEYS if k not in npz.files]
             if missing:
                 raise ValueError(f"{path}: missing array {missing[0]!r} (has: {', '.join(npz.files)})")
-            return {k: npz[k] for k in _KEYS}
-    except (OSError, EOFError) as exc:
+            try:
+                return {k: npz[k] for k in _KEYS}
+            except ValueError:  # numpy refuses object arrays without allow_pickle
+                raise ValueError(f"{path}: arrays hold Python objects; expected numeric arrays") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path}: not a readable npz file ({exc})") from None
 
 

@@ -7,8 +7,10 @@ reads of a memory-mapped array over a network volume starve a GPU. So the driver
 storage path; ``s3://bucket/prefix`` in the cloud):
 
 - a prepared dataset under ``<data path>/datasets/<name>-<version>-r<resolution>/``:
-  its files plus ``manifest.json`` (size and sha256 of each file), written last, so a
-  reader never takes a half-published dataset for a whole one;
+  its files plus ``manifest.json`` (size and sha256 of each file), written last, in one
+  atomic put, and only after every file was read back at its size, so a reader never
+  takes a half-published dataset for a whole one (a manifest that does not parse or
+  lacks a file's entry counts as none);
 - a weight file under ``<data path>/weights/<sha256>.pt``: content-addressed.
 
 A worker calls :func:`fetch_dataset` / :func:`fetch_weights`: the first job on a node
@@ -16,6 +18,10 @@ downloads into ``$TRANSFUSION_NODE_CACHE`` (default ``$TRANSFUSION_HOME/node-cac
 hashing while it streams, under a file lock so concurrent jobs on the node wait for one
 download instead of racing; the copy is renamed into place only after every checksum
 matched. Later jobs on the node find it and read locally.
+
+Every object-store call is retried with backoff while the store is away
+(:func:`~transfusion.object_store.with_backoff`); past the retry budget publishing fails
+with one line and no manifest.
 
 The embedded single-machine default publishes nothing: with a local data path, driver
 and workers share the disk and read the prepared dataset where it is.
@@ -42,6 +48,7 @@ import pyarrow.fs
 from transfusion.checkpoints import storage_filesystem
 from transfusion.data.prepared import PreparedDataset
 from transfusion.home import storage_path, transfusion_home
+from transfusion.object_store import with_backoff
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +100,64 @@ def _sha256_of(path: Path) -> str:
 
 
 def _read_json(filesystem: pyarrow.fs.FileSystem, path: str) -> dict | None:
-    info = filesystem.get_file_info(path)
-    if info.type != pyarrow.fs.FileType.File:
+    def read() -> bytes | None:
+        if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+            return None
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+
+    raw = with_backoff(read, what=f"read {path}")
+    return None if raw is None else json.loads(raw.decode())
+
+
+def _read_manifest(filesystem: pyarrow.fs.FileSystem, path: str) -> dict | None:
+    """The manifest at ``path`` when it is complete (parses, lists files with size and sha256), else None."""
+    try:
+        manifest = _read_json(filesystem, path)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        log.warning("%s does not parse: treated as no manifest", path)
         return None
-    with filesystem.open_input_stream(path) as stream:
-        return json.loads(stream.read().decode())
+    if manifest is None:
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(files, dict)
+        or not files
+        or not all(isinstance(entry, dict) and {"size", "sha256"} <= entry.keys() for entry in files.values())
+    ):
+        log.warning("%s is incomplete (no size and sha256 for every file): treated as no manifest", path)
+        return None
+    return manifest
 
 
-def _upload(filesystem: pyarrow.fs.FileSystem, local: Path, remote: str) -> None:
-    with local.open("rb") as source, filesystem.open_output_stream(remote) as sink:
-        while chunk := source.read(_CHUNK):
-            sink.write(chunk)
+def _upload(filesystem: pyarrow.fs.FileSystem, local: Path, remote: str, *, size: int) -> None:
+    """Uploads ``local`` and checks that the store holds ``size`` bytes under ``remote``."""
+
+    def put() -> None:
+        with local.open("rb") as source, filesystem.open_output_stream(remote) as sink:
+            while chunk := source.read(_CHUNK):
+                sink.write(chunk)
+
+    with_backoff(put, what=f"upload {remote}")
+    stored = with_backoff(lambda: filesystem.get_file_info(remote), what=f"check {remote}")
+    if stored.type != pyarrow.fs.FileType.File or stored.size != size:
+        raise OSError(f"{remote}: the store holds {stored.size} bytes after the upload, expected {size}; run again")
+
+
+def _write_whole(filesystem: pyarrow.fs.FileSystem, remote: str, data: bytes) -> None:
+    """Writes ``data`` so that a reader sees all of it or nothing: one put on S3, a rename on disk."""
+    if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        partial = f"{remote}.partial-{os.getpid()}"
+        with filesystem.open_output_stream(partial) as stream:
+            stream.write(data)
+        os.replace(partial, remote)
+        return
+
+    def put() -> None:
+        with filesystem.open_output_stream(remote) as stream:
+            stream.write(data)
+
+    with_backoff(put, what=f"write {remote}")
 
 
 def publish_dataset(dataset: PreparedDataset, *, to: str | None = None) -> PublishedDataset:
@@ -116,7 +170,7 @@ def publish_dataset(dataset: PreparedDataset, *, to: str | None = None) -> Publi
     filesystem, root = storage_filesystem(base)
     folder = f"{root.rstrip('/')}/datasets/{key}"
     uri = f"{base.rstrip('/')}/datasets/{key}"
-    existing = _read_json(filesystem, f"{folder}/{MANIFEST}")
+    existing = _read_manifest(filesystem, f"{folder}/{MANIFEST}")
     if existing is not None and existing.get("meta", {}).get("version") == dataset.meta.get("version"):
         return PublishedDataset(uri=uri, key=key, files=existing["files"])
     files = {
@@ -124,12 +178,11 @@ def publish_dataset(dataset: PreparedDataset, *, to: str | None = None) -> Publi
         for path in sorted(Path(dataset.root).iterdir())
         if path.is_file()
     }
-    filesystem.create_dir(folder, recursive=True)
-    for name in files:
-        _upload(filesystem, Path(dataset.root) / name, f"{folder}/{name}")
+    with_backoff(lambda: filesystem.create_dir(folder, recursive=True), what=f"create {uri}")
+    for name, entry in files.items():
+        _upload(filesystem, Path(dataset.root) / name, f"{folder}/{name}", size=int(entry["size"]))
     manifest = {"key": key, "meta": dataset.meta, "files": files}
-    with filesystem.open_output_stream(f"{folder}/{MANIFEST}") as stream:
-        stream.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+    _write_whole(filesystem, f"{folder}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
     log.info("published dataset %s to %s (%d files)", key, uri, len(files))
     return PublishedDataset(uri=uri, key=key, files=files)
 
@@ -172,19 +225,18 @@ def fetch_dataset(uri: str, *, cache: Path | None = None) -> PreparedDataset:
     with _node_lock(cache / "datasets" / f".{key}.lock"):
         if (target / MANIFEST).is_file():  # another job on this node fetched it while we waited
             return PreparedDataset.open(target)
-        manifest = _read_json(filesystem, f"{folder.rstrip('/')}/{MANIFEST}")
+        manifest = _read_manifest(filesystem, f"{folder.rstrip('/')}/{MANIFEST}")
         if manifest is None:
-            raise ValueError(f"no published dataset at {uri} (no {MANIFEST}); publish it from the driver first")
+            raise ValueError(
+                f"no published dataset at {uri} (no complete {MANIFEST}); publish it from the driver first"
+            )
         partial = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
         try:
             for name, entry in manifest["files"].items():
-                _download_verified(
-                    filesystem,
-                    f"{folder.rstrip('/')}/{name}",
-                    partial / name,
-                    size=int(entry["size"]),
-                    sha256=str(entry["sha256"]),
-                )
+                remote = f"{folder.rstrip('/')}/{name}"
+                with_backoff(lambda remote=remote, name=name, entry=entry: _download_verified(
+                    filesystem, remote, partial / name, size=int(entry["size"]), sha256=str(entry["sha256"]),
+                ), what=f"download {remote}")  # fmt: skip
             (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
             os.replace(partial, target)
         finally:
@@ -201,9 +253,10 @@ def publish_weights(path: Path, *, to: str | None = None) -> str:
     suffix = ".safetensors" if Path(path).suffix == ".safetensors" else ".pt"
     filesystem, root = storage_filesystem(base)
     remote = f"{root.rstrip('/')}/weights/{sha256}{suffix}"
-    if filesystem.get_file_info(remote).type != pyarrow.fs.FileType.File:
-        filesystem.create_dir(f"{root.rstrip('/')}/weights", recursive=True)
-        _upload(filesystem, Path(path), remote)
+    if with_backoff(lambda: filesystem.get_file_info(remote), what=f"check {remote}").type != pyarrow.fs.FileType.File:
+        with_backoff(lambda: filesystem.create_dir(f"{root.rstrip('/')}/weights", recursive=True),
+                     what=f"create {base}/weights")  # fmt: skip
+        _upload(filesystem, Path(path), remote, size=Path(path).stat().st_size)
     return f"{base.rstrip('/')}/weights/{sha256}{suffix}"
 
 

@@ -61,7 +61,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     prepare.add_argument("name", help="dataset name (see: transfusion list)")
     prepare.add_argument("--source", default=None, help="a local folder/file or s3://bucket/prefix")
-    from flows.cli import resolution_px
+    from flows.arguments import resolution_px
 
     prepare.add_argument(
         "--resolution", type=resolution_px, default=None, help="pixels per side (default: per dataset)"

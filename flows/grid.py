@@ -17,7 +17,7 @@ from prefect import flow
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.plan_cli import warn_gpus_left_idle
+from flows.arguments import warn_gpus_left_idle
 from flows.runtime import tracking_service
 from tasks.analysis import (
     analyze_grid_task,

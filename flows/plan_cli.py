@@ -11,10 +11,11 @@ import argparse
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from flows.arguments import warn_gpus_left_idle
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def check_grid_arguments(args: argparse.Namespace) -> None:
 
 def grid_from_args(args: argparse.Namespace, *, store: TrackingStore | None = None, extra: list[str] | None = None):
     """The grid a command names: ``--run-id`` (its parent run's grid) or GRID with ``--set``/``--name``."""
-    from flows.cli import load_grid_with_overrides
+    from flows.arguments import load_grid_with_overrides
     from transfusion.config import load_grid
 
     check_grid_arguments(args)
@@ -104,19 +105,6 @@ def grid_status_from(grid, store: TrackingStore):
         log.info("jobs matched by names (%s)", exc)
         jobs = grid.jobs()
     return grid_status(grid.name, jobs, grid_job_runs(grid.name, uri=store.uri))
-
-
-def warn_gpus_left_idle(grid) -> None:
-    """One line when a grid asks for no GPU on a machine that has one."""
-    from transfusion.config import cuda_device_count
-
-    if grid.train.gpus_per_job == 0 and cuda_device_count():
-        print(
-            f"grid {grid.name}: train.gpus_per_job is 0 on a machine with {cuda_device_count()} CUDA device(s); "
-            "jobs run on CPUs (train.gpus_per_job: auto uses them)",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 def print_plan(grid, *, device: str | None, price_per_hour: float | None) -> None:
@@ -244,7 +232,7 @@ def device_name(text: str) -> str:
 
 
 def add_plan_commands(sub: argparse._SubParsersAction) -> None:
-    from flows.cli import non_negative_float
+    from flows.arguments import non_negative_float
 
     plan = sub.add_parser(
         "plan", help="what a grid will cost (jobs, FLOPs, device hours, disk, price), starting nothing"

@@ -282,7 +282,7 @@ def add_stack_commands(sub: argparse._SubParsersAction) -> None:
     stack = sub.add_parser("stack", help="start/stop the real services (S3, MLflow, Prefect, Ray) on loopback")
     actions = stack.add_subparsers(dest="stack_command", required=True)
     up = actions.add_parser("up", help="start the services, a process work pool with the deployments and its worker")
-    from flows.cli import port_number, positive_int
+    from flows.arguments import port_number, positive_int
 
     up.add_argument("--prefect-port", type=port_number, default=4200, help="Prefect server port (default 4200)")
     up.add_argument("--mlflow-port", type=port_number, default=5000, help="MLflow tracking server port (default 5000)")

@@ -214,24 +214,58 @@ def _relu_like_pair(rng: np.random.Generator, n: int, wx: int, wy: int, dead: in
     ids=["equal", "x-narrower", "y-narrower", "dead-in-narrower", "dead-in-wider"],
 )
 def test_pwcca_matches_published_reference(widths: tuple[int, int], dead: int) -> None:
+    """Default: the published method on centred activations; centred=False: on raw ones, sign-fixed."""
     rng = np.random.default_rng(sum(widths) + dead)
     x, y = _relu_like_pair(rng, 3000, *widths, dead)
-    golden, golden_weights = _published_pwcca(x, y)
-    result = pwcca(x, y)
-    assert result.score == pytest.approx(golden, abs=REFERENCE_TOL)
-    np.testing.assert_allclose(result.weights, golden_weights, atol=REFERENCE_TOL)
-    # The side is picked by width, so the argument order matters only on a tie (then x).
-    if (x.std(axis=0) > 0).sum() != (y.std(axis=0) > 0).sum():
-        assert pwcca(y, x).score == pytest.approx(golden, abs=REFERENCE_TOL)
+    for centred, inputs in ((True, (x - x.mean(axis=0), y - y.mean(axis=0))), (False, (x, y))):
+        golden, golden_weights = _published_pwcca(*inputs)
+        result = pwcca(x, y, centred=centred)
+        assert result.score == pytest.approx(golden, abs=REFERENCE_TOL), centred
+        np.testing.assert_allclose(result.weights, golden_weights, atol=REFERENCE_TOL)
+        # The side is picked by width, so the argument order matters only on a tie (then x).
+        if (x.std(axis=0) > 0).sum() != (y.std(axis=0) > 0).sum():
+            assert pwcca(y, x, centred=centred).score == pytest.approx(golden, abs=REFERENCE_TOL)
 
 
 def test_pwcca_published_differs_from_correlation_weighting_on_offsets() -> None:
     x, y = _relu_like_pair(np.random.default_rng(11), 2000, 10, 14, 0)
-    published = pwcca(x, y).score
+    published = pwcca(x, y, centred=False).score
     assert published == pytest.approx(_published_pwcca(x, y)[0], abs=REFERENCE_TOL)
     assert abs(published - pwcca(x, y, weighting="correlation").score) > 1e-4
+    assert abs(published - pwcca(x, y).score) > 1e-4  # the offsets move the uncentred variant
     with pytest.raises(ValueError, match="weighting must be one of"):
         pwcca(x, y, weighting="both")
+    with pytest.raises(ValueError, match="centred must be True or False"):
+        pwcca(x, y, centred="yes")
+
+
+def _flipping_svd(rng: np.random.Generator):
+    """torch.linalg.svd whose singular vectors get random signs (u_i and v_i flipped together): still an SVD."""
+    svd = torch.linalg.svd
+
+    def flipped(m, *args, **kwargs):
+        u, s, vh = svd(m, *args, **kwargs)
+        signs = torch.from_numpy(rng.choice([-1.0, 1.0], size=s.shape[-1])).to(u.dtype)
+        return u * signs[None, :], s, vh * signs[:, None]
+
+    return flipped
+
+
+def test_default_pwcca_does_not_depend_on_svd_signs_or_neuron_order(monkeypatch) -> None:
+    x, y = _relu_like_pair(np.random.default_rng(21), 2000, 12, 18, 1)
+    centred, uncentred = pwcca(x, y).score, pwcca(x, y, centred=False).score
+    rng = np.random.default_rng(0)
+    flip = rng.choice([-1.0, 1.0], size=x.shape[1])
+    shuffled = rng.permutation(x.shape[1])
+    # Permuting and sign-flipping neurons is a new pair for LAPACK: different signs and rounding.
+    assert pwcca(x[:, shuffled] * flip[shuffled], y).score == pytest.approx(centred, abs=1e-9)
+    monkeypatch.setattr(torch.linalg, "svd", _flipping_svd(np.random.default_rng(1)))
+    moved = []
+    for _ in range(8):
+        assert pwcca(x, y).score == pytest.approx(centred, abs=1e-9)
+        moved.append(abs(pwcca(x, y, centred=False).score - uncentred))
+    # The uncentred variant is stable only because it fixes the signs itself.
+    assert max(moved) < 1e-9
 
 
 # ---------------------------------------------------------------- chance levels

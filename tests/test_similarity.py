@@ -26,6 +26,7 @@ from transfusion.similarity import (
     prepare,
     pwcca,
     rbf_cka,
+    similarities_with_chance,
     svcca,
 )
 
@@ -331,6 +332,64 @@ def test_grouped_permutation_maps_each_image_onto_one_other_image() -> None:
         assert len(partners) == 1 and label not in partners
     rows = _broken_correspondence(50, None, np.random.default_rng(0))
     assert sorted(rows) == list(range(50)) and not np.any(rows == np.arange(50))
+
+
+def test_grouped_derangement_never_pairs_a_row_with_its_own_image_for_unequal_sizes() -> None:
+    groups = np.repeat(np.arange(7), [1, 9, 3, 5, 2, 8, 4])
+    for seed in range(50):
+        order = _broken_correspondence(len(groups), groups, np.random.default_rng(seed))
+        assert sorted(order) == list(range(len(groups)))
+        assert not np.any(groups[order] == groups)
+    with pytest.raises(ValueError, match="at most half"):
+        _broken_correspondence(10, np.repeat([0, 1], [6, 4]), np.random.default_rng(0))
+
+
+def test_same_position_pairing_for_every_layer_of_a_probe() -> None:
+    """Null pairs keep the position and change the image: 100 % same (h, w), 0 % within-image, every layer."""
+    from transfusion.probes import ProbeSampling, sample_positions
+
+    sampling = ProbeSampling(rows_per_channel=10, seed=0)
+    shapes = {"conv1": (64, 24), "stage1": (64, 12), "stage2": (128, 6), "stage3": (256, 3)}
+    for layer, (channels, side) in shapes.items():
+        rows = sample_positions(layer, images=32, height=side, width=side, channels=channels, sampling=sampling)
+        for seed in range(3):
+            order = _broken_correspondence(len(rows), rows[:, 0], np.random.default_rng(seed), rows[:, 1:])
+            assert sorted(order) == list(range(len(rows)))
+            assert np.all(rows[order, 1:] == rows[:, 1:]), layer
+            assert not np.any(rows[order, 0] == rows[:, 0]), layer
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((len(rows), 4)), rng.standard_normal((len(rows), 4))
+    assert chance_level(x, y, measure="cca", groups=rows[:, 0], positions=rows[:, 1:], repeats=2).grouped
+    # Images at different positions (an old probe) have no same-position partner for every row.
+    moved = rows.copy()
+    moved[moved[:, 0] == 0, 1] = (moved[moved[:, 0] == 0, 1] + 1) % 3
+    with pytest.raises(ValueError, match="different positions"):
+        chance_level(x, y, measure="cca", groups=moved[:, 0], positions=moved[:, 1:])
+    with pytest.raises(ValueError, match="positions need groups"):
+        chance_level(x, y, measure="cca", positions=rows[:, 1:])
+
+
+def test_similarities_with_chance_equals_separate_calls() -> None:
+    rng = np.random.default_rng(16)
+    images, positions = 40, 12
+    groups, where = np.repeat(np.arange(images), positions), np.tile(np.arange(positions), images)
+    x = np.maximum(rng.standard_normal((images * positions, 24)) @ rng.standard_normal((24, 24)) + 0.3, 0)
+    y = np.maximum(x @ rng.standard_normal((24, 30)) + rng.standard_normal((images * positions, 30)), 0)
+    measures = ("svcca", "pwcca", "linear_cka", "cca", "rbf_cka")
+    options = {"svcca": {"keep": 0.9}, "pwcca": {"centred": False}}
+    for inputs in ((x, y), (prepare(x), prepare(y))):
+        shared = similarities_with_chance(
+            *inputs, measures=measures, options=options, repeats=3, seed=5, groups=groups, positions=where
+        )
+        assert list(shared) == list(measures)
+        for measure in measures:
+            raw = inputs if measure == "rbf_cka" else (x, y)
+            alone = get_similarity(measure)(*raw, **options.get(measure, {}))
+            chance = chance_level(*raw, measure=measure, repeats=3, seed=5, groups=groups, positions=where,
+                                  options=options.get(measure))  # fmt: skip
+            assert shared[measure].result.score == pytest.approx(alone.score, abs=1e-9), measure
+            np.testing.assert_allclose(shared[measure].chance.scores, chance.scores, atol=1e-9, rtol=0)
+            assert shared[measure].chance.grouped and chance.mean < alone.score, measure
 
 
 def test_chance_level_reuses_prepared_representations_and_validates() -> None:

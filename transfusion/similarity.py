@@ -15,14 +15,16 @@ Measures (each returns a frozen result object with a float ``score``):
 - :func:`pwcca`: projection-weighted CCA (Morcos, Raghu & Bengio 2018,
   "Insights on representational similarity in neural networks with canonical
   correlation", arXiv:1806.05759), weighted as google/svcca
-  ``pwcca.compute_pwcca`` does (with its second branch fixed).
+  ``pwcca.compute_pwcca`` does (with its second branch fixed), on centred
+  activations by default so that the value does not depend on SVD signs.
 - :func:`linear_cka`, :func:`rbf_cka`: centred kernel alignment (Kornblith,
   Norouzi, Lee & Hinton 2019, "Similarity of Neural Network Representations
   Revisited", arXiv:1905.00414).
 
 :func:`chance_level` scores a measure on pairs whose row correspondence is broken
-(rows of y permuted, whole images at a time when rows are (image, position)
-samples): what two unrelated representations of these shapes score. With rows
+(rows of y permuted; with (image, position) rows, each row paired with the same
+position of another image): what two unrelated representations of these shapes
+score. :func:`similarities_with_chance` does it for several measures at once. With rows
 close to features every CCA-family score is near 1 by chance alone.
 
 Raghu, Zhang, Kleinberg & Bengio 2019 ("Transfusion", arXiv:1902.07208) use

@@ -290,3 +290,37 @@ def test_a_layer_dead_at_init_is_named_in_figure4_not_left_blank(tmp_path):
     values = {r["layer"]: r["similarity(init, trained)"] for r in table}
     assert values["stage1"] == "n/a (at init: every feature constant, a dead layer)"
     assert "(" not in values["conv1"]
+
+
+def test_probes_with_different_rows_are_not_compared(tmp_path):
+    """Same row count and images, other positions (another probe_seed): no value, and the reason says so."""
+    from transfusion.analysis.representations import seed_similarity, seed_similarity_markdown
+
+    rng = np.random.default_rng(4)
+    latent = rng.normal(size=(N, 6))
+    records = []
+    for seed in (0, 1):
+        probe = _probe(latent, np.random.default_rng(20 + seed))
+        if seed == 1:
+            probe["stage1.rows"] = probe["stage1.rows"].copy()
+            probe["stage1.rows"][:, 1] = 1 - probe["stage1.rows"][:, 1]  # same images, positions swapped
+        run = tmp_path / f"random-{seed}"
+        save_probe(run / "probes" / "step-40.npz", probe)
+        records.append(JobRecord(
+            job_key=f"r{seed}", run_id=f"run-r-{seed}", model="cbr-tiny", init="random", data_size="full",
+            seed=seed, status="FINISHED", val_curve=((0, 0.5), (40, 0.9)), probe_dir=run / "probes", metrics={},
+        ))  # fmt: skip
+    cache = RepresentationCache(AnalysisSettings())
+    a, b = (r.probe_dir / "step-40.npz" for r in records)
+    same = cache.pair(a, b, "conv1", measures=("svcca",))
+    assert same.undefined == "" and same.scores["svcca"].score > 0.5
+    swapped = cache.pair(a, b, "stage1", measures=("svcca",))
+    assert math.isnan(swapped.scores["svcca"].score)
+    assert swapped.undefined == "probes differ in rows (image, h, w): a different probe_seed or probe set?"
+    cache.layers(a)  # seed similarity compares the top layer, stage2 here: flat, no row index
+    rows = seed_similarity(records, cache=cache)
+    assert rows[0].layer == "stage2" and rows[0].note == ""
+    monkey = RepresentationCache(AnalysisSettings())
+    monkey._layers[a] = monkey._layers[b] = ["conv1", "stage1"]
+    table = seed_similarity_markdown(seed_similarity(records, cache=monkey))
+    assert "probes differ in rows (image, h, w): a different probe_seed or probe set?" in table

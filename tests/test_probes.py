@@ -20,6 +20,7 @@ from transfusion.probes import (
     probe_sampling,
     sample_positions,
     save_probe,
+    stored_dtype_note,
 )
 
 
@@ -50,6 +51,9 @@ def test_sample_positions_are_seeded_spread_over_images_and_distinct() -> None:
     assert rows.shape == (8 * 15, 3) and rows.dtype == np.int32
     assert np.array_equal(np.bincount(rows[:, 0]), np.full(8, 15))
     assert len({tuple(r) for r in rows}) == len(rows)
+    # Every image at the same positions, so a chance pairing can keep the position.
+    per_image = rows[:, 1:].reshape(8, 15, 2)
+    assert (per_image == per_image[:1]).all()
     assert rows[:, 1].max() < 6 and rows[:, 2].max() < 5
     again = sample_positions("stage2", images=8, height=6, width=5, channels=12, sampling=sampling)
     assert np.array_equal(rows, again)
@@ -100,3 +104,19 @@ def test_sampling_rule_is_validated() -> None:
         ProbeSampling(rows_per_channel=0)
     with pytest.raises(ValueError, match="seed must be an integer >= 0"):
         ProbeSampling(seed=-1)
+
+
+def test_a_value_beyond_fp16_is_stored_in_fp32_and_said_so(tmp_path) -> None:
+    """fp16 tops out at 65504: a layer holding 1e6 keeps fp32 (never inf); the others stay fp16."""
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = MODELS.get("cbr-tiny")(num_classes=2).eval()
+    # stage3's output far beyond fp16 (this hook runs before the capturing one).
+    model.capture_modules()["stage3"].register_forward_hook(lambda _module, _inputs, output: output * 1e6)
+    probe = load_probe(save_probe(tmp_path / "step-0.npz", capture_activations(model, images, batch_size=4)))
+    assert probe["stage3"].dtype == np.float32 and np.isfinite(probe["stage3"]).all()
+    assert np.abs(probe["stage3"]).max() > 1e6
+    assert "exceeds fp16's 65504" in stored_dtype_note(probe, "stage3")
+    assert "stage3.dtype" not in probe_layers(probe) and "stage3" in probe_layers(probe)
+    for layer in ("conv1", "stage1", "stage2"):  # before the large values: fp16, no note
+        assert probe[layer].dtype == np.float16 and stored_dtype_note(probe, layer) == ""

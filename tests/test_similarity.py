@@ -26,6 +26,7 @@ from transfusion.similarity import (
     prepare,
     pwcca,
     rbf_cka,
+    similarities_with_chance,
     svcca,
 )
 
@@ -214,24 +215,58 @@ def _relu_like_pair(rng: np.random.Generator, n: int, wx: int, wy: int, dead: in
     ids=["equal", "x-narrower", "y-narrower", "dead-in-narrower", "dead-in-wider"],
 )
 def test_pwcca_matches_published_reference(widths: tuple[int, int], dead: int) -> None:
+    """Default: the published method on centred activations; centred=False: on raw ones, sign-fixed."""
     rng = np.random.default_rng(sum(widths) + dead)
     x, y = _relu_like_pair(rng, 3000, *widths, dead)
-    golden, golden_weights = _published_pwcca(x, y)
-    result = pwcca(x, y)
-    assert result.score == pytest.approx(golden, abs=REFERENCE_TOL)
-    np.testing.assert_allclose(result.weights, golden_weights, atol=REFERENCE_TOL)
-    # The side is picked by width, so the argument order matters only on a tie (then x).
-    if (x.std(axis=0) > 0).sum() != (y.std(axis=0) > 0).sum():
-        assert pwcca(y, x).score == pytest.approx(golden, abs=REFERENCE_TOL)
+    for centred, inputs in ((True, (x - x.mean(axis=0), y - y.mean(axis=0))), (False, (x, y))):
+        golden, golden_weights = _published_pwcca(*inputs)
+        result = pwcca(x, y, centred=centred)
+        assert result.score == pytest.approx(golden, abs=REFERENCE_TOL), centred
+        np.testing.assert_allclose(result.weights, golden_weights, atol=REFERENCE_TOL)
+        # The side is picked by width, so the argument order matters only on a tie (then x).
+        if (x.std(axis=0) > 0).sum() != (y.std(axis=0) > 0).sum():
+            assert pwcca(y, x, centred=centred).score == pytest.approx(golden, abs=REFERENCE_TOL)
 
 
 def test_pwcca_published_differs_from_correlation_weighting_on_offsets() -> None:
     x, y = _relu_like_pair(np.random.default_rng(11), 2000, 10, 14, 0)
-    published = pwcca(x, y).score
+    published = pwcca(x, y, centred=False).score
     assert published == pytest.approx(_published_pwcca(x, y)[0], abs=REFERENCE_TOL)
     assert abs(published - pwcca(x, y, weighting="correlation").score) > 1e-4
+    assert abs(published - pwcca(x, y).score) > 1e-4  # the offsets move the uncentred variant
     with pytest.raises(ValueError, match="weighting must be one of"):
         pwcca(x, y, weighting="both")
+    with pytest.raises(ValueError, match="centred must be True or False"):
+        pwcca(x, y, centred="yes")
+
+
+def _flipping_svd(rng: np.random.Generator):
+    """torch.linalg.svd whose singular vectors get random signs (u_i and v_i flipped together): still an SVD."""
+    svd = torch.linalg.svd
+
+    def flipped(m, *args, **kwargs):
+        u, s, vh = svd(m, *args, **kwargs)
+        signs = torch.from_numpy(rng.choice([-1.0, 1.0], size=s.shape[-1])).to(u.dtype)
+        return u * signs[None, :], s, vh * signs[:, None]
+
+    return flipped
+
+
+def test_default_pwcca_does_not_depend_on_svd_signs_or_neuron_order(monkeypatch) -> None:
+    x, y = _relu_like_pair(np.random.default_rng(21), 2000, 12, 18, 1)
+    centred, uncentred = pwcca(x, y).score, pwcca(x, y, centred=False).score
+    rng = np.random.default_rng(0)
+    flip = rng.choice([-1.0, 1.0], size=x.shape[1])
+    shuffled = rng.permutation(x.shape[1])
+    # Permuting and sign-flipping neurons is a new pair for LAPACK: different signs and rounding.
+    assert pwcca(x[:, shuffled] * flip[shuffled], y).score == pytest.approx(centred, abs=1e-9)
+    monkeypatch.setattr(torch.linalg, "svd", _flipping_svd(np.random.default_rng(1)))
+    moved = []
+    for _ in range(8):
+        assert pwcca(x, y).score == pytest.approx(centred, abs=1e-9)
+        moved.append(abs(pwcca(x, y, centred=False).score - uncentred))
+    # The uncentred variant is stable only because it fixes the signs itself.
+    assert max(moved) < 1e-9
 
 
 # ---------------------------------------------------------------- chance levels
@@ -297,6 +332,64 @@ def test_grouped_permutation_maps_each_image_onto_one_other_image() -> None:
         assert len(partners) == 1 and label not in partners
     rows = _broken_correspondence(50, None, np.random.default_rng(0))
     assert sorted(rows) == list(range(50)) and not np.any(rows == np.arange(50))
+
+
+def test_grouped_derangement_never_pairs_a_row_with_its_own_image_for_unequal_sizes() -> None:
+    groups = np.repeat(np.arange(7), [1, 9, 3, 5, 2, 8, 4])
+    for seed in range(50):
+        order = _broken_correspondence(len(groups), groups, np.random.default_rng(seed))
+        assert sorted(order) == list(range(len(groups)))
+        assert not np.any(groups[order] == groups)
+    with pytest.raises(ValueError, match="at most half"):
+        _broken_correspondence(10, np.repeat([0, 1], [6, 4]), np.random.default_rng(0))
+
+
+def test_same_position_pairing_for_every_layer_of_a_probe() -> None:
+    """Null pairs keep the position and change the image: 100 % same (h, w), 0 % within-image, every layer."""
+    from transfusion.probes import ProbeSampling, sample_positions
+
+    sampling = ProbeSampling(rows_per_channel=10, seed=0)
+    shapes = {"conv1": (64, 24), "stage1": (64, 12), "stage2": (128, 6), "stage3": (256, 3)}
+    for layer, (channels, side) in shapes.items():
+        rows = sample_positions(layer, images=32, height=side, width=side, channels=channels, sampling=sampling)
+        for seed in range(3):
+            order = _broken_correspondence(len(rows), rows[:, 0], np.random.default_rng(seed), rows[:, 1:])
+            assert sorted(order) == list(range(len(rows)))
+            assert np.all(rows[order, 1:] == rows[:, 1:]), layer
+            assert not np.any(rows[order, 0] == rows[:, 0]), layer
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((len(rows), 4)), rng.standard_normal((len(rows), 4))
+    assert chance_level(x, y, measure="cca", groups=rows[:, 0], positions=rows[:, 1:], repeats=2).grouped
+    # Images at different positions (an old probe) have no same-position partner for every row.
+    moved = rows.copy()
+    moved[0, 1:] = moved[1, 1:]  # image 0 samples one position twice, another not at all
+    with pytest.raises(ValueError, match="different positions"):
+        chance_level(x, y, measure="cca", groups=moved[:, 0], positions=moved[:, 1:])
+    with pytest.raises(ValueError, match="positions need groups"):
+        chance_level(x, y, measure="cca", positions=rows[:, 1:])
+
+
+def test_similarities_with_chance_equals_separate_calls() -> None:
+    rng = np.random.default_rng(16)
+    images, positions = 40, 12
+    groups, where = np.repeat(np.arange(images), positions), np.tile(np.arange(positions), images)
+    x = np.maximum(rng.standard_normal((images * positions, 24)) @ rng.standard_normal((24, 24)) + 0.3, 0)
+    y = np.maximum(x @ rng.standard_normal((24, 30)) + rng.standard_normal((images * positions, 30)), 0)
+    measures = ("svcca", "pwcca", "linear_cka", "cca")
+    options = {"svcca": {"keep": 0.9}, "pwcca": {"centred": False}}
+    # rbf_cka shares nothing (it needs raw rows) and is computed on its own.
+    for inputs, asked in (((x, y), (*measures, "rbf_cka")), ((prepare(x), prepare(y)), measures)):
+        shared = similarities_with_chance(
+            *inputs, measures=asked, options=options, repeats=3, seed=5, groups=groups, positions=where
+        )
+        assert list(shared) == list(asked)
+        for measure in asked:
+            alone = get_similarity(measure)(x, y, **options.get(measure, {}))
+            chance = chance_level(x, y, measure=measure, repeats=3, seed=5, groups=groups, positions=where,
+                                  options=options.get(measure))  # fmt: skip
+            assert shared[measure].result.score == pytest.approx(alone.score, abs=1e-9), measure
+            np.testing.assert_allclose(shared[measure].chance.scores, chance.scores, atol=1e-9, rtol=0)
+            assert shared[measure].chance.grouped and chance.mean < alone.score, measure
 
 
 def test_chance_level_reuses_prepared_representations_and_validates() -> None:

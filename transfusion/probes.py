@@ -5,16 +5,20 @@ close to the channel count two unrelated layers score near 1. A conv map is
 therefore never pooled; each layer keeps ``rows_per_channel x channels`` (image,
 position) rows of the *unpooled* map, spread evenly over the probe images
 (``ceil(rows_per_channel * C / N)`` positions per image, all of them when an image
-has fewer). Which positions is a seeded function of the layer name, the map shape
-and the seed only -- not of the weights -- so every run and step of a grid (same
-model, resolution and probe set) stores the same rows and pairs align row by row.
+has fewer), every image at the same positions so that a chance level can pair each
+row with the same position of another image. Which positions is a seeded function
+of the layer name, the map shape and the seed only -- not of the weights -- so every
+run and step of a grid (same model, resolution and probe set) stores the same rows
+and pairs align row by row.
 
 A stored probe (``step-<n>.npz``) holds, per layer ``L``:
 
 - ``L``: (rows, channels) fp16 activations (conv layers), or (images, features)
-  for flat outputs (``pool``, ``logits``);
+  for flat outputs (``pool``, ``logits``); fp32 where fp16 would overflow;
 - ``L.rows``: (rows, 3) int32 ``(image, h, w)`` of each conv row, sorted by image,
   so the analysis can permute whole images for chance levels;
+- ``L.dtype``: only where ``L`` is stored in fp32, a note saying why: one of its
+  values exceeds fp16's range (|x| > 65504), which fp16 would store as inf;
 
 and ``sampling``: the rule as JSON, logged again with the analysis.
 """
@@ -33,6 +37,9 @@ import torch
 from torch import nn
 
 ROWS_SUFFIX = ".rows"
+# Present only for a layer stored in fp32 because a value exceeds fp16's range.
+DTYPE_SUFFIX = ".dtype"
+FP16_MAX = float(np.finfo(np.float16).max)
 SAMPLING_KEY = "sampling"
 # Layers the representation analyses compare (pool and logits are stored, not analysed).
 ANALYSED_LAYER = re.compile(r"^(conv1|stage(\d+))$")
@@ -56,8 +63,8 @@ class ProbeSampling:
 
     def describe(self) -> str:
         return (
-            f"unpooled conv maps: ceil({self.rows_per_channel} x channels / images) seeded (image, position)"
-            f" rows per image (seed {self.seed}), the same for every run and step"
+            f"unpooled conv maps: ceil({self.rows_per_channel} x channels / images) seeded positions, the same"
+            f" in every image (seed {self.seed}), the same for every run and step"
         )
 
 
@@ -75,15 +82,17 @@ def sample_positions(
 ) -> np.ndarray:
     """(rows, 3) int32 ``(image, h, w)``: the rows a conv layer keeps, sorted by image then position.
 
-    Depends only on the arguments (not on activations), so every run with the same
-    model, resolution and probe set keeps the same rows.
+    Every image keeps the same seeded set of positions. Depends only on the
+    arguments (not on activations), so every run with the same model, resolution
+    and probe set keeps the same rows.
     """
     per_image = positions_per_image(images=images, height=height, width=width, channels=channels, sampling=sampling)
     # crc32: a stable per-layer stream (Python's hash() is salted per process).
     rng = np.random.default_rng([sampling.seed, zlib.crc32(layer.encode())])
-    cells = height * width
-    chosen = [np.sort(rng.choice(cells, size=per_image, replace=False)) for _ in range(images)]
-    flat = np.concatenate(chosen)
+    # One set of positions for every image: a chance pairing can then keep each row's
+    # position and change only its image (transfusion.similarity.chance_level).
+    chosen = np.sort(rng.choice(height * width, size=per_image, replace=False))
+    flat = np.tile(chosen, images)
     image = np.repeat(np.arange(images), per_image)
     return np.stack([image, flat // width, flat % width], axis=1).astype(np.int32)
 
@@ -131,7 +140,8 @@ def capture_activations(
                 here = keep[(keep[:, 0] >= start) & (keep[:, 0] < start + output.shape[0])]
                 index = torch.from_numpy(here.astype(np.int64)).to(output.device)
                 output = output[index[:, 0] - start, :, index[:, 1], index[:, 2]]
-            outputs.setdefault(name, []).append(output.detach().to("cpu", torch.float16))
+            # fp32 until the whole layer is seen: fp16 is chosen only if every value fits.
+            outputs.setdefault(name, []).append(output.detach().to("cpu", torch.float32))
 
         handles.append(module.register_forward_hook(hook))
     was_training = model.training
@@ -144,10 +154,29 @@ def capture_activations(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    probe = {name: torch.cat(chunks).contiguous().numpy() for name, chunks in outputs.items()}
+    probe: dict[str, np.ndarray] = {}
+    for name, chunks in outputs.items():
+        values = torch.cat(chunks).contiguous().numpy()
+        probe[name], note = _compact(values)
+        if note:
+            probe[name + DTYPE_SUFFIX] = np.array(note)
     probe.update({name + ROWS_SUFFIX: positions for name, positions in rows.items()})
     probe[SAMPLING_KEY] = np.array(json.dumps(asdict(sampling)))
     return probe
+
+
+def _compact(values: np.ndarray) -> tuple[np.ndarray, str]:
+    """fp16 when every value fits; else fp32 and a note saying why (fp16 would store inf)."""
+    largest = float(np.abs(values).max()) if values.size else 0.0
+    if largest <= FP16_MAX or not np.isfinite(largest):
+        return values.astype(np.float16), ""
+    return values, f"float32: largest |value| {largest:.6g} exceeds fp16's {FP16_MAX:.0f}"
+
+
+def stored_dtype_note(probe: dict[str, np.ndarray], layer: str) -> str:
+    """Why ``layer`` is stored in fp32 rather than fp16 ('' when it is fp16)."""
+    note = probe.get(layer + DTYPE_SUFFIX)
+    return "" if note is None else str(note)
 
 
 def save_probe(path: Path, activations: dict[str, np.ndarray]) -> Path:
@@ -163,7 +192,7 @@ def load_probe(path: Path) -> dict[str, np.ndarray]:
 
 def probe_layers(probe: dict[str, np.ndarray]) -> list[str]:
     """Names of the representations in a loaded probe (row indices and metadata left out)."""
-    return [name for name in probe if name != SAMPLING_KEY and not name.endswith(ROWS_SUFFIX)]
+    return [name for name in probe if name != SAMPLING_KEY and not name.endswith((ROWS_SUFFIX, DTYPE_SUFFIX))]
 
 
 def image_groups(probe: dict[str, np.ndarray], layer: str) -> np.ndarray | None:

@@ -15,14 +15,16 @@ Measures (each returns a frozen result object with a float ``score``):
 - :func:`pwcca`: projection-weighted CCA (Morcos, Raghu & Bengio 2018,
   "Insights on representational similarity in neural networks with canonical
   correlation", arXiv:1806.05759), weighted as google/svcca
-  ``pwcca.compute_pwcca`` does (with its second branch fixed).
+  ``pwcca.compute_pwcca`` does (with its second branch fixed), on centred
+  activations by default so that the value does not depend on SVD signs.
 - :func:`linear_cka`, :func:`rbf_cka`: centred kernel alignment (Kornblith,
   Norouzi, Lee & Hinton 2019, "Similarity of Neural Network Representations
   Revisited", arXiv:1905.00414).
 
 :func:`chance_level` scores a measure on pairs whose row correspondence is broken
-(rows of y permuted, whole images at a time when rows are (image, position)
-samples): what two unrelated representations of these shapes score. With rows
+(rows of y permuted; with (image, position) rows, each row paired with the same
+position of another image): what two unrelated representations of these shapes
+score. :func:`similarities_with_chance` does it for several measures at once. With rows
 close to features every CCA-family score is near 1 by chance alone.
 
 Raghu, Zhang, Kleinberg & Bengio 2019 ("Transfusion", arXiv:1902.07208) use
@@ -45,9 +47,10 @@ examples) count as numerically zero and do not add to the rank.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -64,6 +67,7 @@ __all__ = [
     "PWCCAResult",
     "PreparedRepresentation",
     "SVCCAResult",
+    "ScoreWithChance",
     "cca",
     "chance_level",
     "flatten_conv",
@@ -73,6 +77,7 @@ __all__ = [
     "prepare",
     "pwcca",
     "rbf_cka",
+    "similarities_with_chance",
     "svcca",
 ]
 
@@ -347,6 +352,26 @@ def _num_directions(singular_values: torch.Tensor, *, keep: float, variance: str
     return min(k, rank)
 
 
+@contextlib.contextmanager
+def _one_lapack_thread(device: torch.device) -> Iterator[None]:
+    """Runs the enclosed CPU factorisations (eigh, SVD, QR of at most features x features) in one thread.
+
+    Why: on a 2 048 x 2 048 matrix MKL's threaded LAPACK gains little, and on cores
+    shared with other processes its OpenMP barriers spin: a 1 024 x 1 024 SVD took
+    14.5 CPU s with 2 threads and 1.1 CPU s with 1 at load 20 (2-core EPYC). Ray
+    analysis tasks already run with one thread; matrix products stay threaded.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _lower_gram(a: torch.Tensor, *, panel: int = 384) -> torch.Tensor:
     """``a^T a`` filled on and below the diagonal blocks only: eigh reads the lower triangle.
 
@@ -417,7 +442,8 @@ def _prepare_tensor(
             f"{name} has a non-constant feature whose variance underflows float64; rescale the activations"
         )
     norms = sq_norms.sqrt()
-    lam, vecs = torch.linalg.eigh(gram)
+    with _one_lapack_thread(gram.device):
+        lam, vecs = torch.linalg.eigh(gram)
     lam, vecs = lam.flip(0), vecs.flip(1)
     rank = int((lam > lam[0] * _RANK_RTOL * max(n, q)).sum())
     s = lam[:rank].sqrt()
@@ -532,18 +558,27 @@ def _canonical(
     scale_x: float,
     scale_y: float,
     with_directions: bool = False,
+    cross: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Canonical correlations and, if asked, (x-side, y-side) singular vectors of the basis cross product."""
-    m = px.basis[:, :kx].T @ py.basis[:, :ky]
+    """Canonical correlations and, if asked, (x-side, y-side) singular vectors of the basis cross product.
+
+    ``cross`` is ``px.basis.T @ py.basis`` when the caller has it: the bases are
+    ordered by descending singular value, so every truncation is its leading block.
+    """
+    if cross is None:
+        m = px.basis[:, :kx].T @ py.basis[:, :ky]
+    else:
+        m = cross[:kx, :ky]
     if epsilon > 0:
         dx = _ridge_scale(px.singular_values[:kx], epsilon, scale_x)
         dy = _ridge_scale(py.singular_values[:ky], epsilon, scale_y)
         m = dx[:, None] * m * dy[None, :]
-    if with_directions:
-        a, rho, bt = torch.linalg.svd(m, full_matrices=False)
-        directions = (a, bt.T)
-    else:
-        directions, rho = None, torch.linalg.svdvals(m)
+    with _one_lapack_thread(m.device):
+        if with_directions:
+            a, rho, bt = torch.linalg.svd(m, full_matrices=False)
+            directions = (a, bt.T)
+        else:
+            directions, rho = None, torch.linalg.svdvals(m)
     # Orthonormal bases bound every correlation by 1; rounding can overshoot.
     return rho.clamp(0.0, 1.0), directions
 
@@ -552,14 +587,19 @@ def _canonical(
 
 
 def _full_canonical(
-    x: Representation, y: Representation, *, epsilon: float, measure: str, with_directions: bool = False
+    px: PreparedRepresentation,
+    py: PreparedRepresentation,
+    *,
+    epsilon: float,
+    measure: str,
+    with_directions: bool = False,
+    cross: torch.Tensor | None = None,
 ):
-    """(px, py, rho, directions) on the full column spaces: what CCA and PWCCA share."""
+    """(rho, directions) on the full column spaces: what CCA and PWCCA share."""
     _check_epsilon(epsilon)
-    px, py = _prepared_pair(x, y)
     _require_full(px, "x", measure)
     _require_full(py, "y", measure)
-    rho, a = _canonical(
+    return _canonical(
         px,
         px.directions,
         py,
@@ -568,8 +608,8 @@ def _full_canonical(
         scale_x=px.max_sq_norm,
         scale_y=py.max_sq_norm,
         with_directions=with_directions,
+        cross=cross,
     )
-    return px, py, rho, a
 
 
 @SIMILARITIES.register("cca")
@@ -596,7 +636,14 @@ def cca(x: Representation, y: Representation, *, epsilon: float = 0.0) -> CCARes
         ValueError: mismatched or empty rows, non-2-D or non-finite input, a
             representation with no variance, or a truncated preparation.
     """
-    _, _, rho, _ = _full_canonical(x, y, epsilon=epsilon, measure="cca")
+    px, py = _prepared_pair(x, y)
+    return _cca_core(px, py, epsilon=epsilon)
+
+
+def _cca_core(
+    px: PreparedRepresentation, py: PreparedRepresentation, *, cross: torch.Tensor | None = None, epsilon: float = 0.0
+) -> CCAResult:
+    rho, _ = _full_canonical(px, py, epsilon=epsilon, measure="cca", cross=cross)
     return CCAResult(score=float(rho.mean()), coefficients=rho.cpu().numpy())
 
 
@@ -639,6 +686,20 @@ def svcca(
     """
     _check_epsilon(epsilon)
     px, py = _prepared_pair(x, y, keep=keep, variance=variance, dims=dims)
+    return _svcca_core(px, py, keep=keep, variance=variance, dims=dims, epsilon=epsilon)
+
+
+def _svcca_core(
+    px: PreparedRepresentation,
+    py: PreparedRepresentation,
+    *,
+    cross: torch.Tensor | None = None,
+    keep: float = 0.99,
+    variance: Variance = "squared",
+    dims: int | None = None,
+    epsilon: float = 0.0,
+) -> SVCCAResult:
+    _check_epsilon(epsilon)
     ks = []
     for p, name in ((px, "x"), (py, "y")):
         k = _num_directions(p.singular_values, keep=keep, variance=variance, dims=dims)
@@ -659,6 +720,7 @@ def svcca(
         epsilon=epsilon,
         scale_x=float(px.singular_values[0]) ** 2,
         scale_y=float(py.singular_values[0]) ** 2,
+        cross=cross,
     )
     return SVCCAResult(score=float(rho.mean()), coefficients=rho.cpu().numpy(), dims=(kx, ky))
 
@@ -670,30 +732,41 @@ def pwcca(
     *,
     epsilon: float = 0.0,
     weighting: Weighting = "projection",
+    centred: bool = True,
 ) -> PWCCAResult:
     """Projection-weighted CCA (Morcos et al. 2018) of two representations.
 
     Canonical correlations ``rho_i`` are computed as in :func:`cca`; the score
     is ``sum_i weight_i * rho_i`` with weights summing to 1.
 
-    ``weighting="projection"`` (default) is the method as published and as
-    google/svcca ``compute_pwcca(x.T, y.T)`` computes it, with the bug of its
+    ``weighting="projection"`` (default) is the published weighting, as
+    google/svcca ``compute_pwcca(x.T, y.T)`` computes it with the bug of its
     second branch fixed (it projects onto x where it means y): take the side
     with fewer non-constant features (x on a tie), form its canonical
     directions ``Xc u_i`` (u_i the left singular vectors of the whitened cross
-    covariance, the google ``coef_x``), add back feature i's mean to direction
-    i, orthonormalise the directions in order (QR), and weight direction i by
-    ``sum_j |<p_i, x_j>|`` over that side's uncentred non-constant features.
-    Adding the mean makes the weights depend on each direction's sign, which
-    google/svcca leaves to LAPACK; here the largest coefficient of each
-    direction over the features is positive (on centred inputs the sign does
-    not matter and the two agree exactly). Because the side is chosen by width,
-    ``pwcca(x, y) == pwcca(y, x)`` unless the widths tie.
+    covariance, the google ``coef_x``), orthonormalise them in order (QR), and
+    weight direction i by ``sum_j |<p_i, x_j>|`` over that side's non-constant
+    features. Because the side is chosen by width, ``pwcca(x, y) == pwcca(y, x)``
+    unless the widths tie.
+
+    ``centred=True`` (default) projects onto the *centred* features. Flipping
+    the sign of any singular vector then only flips the sign of its projections,
+    so the value does not depend on the signs LAPACK returns, nor on the order or
+    signs of the neurons; on centred input it equals google/svcca's value.
+
+    ``centred=False`` is google/svcca's code on raw (uncentred) activations: it
+    adds feature i's mean back to direction i and projects onto the uncentred
+    features. That makes the weights depend on each direction's sign (and on
+    which neuron is i), which google/svcca leaves to LAPACK: on one pair of ReLU
+    layers its value ranged over 0.595-0.648 under random sign choices. Here the
+    sign is fixed (the largest coefficient of each direction over the features is
+    positive, sklearn's ``svd_flip``), which makes it reproducible, not meaningful.
 
     ``weighting="correlation"`` is this project's earlier variant: weight_i =
     ``sum_j |corr(h_i, x_j)|`` with h_i the canonical variates of x, always
-    from the first argument. It equals the published weights when x is
-    centred, whitened and not wider than y.
+    from the first argument (``centred`` does not apply: correlations are
+    centred). It equals the published weights when x is centred, whitened and
+    not wider than y.
 
     Args:
         x: (examples, features) array/tensor or untruncated :func:`prepare`
@@ -701,6 +774,8 @@ def pwcca(
         y: Same, on the same examples in the same order.
         epsilon: Ridge, as in :func:`cca`.
         weighting: ``"projection"`` (published) or ``"correlation"``.
+        centred: Project onto centred features (sign-free, default) or, with
+            False, onto uncentred ones as google/svcca does (sign-fixed).
 
     Returns:
         :class:`PWCCAResult` with the weighted score, coefficients and weights.
@@ -710,12 +785,29 @@ def pwcca(
     """
     if weighting not in _WEIGHTING_CHOICES:
         raise ValueError(f"weighting must be one of {_WEIGHTING_CHOICES}; got {weighting!r}")
-    px, py, rho, (a, b) = _full_canonical(x, y, epsilon=epsilon, measure="pwcca", with_directions=True)
+    px, py = _prepared_pair(x, y)
+    return _pwcca_core(px, py, epsilon=epsilon, weighting=weighting, centred=centred)
+
+
+def _pwcca_core(
+    px: PreparedRepresentation,
+    py: PreparedRepresentation,
+    *,
+    cross: torch.Tensor | None = None,
+    epsilon: float = 0.0,
+    weighting: Weighting = "projection",
+    centred: bool = True,
+) -> PWCCAResult:
+    if weighting not in _WEIGHTING_CHOICES:
+        raise ValueError(f"weighting must be one of {_WEIGHTING_CHOICES}; got {weighting!r}")
+    if not isinstance(centred, bool):
+        raise ValueError(f"centred must be True or False; got {centred!r}")
+    rho, (a, b) = _full_canonical(px, py, epsilon=epsilon, measure="pwcca", with_directions=True, cross=cross)
     if weighting == "projection":
         if px.varying_features <= py.varying_features:
-            weights = _projection_weights(px, a)
+            weights = _projection_weights(px, a, centred=centred)
         else:
-            weights = _projection_weights(py, b)
+            weights = _projection_weights(py, b, centred=centred)
     else:
         if epsilon > 0:
             # The ridge reweights basis directions; the variate is basis @ (d * a).
@@ -731,32 +823,37 @@ def pwcca(
     )
 
 
-def _projection_weights(p: PreparedRepresentation, directions: torch.Tensor) -> torch.Tensor:
+def _projection_weights(p: PreparedRepresentation, directions: torch.Tensor, *, centred: bool) -> torch.Tensor:
     """Unnormalised published PWCCA weights of one side, without an examples-sized QR.
 
-    The canonical directions ``U diag(s) A + 1 mu^T`` and the uncentred features
-    ``U diag(s) V^T + 1 mu^T`` all lie in the span of the orthonormal columns
-    ``[U, 1/sqrt(n)]`` (U is centred, so orthogonal to the constant vector);
-    orthonormalising and projecting in those (k + 1) coordinates gives the same
-    inner products as doing it over the n examples.
+    The canonical directions ``U diag(s) A`` and the centred features
+    ``U diag(s) V^T`` lie in the span of the orthonormal columns U, so
+    orthonormalising and projecting in those k coordinates gives the same inner
+    products as doing it over the n examples. Uncentred, directions and features
+    gain ``1 mu^T``: U is centred, hence orthogonal to the constant vector, and
+    ``[U, 1/sqrt(n)]`` is an orthonormal basis of (k + 1) coordinates.
     """
     k, r = directions.shape
-    root_n = math.sqrt(p.num_examples)
-    means = p.feature_means.to(directions.dtype)
     # diag(s) V^T; its row norms are s exactly, also on the refined (ill-conditioned) path.
     scaled_vt = p.loadings * p.feature_norms[None, :]
     s = torch.linalg.vector_norm(scaled_vt, dim=1)
-    # Adding feature i's mean to direction i makes the weights depend on each
-    # direction's sign, which google/svcca leaves to LAPACK. Fix it: the largest
-    # coefficient of each direction over the features (google's coef_x row) is
-    # positive, sklearn's svd_flip convention.
-    coefficients = (scaled_vt / s[:, None]).T @ directions  # (features, r)
-    largest = coefficients.abs().argmax(dim=0)
-    signs = torch.sign(coefficients[largest, torch.arange(r, device=directions.device)])
-    directions = directions * torch.where(signs == 0, torch.ones_like(signs), signs)[None, :]
-    direction_coords = torch.cat([s[:, None] * directions, root_n * means[None, :r]])
-    feature_coords = torch.cat([scaled_vt, root_n * means[None, :]])
-    q, _ = torch.linalg.qr(direction_coords)
+    direction_coords = s[:, None] * directions
+    feature_coords = scaled_vt
+    if not centred:
+        root_n = math.sqrt(p.num_examples)
+        means = p.feature_means.to(directions.dtype)
+        # Adding feature i's mean to direction i makes the weights depend on each
+        # direction's sign, which google/svcca leaves to LAPACK. Fix it: the largest
+        # coefficient of each direction over the features (google's coef_x row) is
+        # positive, sklearn's svd_flip convention.
+        coefficients = (scaled_vt / s[:, None]).T @ directions  # (features, r)
+        largest = coefficients.abs().argmax(dim=0)
+        signs = torch.sign(coefficients[largest, torch.arange(r, device=directions.device)])
+        direction_coords = direction_coords * torch.where(signs == 0, torch.ones_like(signs), signs)[None, :]
+        direction_coords = torch.cat([direction_coords, root_n * means[None, :r]])
+        feature_coords = torch.cat([scaled_vt, root_n * means[None, :]])
+    with _one_lapack_thread(directions.device):
+        q, _ = torch.linalg.qr(direction_coords)
     return (q.T @ feature_coords).abs().sum(dim=1)
 
 
@@ -792,21 +889,70 @@ def _derangement(count: int, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _broken_correspondence(rows: int, groups: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+def _position_keys(positions: np.ndarray) -> np.ndarray:
+    """One integer per row for a (rows,) or (rows, d) array of non-negative position labels."""
+    if positions.ndim == 1:
+        return positions.astype(np.int64)
+    _, keys = np.unique(positions, axis=0, return_inverse=True)
+    return keys.reshape(-1).astype(np.int64)
+
+
+def _broken_correspondence(
+    rows: int, groups: np.ndarray | None, rng: np.random.Generator, positions: np.ndarray | None = None
+) -> np.ndarray:
     """Row order of y against x's rows: rows deranged, or whole groups deranged.
 
-    With groups, x's rows taken group by group are paired with y's rows of the
-    deranged groups taken in the same order, so the positions of one image stay
-    together; with equal group sizes every image meets exactly one other image.
+    With groups, the groups are laid out one after another in a seeded random
+    cycle (each group's rows by position when ``positions`` is given, else in row
+    order) and every row is paired with the row ``m`` places further round the
+    cycle, m the size of the largest group. A group spans at most m places, so no
+    row meets a row of its own group (given every group holds at most half the
+    rows). With equal group sizes this pairs each group with the next one in the
+    cycle, row k with row k -- with ``positions`` (every group holding the same
+    positions) the row at the same position.
     """
     if groups is None:
         return _derangement(rows, rng)
     labels, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(labels))]
-    target = _derangement(len(labels), rng)
+    sizes = np.bincount(inverse)
+    largest = int(sizes.max())
+    if 2 * largest > rows:
+        raise ValueError(
+            f"group {labels[int(sizes.argmax())]!r} holds {largest} of the {rows} rows; pairing every row with a"
+            " row of another group needs each group to hold at most half of them"
+        )
+    within = np.arange(rows) if positions is None else _position_keys(positions)
+    # Sorted by group, then position (or row index): each group's rows in a fixed order.
+    by_group = np.lexsort((within, inverse))
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    cycle = rng.permutation(len(labels))
+    layout = np.concatenate([by_group[starts[g] : starts[g + 1]] for g in cycle])
     order = np.empty(rows, dtype=np.int64)
-    order[np.concatenate(members)] = np.concatenate([members[target[g]] for g in range(len(labels))])
+    order[layout] = np.roll(layout, -largest)
     return order
+
+
+def _check_positions(labels: np.ndarray, positions: np.ndarray, rows: int) -> None:
+    """Every group must hold the same set of positions, so each row has a same-position partner."""
+    if positions.shape[:1] != (rows,) or positions.ndim not in (1, 2):
+        raise ValueError(
+            f"positions must hold one position per row: shape ({rows},) or ({rows}, d); got {positions.shape}"
+        )
+    keys = _position_keys(positions)
+    order = np.lexsort((keys, labels))
+    _, inverse = np.unique(labels, return_inverse=True)
+    sizes = np.bincount(inverse)
+    if np.any(sizes != sizes[0]):
+        raise ValueError(
+            f"groups sample different positions (group sizes {sizes.min()} to {sizes.max()}); same-position"
+            " pairing needs every image at the same positions: a probe stored before probes shared positions?"
+        )
+    per_group = keys[order].reshape(len(sizes), sizes[0])
+    if np.any(per_group != per_group[:1]):
+        raise ValueError(
+            "groups sample different positions; same-position pairing needs every image at the same positions:"
+            " a probe stored before probes shared positions?"
+        )
 
 
 def _permuted_rows(value: Representation, order: np.ndarray) -> Representation:
@@ -824,44 +970,10 @@ def _decomposed(value: Representation, name: str, device: torch.device) -> Prepa
     return _prepare_tensor(_tensor_on(value, name, device), keep=1.0, variance="squared", dims=None, name=name)
 
 
-def chance_level(
-    x: Representation,
-    y: Representation,
-    *,
-    measure: str = "svcca",
-    repeats: int = 5,
-    seed: int = 0,
-    groups: Array | None = None,
-    options: dict | None = None,
-) -> ChanceLevel:
-    """The measure on pairs whose row correspondence is broken: its floor for these shapes.
-
-    Each repeat pairs the rows of ``x`` with a seeded derangement of the rows of
-    ``y`` (no row keeps its partner) and scores the pair with the registered
-    ``measure``. With ``groups`` (one label per row, e.g. the image a sampled
-    (image, position) row came from) whole groups are deranged together, so
-    spatial correlation within an image cannot leak into the floor. Raw inputs
-    of the CCA family and linear CKA are decomposed once (:func:`prepare`) and
-    only the basis rows of y are permuted per repeat; prepared inputs are reused
-    as they are.
-
-    Args:
-        x: (examples, features) array/tensor, or a prepared representation.
-        y: Same, on the same examples in the same order.
-        measure: A registered similarity name (:func:`list_similarities`).
-        repeats: Number of permutations, >= 1.
-        seed: Seed of the permutations.
-        groups: Optional (examples,) labels; needs at least two distinct labels.
-        options: Keyword options passed to the measure (e.g. ``{"keep": 0.99}``).
-
-    Returns:
-        :class:`ChanceLevel` with mean and std over the repeats.
-
-    Raises:
-        ValueError: unknown measure, repeats < 1, groups of the wrong length or
-            with a single label, or the measure's own input errors.
-    """
-    fn = get_similarity(measure)
+def _chance_inputs(
+    x: Representation, y: Representation, repeats: int, groups: Array | None, positions: Array | None
+) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+    """Validated (rows, group labels, positions) of a chance level."""
     if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer; got {repeats!r}")
     _check_rows(x, y)
@@ -873,22 +985,173 @@ def chance_level(
             raise ValueError(f"groups must hold one label per row: shape ({rows},); got {labels.shape}")
         if len(np.unique(labels)) < 2:
             raise ValueError("groups has a single label; permuting whole groups needs at least two")
+    where = None
+    if positions is not None:
+        if labels is None:
+            raise ValueError("positions need groups: a row keeps its position in another group (image)")
+        where = positions.cpu().numpy() if isinstance(positions, torch.Tensor) else np.asarray(positions)
+        _check_positions(labels, where, rows)
+    return rows, labels, where
+
+
+def _chance(scores: tuple[float, ...], measure: str, grouped: bool) -> ChanceLevel:
+    return ChanceLevel(
+        mean=float(np.mean(scores)), std=float(np.std(scores)), scores=scores, measure=measure, grouped=grouped
+    )
+
+
+def chance_level(
+    x: Representation,
+    y: Representation,
+    *,
+    measure: str = "svcca",
+    repeats: int = 5,
+    seed: int = 0,
+    groups: Array | None = None,
+    positions: Array | None = None,
+    options: dict | None = None,
+) -> ChanceLevel:
+    """The measure on pairs whose row correspondence is broken: its floor for these shapes.
+
+    Each repeat pairs the rows of ``x`` with a seeded derangement of the rows of
+    ``y`` (no row keeps its partner) and scores the pair with the registered
+    ``measure``.
+
+    With ``groups`` (one label per row, e.g. the image a sampled (image, position)
+    row came from) it is a derangement of *images*: no row is ever paired with a
+    row of its own image, so spatial correlation within an image cannot leak into
+    the floor. The images are put in a seeded random cycle and each one's rows
+    are paired with the next image's; with unequal group sizes the pairing runs
+    on round the cycle, so an image's rows can meet two neighbours but never
+    itself (no group may hold more than half the rows).
+
+    With ``positions`` too (one (h, w) per row) every row is paired with the row
+    at the *same position* in another image, so the floor measures content only
+    and keeps all of the position alignment, the same for every layer. Every
+    image must then hold the same set of positions, which
+    :func:`transfusion.probes.sample_positions` guarantees; otherwise a
+    ValueError says so. Without positions each image's rows are paired in order.
+
+    Raw inputs of the CCA family and linear CKA are decomposed once
+    (:func:`prepare`) and only the basis rows of y are permuted per repeat;
+    prepared inputs are reused as they are. :func:`similarities_with_chance`
+    gives the same numbers for several measures at once, sharing the work.
+
+    Args:
+        x: (examples, features) array/tensor, or a prepared representation.
+        y: Same, on the same examples in the same order.
+        measure: A registered similarity name (:func:`list_similarities`).
+        repeats: Number of permutations, >= 1.
+        seed: Seed of the permutations.
+        groups: Optional (examples,) labels; needs at least two distinct labels.
+        positions: Optional (examples,) or (examples, d) position of each row
+            within its group; needs ``groups``.
+        options: Keyword options passed to the measure (e.g. ``{"keep": 0.99}``).
+
+    Returns:
+        :class:`ChanceLevel` with mean and std over the repeats.
+
+    Raises:
+        ValueError: unknown measure, repeats < 1, groups or positions of the
+            wrong length, a single label, a group of more than half the rows,
+            groups at different positions, or the measure's own input errors.
+    """
+    fn = get_similarity(measure)
+    rows, labels, where = _chance_inputs(x, y, repeats, groups, positions)
     options = dict(options or {})
     if measure in _PREPARABLE and options.get("method", "auto") == "auto":
         device = _common_device(x, y)
         x, y = _decomposed(x, "x", device), _decomposed(y, "y", device)
     rng = np.random.default_rng(seed)
     scores = tuple(
-        float(fn(x, _permuted_rows(y, _broken_correspondence(rows, labels, rng)), **options).score)
+        float(fn(x, _permuted_rows(y, _broken_correspondence(rows, labels, rng, where)), **options).score)
         for _ in range(int(repeats))
     )
-    return ChanceLevel(
-        mean=float(np.mean(scores)),
-        std=float(np.std(scores)),
-        scores=scores,
-        measure=measure,
-        grouped=labels is not None,
-    )
+    return _chance(scores, measure, labels is not None)
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreWithChance:
+    """One measure of a pair and its chance level.
+
+    Attributes:
+        result: What the measure returns on the pair.
+        chance: Its :func:`chance_level` on the same pair.
+    """
+
+    result: CCAResult | CKAResult
+    chance: ChanceLevel
+
+
+def similarities_with_chance(
+    x: Representation,
+    y: Representation,
+    *,
+    measures: tuple[str, ...],
+    options: Mapping[str, dict] | None = None,
+    repeats: int = 5,
+    seed: int = 0,
+    groups: Array | None = None,
+    positions: Array | None = None,
+) -> dict[str, ScoreWithChance]:
+    """Each measure of a pair with its chance level: the values of separate calls, computed once.
+
+    Equals ``get_similarity(m)(x, y, **options[m])`` and ``chance_level(x, y,
+    measure=m, repeats=..., seed=..., groups=..., positions=..., options=options[m])``
+    for every m, to rounding. Every chance level of one seed uses the same
+    permutations, so for CCA, SVCCA, PWCCA and linear CKA each pair and each
+    permutation needs one examples-sized product ``Ux^T P Uy`` -- SVCCA's is its
+    leading block -- instead of one per measure. Other measures (``rbf_cka``, a
+    ``method`` option) are computed separately.
+
+    Args:
+        x: (examples, features) array/tensor, or an untruncated prepared representation.
+        y: Same, on the same examples in the same order.
+        measures: Registered similarity names.
+        options: Keyword options of each measure, by name (e.g. ``{"svcca": {"keep": 0.99}}``).
+        repeats, seed, groups, positions: As in :func:`chance_level`.
+
+    Returns:
+        ``{measure: ScoreWithChance}`` in the order of ``measures``.
+
+    Raises:
+        ValueError: as :func:`chance_level` and the measures do.
+    """
+    options = {m: dict((options or {}).get(m, {})) for m in measures}
+    for measure in measures:
+        get_similarity(measure)
+    rows, labels, where = _chance_inputs(x, y, repeats, groups, positions)
+    # The measures computed from the basis cross product Ux^T Uy of two full preparations.
+    cores = {"cca": _cca_core, "svcca": _svcca_core, "pwcca": _pwcca_core, "linear_cka": _linear_cka_core}
+    shared = [m for m in measures if m in cores and "method" not in options[m]]
+    out: dict[str, ScoreWithChance] = {}
+    if shared:
+        device = _common_device(x, y)
+        px, py = _decomposed(x, "x", device), _decomposed(y, "y", device)
+        if px.truncated or py.truncated:
+            shared = []
+    if shared:
+        # The permutations chance_level draws for each measure from the same seed.
+        rng = np.random.default_rng(seed)
+        orders = [_broken_correspondence(rows, labels, rng, where) for _ in range(int(repeats))]
+        cross = px.basis.T @ py.basis
+        results = {m: cores[m](px, py, cross=cross, **options[m]) for m in shared}
+        permuted: dict[str, list[float]] = {m: [] for m in shared}
+        for order in orders:
+            qy = _permuted_rows(py, order)
+            cross = px.basis.T @ qy.basis
+            for m in shared:
+                permuted[m].append(float(cores[m](px, qy, cross=cross, **options[m]).score))
+        for m in shared:
+            out[m] = ScoreWithChance(results[m], _chance(tuple(permuted[m]), m, labels is not None))
+    for m in measures:
+        if m not in out:
+            result = get_similarity(m)(x, y, **options[m])
+            chance = chance_level(
+                x, y, measure=m, repeats=repeats, seed=seed, groups=groups, positions=positions, options=options[m]
+            )
+            out[m] = ScoreWithChance(result, chance)
+    return {m: out[m] for m in measures}
 
 
 def _centred_pair(x: object, y: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -947,14 +1210,7 @@ def linear_cka(
                 " are compared through their SVDs (method='auto')"
             )
         px, py = _prepared_pair(x, y)
-        _require_full(px, "x", "linear_cka")
-        _require_full(py, "y", "linear_cka")
-        sx, sy = px.singular_values, py.singular_values
-        # Xc^T Yc = Vx Sx (Ux^T Uy) Sy Vy^T and Vx, Vy are orthonormal.
-        cross = sx[:, None] * (px.basis.T @ py.basis) * sy[None, :]
-        return CKAResult(
-            score=_alignment((cross**2).sum(), torch.linalg.vector_norm(sx**2), torch.linalg.vector_norm(sy**2))
-        )
+        return _linear_cka_core(px, py)
     xc, yc = _centred_pair(x, y)
     n = xc.shape[0]
     if method == "auto":
@@ -968,6 +1224,21 @@ def linear_cka(
     # cancellation than centring the Gram matrix of raw features.
     gx, gy = xc @ xc.T, yc @ yc.T
     return CKAResult(score=_alignment((gx * gy).sum(), torch.linalg.matrix_norm(gx), torch.linalg.matrix_norm(gy)))
+
+
+def _linear_cka_core(
+    px: PreparedRepresentation, py: PreparedRepresentation, *, cross: torch.Tensor | None = None
+) -> CKAResult:
+    _require_full(px, "x", "linear_cka")
+    _require_full(py, "y", "linear_cka")
+    sx, sy = px.singular_values, py.singular_values
+    if cross is None:
+        cross = px.basis.T @ py.basis
+    # Xc^T Yc = Vx Sx (Ux^T Uy) Sy Vy^T and Vx, Vy are orthonormal.
+    scaled = sx[:, None] * cross * sy[None, :]
+    return CKAResult(
+        score=_alignment((scaled**2).sum(), torch.linalg.vector_norm(sx**2), torch.linalg.vector_norm(sy**2))
+    )
 
 
 def _median(values: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ Run from the repository root::
 
     python tests/benchmarks/bench_analysis.py            # writes the BENCHMARKS.md section
     python tests/benchmarks/bench_analysis.py --quick --no-write   # dry run, small shapes
+    python tests/benchmarks/bench_analysis.py --pair 10240x1024    # one Figure 2 pair, CPU s
 """
 
 from __future__ import annotations
@@ -146,11 +147,32 @@ def stub_grid(root: Path, *, models: list[str], resolution: int, probe_size: int
     return records, shape_of, representations
 
 
+def time_pair(rows: int, dims: int, images: int = 256) -> str:
+    """CPU and wall seconds of one Figure 2 pair (three measures, each with its chance level) of this shape."""
+    settings = AnalysisSettings()
+    x, y = synthetic_pair(rows, dims, seed=rows + dims)
+    per = math.ceil(rows / images)
+    groups = np.repeat(np.arange(images), per)[:rows]
+    decomposed = [decompose_representation(a, groups, settings) for a in (x, y)]
+    cpu, wall = time.process_time(), time.perf_counter()
+    scores = compare_decompositions(*decomposed, measures=("svcca", "pwcca", "linear_cka"), settings=settings)
+    values = ", ".join(f"{m} {v.score:.6f} (chance {v.chance:.6f})" for m, v in scores.scores.items())
+    return (
+        f"{rows} x {dims} pair, 3 measures: {time.process_time() - cpu:.2f} CPU s, {time.perf_counter() - wall:.2f}"
+        f" wall s, load {os.getloadavg()[0]:.1f}; {values}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="two CBR models at 96 px: checks the script")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--pair", metavar="ROWSxDIMS", help="time one three-measure Figure 2 pair of this shape")
     args = parser.parse_args(argv)
+    if args.pair:
+        rows, dims = (int(v) for v in args.pair.split("x"))
+        print(time_pair(rows, dims))
+        return
 
     grid = GridSpec.model_validate(PRESETS.get("full-grid")())
     t = grid.train

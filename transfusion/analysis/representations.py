@@ -124,13 +124,18 @@ def representation(
 
 @dataclass(frozen=True, eq=False)
 class Decomposition:
-    """One (run, layer, step) decomposed once; ``prepared`` is None where it is undefined."""
+    """One (run, layer, step) decomposed once; ``prepared`` is None where it is undefined.
+
+    ``row_index`` is the (rows, 3) ``(image, h, w)`` of each conv row (None for flat
+    layers and old probes); ``groups`` its image column.
+    """
 
     prepared: object | None  # transfusion.similarity.PreparedRepresentation, on the CPU
     groups: np.ndarray | None
     rows: int
     dims: int
     error: str | None = None
+    row_index: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -162,57 +167,93 @@ def _device():
 
 
 def decompose_representation(
-    activations: np.ndarray, groups: np.ndarray | None, settings: AnalysisSettings
+    activations: np.ndarray, row_index: np.ndarray | None, settings: AnalysisSettings
 ) -> Decomposition:
-    """Decomposes one stored representation (on the GPU when there is one); the result lives on the CPU."""
+    """Decomposes one stored representation (on the GPU when there is one); the result lives on the CPU.
+
+    ``row_index`` is the probe's (rows, 3) ``(image, h, w)`` of each row, or only
+    the (rows,) image of each row, or None.
+    """
     import torch
 
     from transfusion.similarity import prepare
 
     rep = representation(activations, conv_method=settings.conv_method, max_examples=settings.max_examples)
     rows, dims = rep.shape
-    if groups is not None and len(groups) != rows:
-        groups = None
+    if row_index is not None and len(row_index) != rows:
+        row_index = None
+    groups = None if row_index is None else (row_index if row_index.ndim == 1 else row_index[:, 0])
+    index = row_index if row_index is not None and row_index.ndim == 2 else None
     try:
         prepared = prepare(torch.from_numpy(rep).to(_device())).to("cpu")
     except ValueError as exc:
         # A layer dead at init (every ReLU off) is common enough to be named as such.
         dead = not np.ptp(rep, axis=0).any()
-        return Decomposition(None, groups, rows, dims, error=DEAD_LAYER if dead else first_line(exc))
-    return Decomposition(prepared, groups, rows, dims)
+        return Decomposition(None, groups, rows, dims, error=DEAD_LAYER if dead else first_line(exc), row_index=index)
+    return Decomposition(prepared, groups, rows, dims, row_index=index)
 
 
 def _measure_options(measure: str, settings: AnalysisSettings) -> dict:
     return {"keep": settings.svcca_keep} if measure == "svcca" else {}
 
 
+def _rows_mismatch(x: Decomposition, y: Decomposition) -> str:
+    """Why two representations do not hold the same rows, or ''."""
+    if x.rows != y.rows:
+        return f"rows differ: {x.rows} vs {y.rows}"
+    if x.row_index is None and y.row_index is None:
+        return ""
+    if x.row_index is None or y.row_index is None or not np.array_equal(x.row_index, y.row_index):
+        return "probes differ in rows (image, h, w): a different probe_seed or probe set?"
+    return ""
+
+
+def _same_positions(index: np.ndarray) -> bool:
+    """Whether every image of a (rows, 3) ``(image, h, w)`` index holds the same positions."""
+    images, counts = np.unique(index[:, 0], return_counts=True)
+    if len(images) < 2 or np.any(counts != counts[0]):
+        return False
+    ordered = index[np.lexsort((index[:, 2], index[:, 1], index[:, 0]))][:, 1:].reshape(len(images), counts[0], 2)
+    return bool((ordered == ordered[:1]).all())
+
+
 def compare_decompositions(
     x: Decomposition, y: Decomposition, *, measures: tuple[str, ...], settings: AnalysisSettings
 ) -> PairScores:
-    """Each measure of the pair and its chance level (whole images permuted when rows are (image, position))."""
-    from transfusion.similarity import chance_level, get_similarity
+    """Each measure of the pair and its chance level.
+
+    The two must hold the same rows: the same ``(image, h, w)`` where the probes
+    record them, else the same count; otherwise the scores are undefined and say
+    why. The chance level pairs each row with the row at the same position of
+    another image (:func:`~transfusion.similarity.chance_level`); probes stored
+    before every image shared its positions pair whole images, rows in order.
+    """
+    from transfusion.similarity import similarities_with_chance
 
     rows, dims = x.rows, max(x.dims, y.dims)
-    if x.prepared is None or y.prepared is None or x.rows != y.rows:
+    mismatch = _rows_mismatch(x, y)
+    if x.prepared is None or y.prepared is None or mismatch:
         nan = MeasureScore(math.nan, math.nan, math.nan)
         if x.prepared is None or y.prepared is None:
             undefined = f"first: {x.error}" if x.prepared is None else f"second: {y.error}"
         else:
-            undefined = f"rows differ: {x.rows} vs {y.rows}"
+            undefined = mismatch
         return PairScores({m: nan for m in measures}, rows, dims, undefined)
     device = _device()
     px, py = x.prepared.to(device), y.prepared.to(device)
     same_rows = x.groups is not None and y.groups is not None and np.array_equal(x.groups, y.groups)
     groups = x.groups if same_rows and len(np.unique(x.groups)) > 1 else None
-    scores = {}
-    for measure in measures:
-        options = _measure_options(measure, settings)
-        score = get_similarity(measure)(px, py, **options).score
-        chance = chance_level(
-            px, py, measure=measure, repeats=settings.chance_repeats, seed=settings.chance_seed,
-            groups=groups, options=options,
-        )  # fmt: skip
-        scores[measure] = MeasureScore(float(score), chance.mean, chance.std)
+    positions = None
+    if groups is not None and x.row_index is not None and _same_positions(x.row_index):
+        positions = x.row_index[:, 1:]
+    options = {m: _measure_options(m, settings) for m in measures}
+    results = similarities_with_chance(
+        px, py, measures=measures, options=options, repeats=settings.chance_repeats, seed=settings.chance_seed,
+        groups=groups, positions=positions,
+    )  # fmt: skip
+    scores = {
+        m: MeasureScore(float(r.result.score), r.chance.mean, r.chance.std) for m, r in results.items()
+    }  # fmt: skip
     return PairScores(scores, rows, dims)
 
 
@@ -236,12 +277,12 @@ class AnalysisGroup:
 
 
 def load_representation(item: RepresentationItem) -> tuple[np.ndarray, np.ndarray | None]:
-    """The stored fp16 activations of one layer and the image of each row (None when unknown)."""
+    """The stored activations of one layer and the (rows, 3) ``(image, h, w)`` of its rows (None when unknown)."""
     with np.load(item.path, allow_pickle=False) as data:
         activations = data[item.layer]
         rows_key = item.layer + ".rows"
-        groups = data[rows_key][:, 0] if rows_key in data.files else None
-    return activations, groups
+        row_index = data[rows_key] if rows_key in data.files else None
+    return activations, row_index
 
 
 class AnalysisExecutor(Protocol):

@@ -128,6 +128,8 @@ def job_params(spec: JobSpec) -> dict[str, str]:
         "data_size": str(spec.data_size),
         "seed": str(spec.seed),
     }
+    if spec.block_shuffle_or_none is not None:  # absent on runs from before the axis, like their keys
+        params["block_shuffle"] = str(spec.block_shuffle)
     params.update({f"train.{k}": str(v) for k, v in spec.train.model_dump().items()})
     return params
 
@@ -142,6 +144,7 @@ def job_tags(spec: JobSpec) -> dict[str, str]:
         "model": spec.model,
         "init": spec.init_label,
         "data_size": str(spec.data_size),
+        "block_shuffle": str(spec.block_shuffle),
         "seed": str(spec.seed),
         "dataset": spec.dataset,
         "mlflow.runName": spec.run_name,

@@ -105,6 +105,7 @@ def collect_records_task(grid: GridSpec, *, with_probes: bool = True) -> list[Jo
                 predictions=fetch_test_predictions(run.info.run_id),
                 source=run.data.tags.get("source.description", ""),
                 source_weak=run.data.tags.get("source.quality") == WEAK,
+                block_shuffle=str(spec.block_shuffle),
             )
         )
     return records

@@ -23,6 +23,7 @@ class JobRecord:
     predictions: Path | None = None  # test split scores (npz), for paired comparisons between runs
     source: str = ""  # the pretrained source transferred from: URI, accuracy, epochs ("" for none)
     source_weak: bool = False  # trained too briefly or too inaccurate to stand for ImageNet
+    block_shuffle: str = "none"  # block size of the fixed block shuffle of the job's images ("none": unshuffled)
 
     @property
     def cell(self) -> tuple[str, str, str]:

@@ -32,8 +32,7 @@ from transfusion.data.block_shuffle import NO_SHUFFLE
 
 FEATURE_REUSE_TITLE = "Feature reuse: transfer vs random under block shuffling"
 CAPTION = (
-    "If the gap survives shuffling that destroys visual features (small blocks), "
-    "what transfers is not (only) features."
+    "If the gap survives shuffling that destroys visual features (small blocks), what transfers is not (only) features."
 )
 
 
@@ -60,6 +59,10 @@ class FeatureReuseRow:
     gap: TransferInterval
 
 
+def _test_aucs(runs: dict[int, JobRecord], seeds: tuple[int, ...]) -> tuple[float, ...]:
+    return tuple(runs[s].metrics.get("test/auc", math.nan) for s in seeds)
+
+
 def feature_reuse_table(
     records: list[JobRecord], *, level: float = 0.95, replicates: int = 1000
 ) -> list[FeatureReuseRow]:
@@ -83,9 +86,9 @@ def feature_reuse_table(
             transfer = seeds_of[(effect.model, effect.data_size, effect.init)]
             random = seeds_of[(effect.model, effect.data_size, RANDOM_INIT)]
             seeds = tuple(sorted(set(transfer) & set(random)))
-            auc = lambda runs: tuple(runs[s].metrics.get("test/auc", math.nan) for s in seeds)  # noqa: E731
             rows.append(FeatureReuseRow(effect.model, effect.data_size, effect.init, block, seeds,
-                                        auc(random), auc(transfer), effect.auc))  # fmt: skip
+                                        _test_aucs(random, seeds), _test_aucs(transfer, seeds),
+                                        effect.auc))  # fmt: skip
     return sorted(rows, key=lambda r: (r.model, r.data_size, r.init, block_order(r.block)))
 
 
@@ -100,7 +103,7 @@ def block_cell_label(data_size: str, block: str) -> str:
 def records_by_block_cell(records: list[JobRecord]) -> list[JobRecord]:
     """``records`` with shuffled runs' data size shown as :func:`block_cell_label`, when the grid has
     several block sizes, so the (model, init, size) tables never average runs of different block sizes."""
-    if len({r.block_shuffle for r in records}) <= 1 and all(r.block_shuffle == NO_SHUFFLE for r in records):
+    if all(r.block_shuffle == NO_SHUFFLE for r in records):
         return records
     return [replace(r, data_size=block_cell_label(r.data_size, r.block_shuffle)) for r in records]
 
@@ -123,8 +126,8 @@ def feature_reuse_markdown(rows: list[FeatureReuseRow]) -> str:
         return ""
     level = rows[0].gap.level
     table = markdown_table(
-        ["model", "size", "init", "block", "seeds", "random AUC", "transfer AUC", f"gap (points) [{level * 100:g} % CI]",
-         "verdict"],
+        ["model", "size", "init", "block", "seeds", "random AUC", "transfer AUC",
+         f"gap (points) [{level * 100:g} % CI]", "verdict"],
         [[r.model, r.data_size, r.init, r.block, len(r.seeds), _auc_text(r.random_aucs), _auc_text(r.transfer_aucs),
           _gap_text(r.gap), r.gap.verdict] for r in rows],
     )  # fmt: skip

@@ -260,10 +260,10 @@ def what_transfers_cpu_grid() -> dict:
         "block_shuffle": ["none", 8, 4, 1],
         "seeds": [0, 1],
         "train": {
-            "steps": 60,
+            "steps": 40,
             "batch_size": 32,
             "lr": 2e-3,
-            "eval_every": 30,
+            "eval_every": 20,
             "resolution": 48,
             "probe_size": 320,
             "val_limit": 160,

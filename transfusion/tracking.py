@@ -109,9 +109,10 @@ def describe_grid(grid: GridSpec) -> str:
     inits = ", ".join(dict.fromkeys(job.init_label for job in grid.jobs()))
     sizes = ", ".join(str(s) for s in grid.data_sizes)
     source = f" ({grid.dataset_source})" if grid.dataset_source else ""
+    blocks = "" if grid.block_shuffle == ["none"] else f" x block shuffles {', '.join(map(str, grid.block_shuffle))}"
     return (
         f"Grid {grid.name!r}: {len(grid.jobs())} training jobs on {grid.dataset}{source} — "
-        f"models {', '.join(grid.models)} x inits {inits} x data sizes {sizes} x seeds "
+        f"models {', '.join(grid.models)} x inits {inits} x data sizes {sizes}{blocks} x seeds "
         f"{', '.join(map(str, grid.seeds))}, {grid.train.steps} steps each. The parent run "
         f"grid-{grid.name} holds the results table; each job run its dataset, model and metrics."
     )

@@ -115,6 +115,7 @@ def collect_records_task(
                 source=run.data.tags.get("source.description", ""),
                 source_weak=run.data.tags.get("source.quality") == WEAK,
                 code_version=run.data.tags.get(CODE_VERSION_TAG, ""),
+                block_shuffle=str(spec.block_shuffle),
             )
         )
     return records

@@ -117,3 +117,27 @@ def test_subset_seed_holds_the_training_images_fixed_across_seeds(tiny_retina):
     # Only set options enter the job key: a grid without them keeps its finished jobs.
     assert _spec().job_key == _spec(train=SETTINGS.model_copy(update={"select": "last"})).job_key
     assert _spec(train=fixed).job_key != _spec().job_key
+
+
+def test_block_shuffle_reaches_every_split_the_loop_reads(tiny_retina, tmp_path, monkeypatch):
+    import transfusion.train as train_module
+
+    calls: list[tuple[int, int]] = []
+    real = train_module.block_shuffle
+
+    def recording(images: torch.Tensor, *, block: int) -> torch.Tensor:
+        calls.append((len(images), block))
+        return real(images, block=block)
+
+    monkeypatch.setattr(train_module, "block_shuffle", recording)
+    torch.set_num_threads(1)
+    settings = SETTINGS.model_copy(update={"steps": 2, "eval_every": 2})
+    run_training(_spec(block_shuffle=8, train=settings), tiny_retina, hooks=RecordingHooks(artifact_dir=tmp_path))
+    assert {block for _, block in calls} == {8}
+    sizes = [n for n, _ in calls]
+    # Training batches (2 x 16), the probe set (16) at step 0 and the end, validation at
+    # steps 0 and 2 and the test split (64 each), and the logged model's input example (2).
+    assert sizes.count(16) >= 2 + 2 and sizes.count(64) >= 2 + 1 and 2 in sizes
+    calls.clear()
+    run_training(_spec(train=settings), tiny_retina, hooks=RecordingHooks(artifact_dir=tmp_path / "plain"))
+    assert calls == []

@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from transfusion.data import DATASETS
+from transfusion.data.block_shuffle import NO_SHUFFLE
 from transfusion.inits import INITS, check_init_options
 from transfusion.models import MODELS, canonical_model_name, model_facts, model_key_name
 from transfusion.pretrained import source_for
@@ -46,6 +47,9 @@ def _positive_data_size(size: int | str) -> int | str:
 
 
 DataSize = Annotated[int | Literal["full"], AfterValidator(_positive_data_size)]
+
+# Block size of the block-shuffle transform (pixels per block side) or "none" (no shuffle).
+BlockShuffle = Annotated[int, Field(ge=1)] | Literal["none"]
 
 
 def _registered(registry) -> AfterValidator:
@@ -275,6 +279,9 @@ class JobSpec(_Frozen):
     data_version: str | None = Field(default=None, description="the prepared data's version (content digest)")
     weights_sha256: str | None = Field(default=None, description="sha256 of the resolved pretrained weights")
     code_version: str | None = Field(default=None, description="code version in the key (grid identity.code)")
+    block_shuffle: BlockShuffle = Field(
+        default=NO_SHUFFLE, description="block size of the fixed block shuffle of every split, or 'none'"
+    )
 
     @property
     def job_key(self) -> str:
@@ -305,6 +312,8 @@ class JobSpec(_Frozen):
         payload = self.model_dump(mode="json", exclude=exclude)
         payload["model"] = model_key_name(self.model)
         drop_earlier_behaviour(payload["train"])
+        if payload.get("block_shuffle") == NO_SHUFFLE:  # jobs from before the axis keep their keys
+            payload.pop("block_shuffle")
         return payload
 
     @property
@@ -374,8 +383,14 @@ class JobSpec(_Frozen):
 
     @property
     def run_name(self) -> str:
-        """``<model>-<init label>-<data size>-s<seed>``: the MLflow run name and the Prefect task-run name."""
-        return f"{self.model}-{self.init_label}-{self.data_size}-s{self.seed}"
+        """``<model>-<init label>-<data size>[-b<block>]-s<seed>``: the MLflow and Prefect task-run name."""
+        blocks = "" if self.block_shuffle == NO_SHUFFLE else f"-b{self.block_shuffle}"
+        return f"{self.model}-{self.init_label}-{self.data_size}{blocks}-s{self.seed}"
+
+    @property
+    def block_shuffle_or_none(self) -> int | None:
+        """The block size to shuffle by, or None when the images are left as they are."""
+        return None if self.block_shuffle == NO_SHUFFLE else int(self.block_shuffle)
 
     @property
     def data_size_or_none(self) -> int | None:
@@ -432,6 +447,11 @@ class GridSpec(_Frozen):
         "timm: or models:/ URI",
     )
     data_sizes: Annotated[list[DataSize], Field(min_length=1)] = ["full"]
+    block_shuffle: Annotated[list[BlockShuffle], Field(min_length=1)] = Field(
+        default=[NO_SHUFFLE],
+        description="block sizes (pixels) of the fixed block shuffle applied to every split, each a divisor "
+        "of train.resolution, or 'none' (Neyshabur et al. 2020: what is transferred?)",
+    )
     seeds: Annotated[int, Field(ge=1, description="a seed count")] | list[Annotated[int, Field(ge=0)]] = [0]
     train: TrainSettings = TrainSettings()
     max_concurrent: Annotated[
@@ -446,7 +466,7 @@ class GridSpec(_Frozen):
     weak_source: WeakSourceSettings = WeakSourceSettings()
     identity: IdentitySettings = IdentitySettings()
 
-    @field_validator("models", "inits", "data_sizes")
+    @field_validator("models", "inits", "data_sizes", "block_shuffle")
     @classmethod
     def _distinct(cls, values: list, info) -> list:
         # A repeated entry gives several concurrent jobs with one job_key.
@@ -494,6 +514,21 @@ class GridSpec(_Frozen):
         return self
 
     @model_validator(mode="after")
+    def _blocks_fit_resolution(self) -> GridSpec:
+        resolution = self.train.resolution
+        for block in self.block_shuffle:
+            if block != NO_SHUFFLE and (block > resolution or resolution % block):
+                raise ValueError(
+                    f"block_shuffle: {block} does not divide train.resolution {resolution}; "
+                    f"use divisors of {resolution} or {NO_SHUFFLE!r}"
+                )
+        if NO_SHUFFLE in self.block_shuffle and resolution in self.block_shuffle:
+            raise ValueError(
+                f"block_shuffle: {resolution} (one block: the whole image) repeats {NO_SHUFFLE!r}; list one of them"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _sources_for_transfer(self) -> GridSpec:
         needing = [i.name for i in self.inits if init_needs_source(i.name)]
         if needing and not self.pretrained:
@@ -529,7 +564,7 @@ class GridSpec(_Frozen):
         return [self.pretrained] if isinstance(self.pretrained, str) else list(self.pretrained)
 
     def jobs(self) -> list[JobSpec]:
-        """The grid's jobs, in a stable order (model, init, data size, seed)."""
+        """The grid's jobs, in a stable order (model, init, data size, block shuffle, seed)."""
         # Source-free inits run once; every other init runs once per source.
         init_sources = [
             (init, source)
@@ -549,9 +584,10 @@ class GridSpec(_Frozen):
                 data_size=size,
                 seed=seed,
                 train=self.train,
+                block_shuffle=block,
             )
-            for model, (init, source), size, seed in itertools.product(
-                self.models, init_sources, self.data_sizes, self.seeds
+            for model, (init, source), size, block, seed in itertools.product(
+                self.models, init_sources, self.data_sizes, self.block_shuffle, self.seeds
             )
         ]
 
@@ -562,6 +598,8 @@ class GridSpec(_Frozen):
         drop_unset_later_options(payload["train"])
         if self.identity == IdentitySettings():  # set only by grids that opt in: older grids keep their parent run
             del payload["identity"]
+        if payload.get("block_shuffle") == [NO_SHUFFLE]:  # grids from before the axis keep their parent run
+            payload.pop("block_shuffle")
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

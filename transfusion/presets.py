@@ -219,3 +219,53 @@ def sources_cpu_grid() -> dict:
         "seeds": [0, 1],
         "train": {"steps": 120, "batch_size": 32, "lr": 2e-3, "eval_every": 40, "resolution": 64, "probe_size": 160},
     }
+
+
+# Neyshabur et al. 2020, Fig. 2: block sizes from none (images as they are) down to pixel shuffle.
+WHAT_TRANSFERS_BLOCKS = ["none", 56, 16, 4, 1]
+
+
+@PRESETS.register("what-transfers")
+def what_transfers_grid() -> dict:
+    """What is transferred? ResNet-50 on CheXpert, random vs ImageNet transfer, on images whose
+    blocks are shuffled (none, 56, 16, 4, 1 px), full data and 5 000 images, 3 seeds."""
+    return {
+        "name": "what-transfers",
+        "dataset": "chexpert",
+        "dataset_source": "s3://transfusion-data/chexpert",
+        "dataset_options": {"uncertainty": "u-ones", "frontal_only": True},
+        "models": ["resnet50"],
+        "inits": ["random", "imagenet"],
+        "pretrained": "imagenet",
+        "data_sizes": ["full", 5000],
+        "block_shuffle": WHAT_TRANSFERS_BLOCKS,
+        "seeds": 3,
+        "train": {**_paper_train(224, steps=30000, gpus=1.0), "probe_size": 512},
+    }
+
+
+@PRESETS.register("what-transfers-cpu")
+def what_transfers_cpu_grid() -> dict:
+    """``what-transfers`` at CPU size, offline: cbr-tiny on synthetic retina at 48 px, random vs
+    transfer from the procedural source, blocks none / 8 / 4 / 1 px, 2 seeds (16 short jobs)."""
+    return {
+        "name": "what-transfers-cpu",
+        "dataset": "synthetic-retina",
+        # 48 px, not 32: cbr-tiny's top stage is then 3 x 3, so 320 probe images give 10 rows per channel.
+        "dataset_options": {"train": 400, "val": 320, "test": 200},
+        "models": ["cbr-tiny"],
+        "inits": ["random", "imagenet"],
+        "pretrained": "synthetic",
+        "data_sizes": ["full"],
+        "block_shuffle": ["none", 8, 4, 1],
+        "seeds": [0, 1],
+        "train": {
+            "steps": 40,
+            "batch_size": 32,
+            "lr": 2e-3,
+            "eval_every": 20,
+            "resolution": 48,
+            "probe_size": 320,
+            "val_limit": 160,
+        },
+    }

@@ -116,9 +116,10 @@ def describe_grid(grid: GridSpec) -> str:
     inits = ", ".join(dict.fromkeys(job.init_label for job in grid.jobs()))
     sizes = ", ".join(str(s) for s in grid.data_sizes)
     source = f" ({grid.dataset_source})" if grid.dataset_source else ""
+    blocks = "" if grid.block_shuffle == ["none"] else f" x block shuffles {', '.join(map(str, grid.block_shuffle))}"
     return (
         f"Grid {grid.name!r}: {len(grid.jobs())} training jobs on {grid.dataset}{source} — "
-        f"models {', '.join(grid.models)} x inits {inits} x data sizes {sizes} x seeds "
+        f"models {', '.join(grid.models)} x inits {inits} x data sizes {sizes}{blocks} x seeds "
         f"{', '.join(map(str, grid.seeds))}, {grid.train.steps} steps each. The parent run "
         f"grid-{grid.name} holds the results table; each job run its dataset, model and metrics."
     )
@@ -135,6 +136,8 @@ def job_params(spec: JobSpec) -> dict[str, str]:
         "data_size": str(spec.data_size),
         "seed": str(spec.seed),
     }
+    if spec.block_shuffle_or_none is not None:  # absent on runs from before the axis, like their keys
+        params["block_shuffle"] = str(spec.block_shuffle)
     params.update({f"train.{k}": str(v) for k, v in spec.train.model_dump().items()})
     return params
 
@@ -153,6 +156,7 @@ def job_tags(spec: JobSpec) -> dict[str, str]:
         "model": spec.model,
         "init": spec.init_label,
         "data_size": str(spec.data_size),
+        "block_shuffle": str(spec.block_shuffle),
         "seed": str(spec.seed),
         "dataset": spec.dataset,
         "mlflow.runName": spec.run_name,

@@ -41,6 +41,7 @@ from torch.nn import functional as F
 
 from transfusion.config import JobSpec
 from transfusion.constants import IMAGENET_MEAN, IMAGENET_STD
+from transfusion.data.block_shuffle import block_shuffle
 from transfusion.data.prepared import PreparedDataset
 from transfusion.metrics import classification_scores, save_test_predictions
 from transfusion.models import create_model
@@ -171,16 +172,23 @@ def batch_indices(pool: np.ndarray, *, seed: int, step: int, batch_size: int) ->
 
 
 def load_images(
-    dataset: PreparedDataset, index: np.ndarray, device: torch.device, model: nn.Module | None = None
+    dataset: PreparedDataset,
+    index: np.ndarray,
+    device: torch.device,
+    model: nn.Module | None = None,
+    *,
+    block: int | None = None,
 ) -> torch.Tensor:
     """A normalised batch of ``dataset`` images (for ``model``'s input statistics; pass
-    the model itself, not its DDP wrapper)."""
+    the model itself, not its DDP wrapper), block-shuffled on the device when ``block`` is set
+    (the job's ``block_shuffle``: every split sees the same permutation)."""
     stats = {}
     if model is not None:
         stats = {"mean": getattr(model, "input_mean", IMAGENET_MEAN), "std": getattr(model, "input_std", IMAGENET_STD)}
     # uint8 crosses to the device (4x less traffic than float); normalising happens there.
     batch = torch.from_numpy(np.ascontiguousarray(dataset.images[index])).to(device, non_blocking=True)
-    return normalize(batch, **stats)
+    x = normalize(batch, **stats)
+    return x if block is None else block_shuffle(x, block=block)
 
 
 def build_model(spec: JobSpec, dataset: PreparedDataset, *, source_state: dict[str, torch.Tensor] | None) -> nn.Module:
@@ -283,7 +291,7 @@ def init_bn_batches(
         raise ValueError(f"dataset {dataset.meta.get('name', '?')!r} has no training images to calibrate batch norm on")
     size = min(spec.train.batch_size, len(images))
     for start in range(0, len(images) - size + 1, size):
-        yield load_images(dataset, images[start : start + size], device, model)
+        yield load_images(dataset, images[start : start + size], device, model, block=spec.block_shuffle_or_none)
 
 
 @torch.no_grad()
@@ -311,12 +319,15 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     predictions_path: Path | None = None,
+    block: int | None = None,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on ``index``; ``predictions_path`` also keeps the scores (paired comparisons)."""
+    """Metrics of ``model`` on ``index`` (block-shuffled by ``block`` when set); ``predictions_path``
+    also keeps the scores (paired comparisons)."""
     scores = []
     for start in range(0, len(index), batch_size * 4):
         chunk = index[start : start + batch_size * 4]
-        scores.append(predict(model, load_images(dataset, chunk, device, model), batch_size=batch_size))
+        images = load_images(dataset, chunk, device, model, block=block)
+        scores.append(predict(model, images, batch_size=batch_size))
     scores_all, targets = np.concatenate(scores), dataset.targets[index]
     multiclass = dataset.meta.get("task") == "multiclass"
     if predictions_path is not None:
@@ -503,7 +514,10 @@ def train_one_step(state: LoopState) -> float:
     index = batch_indices(state.pool, seed=spec.seed, step=state.step, batch_size=spec.train.batch_size)
     index = index[state.rank :: state.world_size]
     generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + state.step)
-    x = augment(load_images(data, index, device, state.model_without_ddp), policy=state.policy, generator=generator)
+    # Shuffled before augmenting: a flip or shift then moves the shuffled image, as a
+    # data loader would augment a shuffled data set.
+    x = load_images(data, index, device, state.model_without_ddp, block=spec.block_shuffle_or_none)
+    x = augment(x, policy=state.policy, generator=generator)
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.from_numpy(data.targets[index]).to(device)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=state.on_gpu):
@@ -529,7 +543,8 @@ def validate(state: LoopState) -> dict[str, float]:
     """Validation metrics at the current step (chief only), kept in ``val_history``."""
     t = state.spec.train
     metrics = evaluate(state.model_without_ddp, state.dataset, state.val_index, prefix="val",
-                       batch_size=t.eval_batch_size, device=state.device)  # fmt: skip
+                       batch_size=t.eval_batch_size, device=state.device,
+                       block=state.spec.block_shuffle_or_none)  # fmt: skip
     state.val_history.append((state.step, metrics["val/auc"]))
     best = state.best_val
     current, kept = metrics["val/auc"], best["auc"]
@@ -548,7 +563,7 @@ def probe(state: LoopState, tag: str) -> None:
     if not (state.is_chief and len(state.probe_index)):
         return
     model, t = state.model_without_ddp, state.spec.train
-    images = load_images(state.dataset, state.probe_index, state.device, model)
+    images = load_images(state.dataset, state.probe_index, state.device, model, block=state.spec.block_shuffle_or_none)
     sampling = ProbeSampling(rows_per_channel=t.probe_rows_per_channel, seed=t.probe_seed)
     activations = capture_activations(model, images, sampling=sampling)
     state.hooks.log_artifact(save_probe(state.workdir / f"{tag}.npz", activations), "probes")
@@ -643,7 +658,8 @@ def finish(state: LoopState, *, train_seconds: float) -> dict[str, float]:
         state.model_without_ddp.load_state_dict(best["model"])
     predictions = state.workdir / "predictions" / "test.npz"
     final = evaluate(state.model_without_ddp, state.dataset, state.dataset.indices("test"), prefix="test",
-                     batch_size=t.eval_batch_size, device=state.device, predictions_path=predictions)  # fmt: skip
+                     batch_size=t.eval_batch_size, device=state.device, predictions_path=predictions,
+                     block=state.spec.block_shuffle_or_none)  # fmt: skip
     state.hooks.log_artifact(predictions, "predictions")
     # Which weights the test metrics are of: the last step, or the best validation step.
     final["test/selected_step"] = float(best["step"] if selected_best else state.step)
@@ -654,7 +670,8 @@ def finish(state: LoopState, *, train_seconds: float) -> dict[str, float]:
     state.hooks.log_artifact(weights, "checkpoint")
     # The final model as a first-class model (MLflow: a logged model linked to these test metrics).
     model = state.model_without_ddp
-    example = load_images(state.dataset, state.dataset.indices("test")[:2], torch.device("cpu"), model).numpy()
+    example = load_images(state.dataset, state.dataset.indices("test")[:2], torch.device("cpu"), model,
+                          block=state.spec.block_shuffle_or_none).numpy()  # fmt: skip
     state.hooks.log_model(model, input_example=example, metrics=final, step=state.step)
     return final
 

@@ -24,6 +24,7 @@ class JobRecord:
     source: str = ""  # the pretrained source transferred from: URI, accuracy, epochs ("" for none)
     source_weak: bool = False  # trained too briefly or too inaccurate to stand for ImageNet
     code_version: str = ""  # the code the run trained with (its code_version tag; "" when not recorded)
+    block_shuffle: str = "none"  # block size of the fixed block shuffle of the job's images ("none": unshuffled)
 
     @property
     def cell(self) -> tuple[str, str, str]:

@@ -21,6 +21,13 @@ from transfusion.analysis.convergence import (
     convergence_table,
     plot_convergence,
 )
+from transfusion.analysis.feature_reuse import (
+    FEATURE_REUSE_TITLE,
+    feature_reuse_markdown,
+    feature_reuse_table,
+    plot_feature_reuse,
+    records_by_block_cell,
+)
 from transfusion.analysis.filters import plot_filters
 from transfusion.analysis.records import JobRecord
 from transfusion.analysis.representations import seed_similarity, seed_similarity_markdown, seed_similarity_requests
@@ -82,6 +89,10 @@ def analyze_records(
     convergence = convergence or ConvergenceSettings()
     out.mkdir(parents=True, exist_ok=True)
     result = AnalysisOutputs(out)
+    (out / "feature_reuse.png").unlink(missing_ok=True)  # left by an earlier analysis of this grid
+    reuse_rows = feature_reuse_table(records)
+    # Every other analysis groups by (model, init, size): a block-shuffled run is a cell of its own there.
+    records = records_by_block_cell(records)
     (out / "analysis_settings.json").write_text(
         json.dumps({"similarity": asdict(settings), "convergence": asdict(convergence)}, indent=2)
     )
@@ -145,6 +156,10 @@ def analyze_records(
         "probe_sampling": cache.sampling_rules(), "similarity_executors": sorted(cache.executors_used),
         "decompositions": cache.decompositions,
     }, indent=2))  # fmt: skip
+
+    if reuse_rows:
+        plot_feature_reuse(reuse_rows, out / "feature_reuse.png")
+        result.sections.append((FEATURE_REUSE_TITLE, feature_reuse_markdown(reuse_rows), ["feature_reuse.png"]))
 
     if plot_filters(records, out / "filters_conv1.png") is not None:
         text = "Random vs pretrained conv1 filters, at init and after training.\n"

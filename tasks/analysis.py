@@ -14,12 +14,18 @@ from transfusion import tracking
 from transfusion.analysis.convergence import ConvergenceSettings
 from transfusion.analysis.records import JobRecord
 from transfusion.analysis.report import analyze_records, code_version_notes, write_report
-from transfusion.analysis.representations import seed_similarity, seed_similarity_markdown
+from transfusion.analysis.representations import (
+    AnalysisSettings,
+    RepresentationCache,
+    seed_similarity,
+    seed_similarity_markdown,
+)
 from transfusion.analysis.tables import ResultRow, plot_results, results_table, to_markdown, write_csv
 from transfusion.analysis.transfer_effect import transfer_effect_metrics
 from transfusion.config import GridSpec, JobSpec
 from transfusion.data import transfusion_home
 from transfusion.grid_status import missing_jobs_line
+from transfusion.launcher import RayAnalysisExecutor
 from transfusion.pretrained import WEAK
 from transfusion.provenance import CODE_VERSION_TAG
 
@@ -137,7 +143,7 @@ def results_table_task(grid: GridSpec, grid_run: tracking.GridRun, records: list
 
 @task(name="seed-similarity", cache_policy=None)
 def seed_similarity_task(grid: GridSpec, grid_run: tracking.GridRun, records: list[JobRecord]) -> str:
-    rows = seed_similarity(records)
+    rows = seed_similarity(records, cache=RepresentationCache(AnalysisSettings(), parallel=RayAnalysisExecutor))
     text = seed_similarity_markdown(rows)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "seed_similarity.md"
@@ -160,7 +166,14 @@ def analyze_grid_task(
     """
     directory = Path(out) if out else transfusion_home() / "reports" / grid.name
     convergence = convergence_settings(grid)
-    outputs = analyze_records(records, directory, grid_name=grid.name, dataset=grid.dataset, convergence=convergence)
+    outputs = analyze_records(
+        records,
+        directory,
+        grid_name=grid.name,
+        dataset=grid.dataset,
+        convergence=convergence,
+        parallel_executor=RayAnalysisExecutor,
+    )
     jobs = jobs if jobs is not None else identified_jobs(grid)
     missing = missing_jobs_line(jobs, {record.job_key for record in records})
     notes = [

@@ -255,7 +255,7 @@ def pending_jobs_task(
 
 def identified_jobs(grid: GridSpec) -> list[JobSpec]:
     """The grid's jobs identified by what they read, for an analysis: sources are looked up, never pretrained."""
-    from tasks.pretraining import existing_source_uri
+    from tasks.sources import existing_source_uri
 
     pairs = dict.fromkeys((s.model, s.pretrained) for s in grid.jobs() if s.pretrained)
     return identify_jobs(grid, {(model, source): existing_source_uri(model, source) for model, source in pairs})
@@ -409,7 +409,7 @@ def train_job_task(
             if source_uri:
                 data_params["pretrained_uri"] = source_uri
                 # The source's accuracy and provenance, so a transfer run says how good its weights were.
-                from tasks.pretraining import source_quality, source_tags
+                from tasks.sources import source_quality, source_tags
 
                 quality = source_quality(source_uri)
                 tracking.set_tags(run_id, source_tags(source_uri, quality, weak_source or WeakSourceSettings()))

@@ -12,6 +12,7 @@ import base64
 import html
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,12 @@ from transfusion.analysis.feature_reuse import (
 )
 from transfusion.analysis.filters import plot_filters
 from transfusion.analysis.records import JobRecord
-from transfusion.analysis.representations import seed_similarity, seed_similarity_markdown, seed_similarity_requests
+from transfusion.analysis.representations import (
+    AnalysisExecutor,
+    seed_similarity,
+    seed_similarity_markdown,
+    seed_similarity_requests,
+)
 from transfusion.analysis.similarity_figures import (
     AnalysisSettings,
     RepresentationCache,
@@ -83,8 +89,12 @@ def analyze_records(
     dataset: str,
     settings: AnalysisSettings | None = None,
     convergence: ConvergenceSettings | None = None,
+    parallel_executor: Callable[[], AnalysisExecutor] | None = None,
 ) -> AnalysisOutputs:
-    """Every table and figure of the paper's analyses that the records allow."""
+    """Every table and figure of the paper's analyses that the records allow.
+
+    ``parallel_executor`` fans large similarity work out (the tasks layer passes Ray's); without it, serial.
+    """
     settings = settings or AnalysisSettings()
     convergence = convergence or ConvergenceSettings()
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +135,7 @@ def analyze_records(
         (out / "table2_pathologies.md").write_text(text)
         result.sections.append(("Table 2: CheXpert per-pathology test AUC and AUPRC", text, []))
 
-    cache = RepresentationCache(settings)
+    cache = RepresentationCache(settings, parallel=parallel_executor)
     # One fan-out for every similarity of the report: each (run, layer, step) is decomposed once.
     cache.score_pairs(figure2_requests(records, cache) + figure4_requests(records, cache)
                       + seed_similarity_requests(records, cache))  # fmt: skip

@@ -21,6 +21,7 @@ import logging
 import math
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -320,14 +321,23 @@ def decomposition_flops(groups: list[AnalysisGroup]) -> float:
     return total
 
 
-def choose_executor(settings: AnalysisSettings, groups: list[AnalysisGroup]) -> AnalysisExecutor:
+def choose_executor(
+    settings: AnalysisSettings,
+    groups: list[AnalysisGroup],
+    *,
+    parallel: Callable[[], AnalysisExecutor] | None = None,
+) -> AnalysisExecutor:
+    """Serial for small work, else ``parallel()``: the caller injects the fan-out (Ray's, from
+    the launcher), so this module never imports it."""
     if settings.executor == "serial":
+        return SerialExecutor()
+    if parallel is None:
+        if settings.executor == "ray":
+            raise ValueError("analysis executor 'ray' asked for, but no parallel executor was given")
         return SerialExecutor()
     if settings.executor == "auto" and decomposition_flops(groups) < settings.ray_min_flops:
         return SerialExecutor()
-    from transfusion.launcher import RayAnalysisExecutor  # Ray only enters through the launcher
-
-    return RayAnalysisExecutor()
+    return parallel()
 
 
 # ------------------------------------------------------------------ the cache
@@ -345,9 +355,16 @@ class PairRequest:
 class RepresentationCache:
     """Plans pairs, runs them on an executor with one decomposition per (run, layer, step), keeps the scores."""
 
-    def __init__(self, settings: AnalysisSettings | None = None, executor: AnalysisExecutor | None = None) -> None:
+    def __init__(
+        self,
+        settings: AnalysisSettings | None = None,
+        executor: AnalysisExecutor | None = None,
+        *,
+        parallel: Callable[[], AnalysisExecutor] | None = None,
+    ) -> None:
         self.settings = settings or AnalysisSettings()
         self.executor = executor
+        self.parallel = parallel  # the fan-out for large work (None: always serial)
         self.decompositions = 0
         self.executors_used: set[str] = set()
         self._scores: dict[tuple[Path, Path, str], PairScores] = {}
@@ -400,7 +417,7 @@ class RepresentationCache:
             keys[r.group].append(key)
         names = list(grouped)
         groups = [grouped[n] for n in names]
-        executor = self.executor or choose_executor(self.settings, groups)
+        executor = self.executor or choose_executor(self.settings, groups, parallel=self.parallel)
         self.executors_used.add(executor.name)
         items = sum(len(g.items) for g in groups)
         log.info("similarity: %d decompositions, %d pairs on %s", items, len(todo), executor.name)

@@ -153,11 +153,11 @@ def _train_jobs(
         progress_artifact = GridProgressArtifact(grid.name, len(jobs))
         with watch_grid(grid.name, jobs, grid_run) as progress:
             for done, future in enumerate(as_completed(futures), start=1):
-                try:
-                    outcome = future.result()
-                except Exception as exc:  # e.g. pretrained weights could not be resolved
+                # A failed job's task run is Failed with its outcome as data; a crashed one holds the error.
+                outcome = future.result(raise_on_failure=False)
+                if not isinstance(outcome, JobOutcome):  # e.g. pretrained weights could not be resolved
                     spec = jobs[futures.index(future)]
-                    outcome = JobOutcome(spec.job_key, spec, "FAILED", None, reason=first_line(exc))
+                    outcome = JobOutcome(spec.job_key, spec, "FAILED", None, reason=first_line(outcome))
                 outcomes.append(outcome)
                 progress.finish(outcome.job_key, ok=outcome.ok, line=f"[{done}/{len(jobs)}] {_describe(outcome)}")
                 progress_artifact.update(progress)

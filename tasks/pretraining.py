@@ -136,13 +136,13 @@ def pretrain_grid(
 
 def pretrain_and_register(grid: GridSpec, *, register_as: str) -> str:
     """Runs the pretraining grid's job and registers its weights; returns ``models:/...``."""
-    from tasks.training import end_failed_run, open_grid_run_task, prepare_dataset_task, train_job_task
+    from tasks.training import end_failed_run, open_grid_run_task, prepare_dataset_task, run_job
 
     (spec,) = grid.jobs()
     dataset_root = prepare_dataset_task.fn(grid)
     grid_run = open_grid_run_task.fn(grid)
     try:
-        outcome = train_job_task.fn(spec, grid_run, dataset_root)
+        outcome = run_job(spec, grid_run, dataset_root)
         if not outcome.ok:
             raise RuntimeError(f"pretraining {spec.model} on {grid.dataset} failed: {outcome.reason}")
         uri = tracking.register_model_weights(register_as, outcome.run_id, "checkpoint")

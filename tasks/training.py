@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from prefect import task
+from prefect.states import Failed, State
 
 from transfusion import tracking
 from transfusion.config import GridSpec, JobSpec, WeakSourceSettings
@@ -353,6 +354,23 @@ def job_task_options(spec: JobSpec) -> dict:
 
 @task(name="train-job", cache_policy=None, tags=[TRAIN_TAG], task_run_name="train-{spec.run_name}")
 def train_job_task(
+    spec: JobSpec,
+    grid_run: tracking.GridRun,
+    dataset_root: str,
+    source_uri: str | None = None,
+    max_retries: int = 1,
+    weak_source: WeakSourceSettings | None = None,
+    retrain: bool = False,
+) -> JobOutcome | State:
+    """One job (:func:`run_job`); a job that failed ends this task run Failed, its outcome as the
+    state's data, so the Prefect UI shows it and the flow still collects it and carries on."""
+    outcome = run_job(spec, grid_run, dataset_root, source_uri, max_retries, weak_source, retrain)
+    if outcome.status == "FAILED":
+        return Failed(message=f"{spec.run_name}: {outcome.reason}", data=outcome)
+    return outcome
+
+
+def run_job(
     spec: JobSpec,
     grid_run: tracking.GridRun,
     dataset_root: str,

@@ -133,6 +133,11 @@ def test_nan_loss_fails_one_job_the_grid_carries_on_and_no_planted_secret_leaks(
     reason = db.execute("select value from tags where key = 'failure_reason'").fetchone()[0]
     assert "NonFiniteLossError" in reason and "step 2" in reason
     db.close()
+    # In Prefect the failed job's task run is Failed (the UI shows it red), the other one Completed.
+    prefect_db = sqlite3.connect(tmp_path / "prefect" / "prefect.db")
+    task_states = dict(prefect_db.execute("select name, state_type from task_run where name like 'train-%'").fetchall())
+    prefect_db.close()
+    assert sorted(task_states.values()) == ["COMPLETED", "FAILED"], task_states
 
     # The secrets were in the environment of everything the grid ran; they must be nowhere it wrote.
     assert secret not in result.stdout + result.stderr

@@ -108,29 +108,58 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+# Under pytest-xdist each worker checks its own processes (their command line or environment
+# names the worker's basetemp, <root>/popen-gwN) and hands what it found to the controller:
+# a worker's exit status is sent before its sessionfinish hooks run, so only the controller
+# can fail the run. The controller also checks the root, which covers every worker.
+_WORKER_LEAKS = pytest.StashKey[list[str]]()
+
+
+def stop_leaked_processes(basetemp: Path) -> list[str]:
+    """Processes that name ``basetemp`` and outlived the session, as ``pid: command``; each is
+    SIGKILLed (the leak must not outlive CI either) after a short grace period."""
+    # With the separator: pytest-1 must not match another session's pytest-12.
+    inside = str(basetemp) + os.sep
+    deadline = time.monotonic() + 10  # a server stopped just now may take a moment to go
+    leaked = processes_mentioning(inside)
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.5)
+        leaked = processes_mentioning(inside)
+    for line in leaked:
+        with contextlib.suppress(OSError):
+            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
+    return leaked
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist controller: collects what a worker's session-end check found."""
+    leaked = getattr(node, "workeroutput", {}).get("leaked_processes") or []
+    if leaked:
+        worker = node.gateway.id
+        node.config.stash.setdefault(_WORKER_LEAKS, []).extend(f"{line}  (worker {worker})" for line in leaked)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Fails the run if a process a test started (it names pytest's temp folder) outlived the session."""
     factory = getattr(session.config, "_tmp_path_factory", None)
     basetemp = getattr(factory, "_basetemp", None) if factory else None
-    if basetemp is None:
+    leaked = list(session.config.stash.get(_WORKER_LEAKS, []))
+    if basetemp is not None:
+        # Flows run in this process started Prefect's temporary server; Prefect stops it at exit,
+        # after this check, so it is stopped here (it would otherwise count as a leak).
+        prefect_server = sys.modules.get("prefect.server.api.server")
+        if prefect_server is not None:
+            for server in list(prefect_server.SubprocessASGIServer._instances.values()):
+                with contextlib.suppress(Exception):
+                    server.stop()
+        leaked += stop_leaked_processes(basetemp)
+    worker_output = getattr(session.config, "workeroutput", None)
+    if worker_output is not None:  # an xdist worker: the controller reports it
+        worker_output["leaked_processes"] = leaked
         return
-    # Flows run in this process started Prefect's temporary server; Prefect stops it at exit,
-    # after this check, so it is stopped here (it would otherwise count as a leak).
-    prefect_server = sys.modules.get("prefect.server.api.server")
-    if prefect_server is not None:
-        for server in list(prefect_server.SubprocessASGIServer._instances.values()):
-            with contextlib.suppress(Exception):
-                server.stop()
-    deadline = time.monotonic() + 10  # a server stopped just now may take a moment to go
-    leaked = processes_mentioning(str(basetemp))
-    while leaked and time.monotonic() < deadline:
-        time.sleep(0.5)
-        leaked = processes_mentioning(str(basetemp))
     if not leaked:
         return
-    for line in leaked:  # stop them, so the leak does not outlive CI either
-        with contextlib.suppress(OSError):
-            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     message = "processes started by tests outlived the session:\n  " + "\n  ".join(leaked)
     if reporter is not None:

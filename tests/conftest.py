@@ -17,6 +17,18 @@ import flows.cli  # noqa: F401  (sets the same quiet environment defaults as the
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.hookimpl(trylast=True)  # after the tmp_path plugin has set up its factory
+def pytest_configure(config):
+    """Prefect's temporary servers (flows run here and by the ``transfusion`` commands tests
+    start) keep their SQLite database in PREFECT_HOME: one per test process, so that parallel
+    workers, and other test sessions on the machine, never write to the same ``~/.prefect``."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is not None:
+        home = factory.getbasetemp() / "prefect-home"
+        home.mkdir(exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(home)
+
+
 @pytest.fixture(scope="session")
 def session_home(tmp_path_factory) -> Path:
     """A TRANSFUSION_HOME shared by the session (prepared datasets are cached here)."""
@@ -73,6 +85,17 @@ def run_cli(*args: str, home: Path, env: dict | None = None, timeout: float = 60
         text=True,
         timeout=timeout,
     )
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules with end-to-end (``slow``) tests run first, each module's tests in their own order.
+
+    Under pytest-xdist (``--dist loadfile``) a module is one unit of work handed to a free
+    worker in this order: starting the long ones first keeps one of them from being the
+    last thing a run waits for.
+    """
+    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_modules)  # stable: keeps the order within
 
 
 def _ancestors() -> set[int]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from transfusion import tracking
 from transfusion.config import GridSpec, TrainSettings
+
+pytestmark = pytest.mark.slow
 
 
 def _grid(**train) -> GridSpec:

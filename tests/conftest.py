@@ -23,7 +23,10 @@ def pytest_configure(config):
     start) keep their SQLite database in PREFECT_HOME: one per test process, so that parallel
     workers, and other test sessions on the machine, never write to the same ``~/.prefect``."""
     factory = getattr(config, "_tmp_path_factory", None)
-    if factory is not None:
+    # Not in an xdist controller: it runs no test, and its environment is its workers', whose
+    # processes must not name its basetemp (the session-end check would count them).
+    controller = bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+    if factory is not None and not controller:
         home = factory.getbasetemp() / "prefect-home"
         home.mkdir(exist_ok=True)
         os.environ["PREFECT_HOME"] = str(home)

@@ -17,6 +17,21 @@ import flows.cli  # noqa: F401  (sets the same quiet environment defaults as the
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.hookimpl(trylast=True)  # after the tmp_path plugin has set up its factory
+def pytest_configure(config):
+    """Prefect's temporary servers (flows run here and by the ``transfusion`` commands tests
+    start) keep their SQLite database in PREFECT_HOME: one per test process, so that parallel
+    workers, and other test sessions on the machine, never write to the same ``~/.prefect``."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    # Not in an xdist controller: it runs no test, and its environment is its workers', whose
+    # processes must not name its basetemp (the session-end check would count them).
+    controller = bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+    if factory is not None and not controller:
+        home = factory.getbasetemp() / "prefect-home"
+        home.mkdir(exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(home)
+
+
 @pytest.fixture(scope="session")
 def session_home(tmp_path_factory) -> Path:
     """A TRANSFUSION_HOME shared by the session (prepared datasets are cached here)."""
@@ -31,7 +46,9 @@ def mlflow_server(session_home):
     from flows.runtime import start_mlflow_server
 
     previous = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    server = start_mlflow_server(session_home / "tracking")
+    # A generous start limit: under parallel workers on a busy 2-core machine a start can
+    # take minutes; a server that is up answers at once either way.
+    server = start_mlflow_server(session_home / "tracking", timeout=300)
     os.environ["MLFLOW_TRACKING_URI"] = server.url
     yield server
     server.stop()
@@ -75,6 +92,17 @@ def run_cli(*args: str, home: Path, env: dict | None = None, timeout: float = 60
     )
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Modules with end-to-end (``slow``) tests run first, each module's tests in their own order.
+
+    Under pytest-xdist (``--dist loadfile``) a module is one unit of work handed to a free
+    worker in this order: starting the long ones first keeps one of them from being the
+    last thing a run waits for.
+    """
+    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_modules)  # stable: keeps the order within
+
+
 def _ancestors() -> set[int]:
     pids, pid = set(), os.getpid()
     while pid > 1 and pid not in pids:
@@ -108,29 +136,58 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+# Under pytest-xdist each worker checks its own processes (their command line or environment
+# names the worker's basetemp, <root>/popen-gwN) and hands what it found to the controller:
+# a worker's exit status is sent before its sessionfinish hooks run, so only the controller
+# can fail the run. The controller also checks the root, which covers every worker.
+_WORKER_LEAKS = pytest.StashKey[list[str]]()
+
+
+def stop_leaked_processes(basetemp: Path) -> list[str]:
+    """Processes that name ``basetemp`` and outlived the session, as ``pid: command``; each is
+    SIGKILLed (the leak must not outlive CI either) after a short grace period."""
+    # With the separator: pytest-1 must not match another session's pytest-12.
+    inside = str(basetemp) + os.sep
+    deadline = time.monotonic() + 10  # a server stopped just now may take a moment to go
+    leaked = processes_mentioning(inside)
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.5)
+        leaked = processes_mentioning(inside)
+    for line in leaked:
+        with contextlib.suppress(OSError):
+            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
+    return leaked
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist controller: collects what a worker's session-end check found."""
+    leaked = getattr(node, "workeroutput", {}).get("leaked_processes") or []
+    if leaked:
+        worker = node.gateway.id
+        node.config.stash.setdefault(_WORKER_LEAKS, []).extend(f"{line}  (worker {worker})" for line in leaked)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Fails the run if a process a test started (it names pytest's temp folder) outlived the session."""
     factory = getattr(session.config, "_tmp_path_factory", None)
     basetemp = getattr(factory, "_basetemp", None) if factory else None
-    if basetemp is None:
+    leaked = list(session.config.stash.get(_WORKER_LEAKS, []))
+    if basetemp is not None:
+        # Flows run in this process started Prefect's temporary server; Prefect stops it at exit,
+        # after this check, so it is stopped here (it would otherwise count as a leak).
+        prefect_server = sys.modules.get("prefect.server.api.server")
+        if prefect_server is not None:
+            for server in list(prefect_server.SubprocessASGIServer._instances.values()):
+                with contextlib.suppress(Exception):
+                    server.stop()
+        leaked += stop_leaked_processes(basetemp)
+    worker_output = getattr(session.config, "workeroutput", None)
+    if worker_output is not None:  # an xdist worker: the controller reports it
+        worker_output["leaked_processes"] = leaked
         return
-    # Flows run in this process started Prefect's temporary server; Prefect stops it at exit,
-    # after this check, so it is stopped here (it would otherwise count as a leak).
-    prefect_server = sys.modules.get("prefect.server.api.server")
-    if prefect_server is not None:
-        for server in list(prefect_server.SubprocessASGIServer._instances.values()):
-            with contextlib.suppress(Exception):
-                server.stop()
-    deadline = time.monotonic() + 10  # a server stopped just now may take a moment to go
-    leaked = processes_mentioning(str(basetemp))
-    while leaked and time.monotonic() < deadline:
-        time.sleep(0.5)
-        leaked = processes_mentioning(str(basetemp))
     if not leaked:
         return
-    for line in leaked:  # stop them, so the leak does not outlive CI either
-        with contextlib.suppress(OSError):
-            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     message = "processes started by tests outlived the session:\n  " + "\n  ".join(leaked)
     if reporter is not None:

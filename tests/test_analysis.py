@@ -254,6 +254,7 @@ def test_results_table_over_seeds_and_paper_numbers(finished_grid):
     assert paper_auc("resnet50", "synthetic-transfer", "full") is None
 
 
+@pytest.mark.slow
 def test_ray_fan_out_equals_the_serial_path(finished_grid, ray_cluster):
     from transfusion.launcher import RayAnalysisExecutor
 

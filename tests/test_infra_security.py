@@ -1,7 +1,7 @@
 """The deployment's control planes are closed: every one asks for a credential, each
 workload has its own identity, only the namespace reaches Ray, and placeholders never run.
 
-Offline, like tests/test_infra_manifests.py, whose loaders and schema checks these reuse.
+Offline, like the other tests/test_infra_*.py, whose loaders and schema checks these reuse.
 """
 
 from __future__ import annotations
@@ -12,31 +12,25 @@ import re
 
 import pytest
 
-from tests.test_infra_manifests import (
+from tests.deploy_files import (
     COMPOSE,
     DOCKER,
     K8S,
     PLACEHOLDER,
-    REQUIRED_REF,
-    all_manifests,
     base_job_template,
     by_kind,
-    compose,
-    container_env,
     containers_of,
-    env_example,
     example_secrets,
-    fake_ray,  # noqa: F401  (a fixture)
     generated_config_maps,
     kustomization,
     one,
-    ray_calls,
     rayjob,
-    references,
     render_flow_run_job,
-    run_entrypoint,
     validate_k8s,
 )
+from tests.test_infra_compose import REQUIRED_REF, compose, env_example
+from tests.test_infra_docker import fake_ray, ray_calls, run_entrypoint  # noqa: F401  (fake_ray: a fixture)
+from tests.test_infra_k8s import all_manifests, container_env, references
 
 RAY_HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
 ARTIFACT_BUCKET = "transfusion-artifacts"
@@ -288,7 +282,7 @@ def read_ini(text: str) -> configparser.SectionProxy:
 
 
 def test_kubernetes_mlflow_runs_basic_auth_with_the_secrets_admin():
-    from tests.test_infra_manifests import parse_mlflow_server
+    from tests.deploy_files import parse_mlflow_server
 
     container = mlflow_container()
     parse_mlflow_server(container["args"][2:])

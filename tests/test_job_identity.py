@@ -8,6 +8,8 @@ from transfusion import tracking
 from transfusion.config import GridSpec, JobSpec, TrainSettings, load_grid
 from transfusion.identity import Mismatch, RecordedRun, RetrainFilter, match_finished_runs
 
+pytestmark = pytest.mark.slow
+
 
 def _grid(**train) -> GridSpec:
     return GridSpec(

@@ -67,6 +67,7 @@ def test_a_node_sharing_the_drivers_disk_reads_in_place(tiny_retina):
     assert dataset_for_node(str(tiny_retina.root), "s3://nowhere/datasets/x").root == tiny_retina.root
 
 
+@pytest.mark.slow
 def test_dataset_and_weights_through_the_real_s3_server(s3_server, tiny_retina, tmp_path, monkeypatch):
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)

@@ -37,6 +37,7 @@ def _write_spec(path: Path, **spec) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_one_job_runs_standalone_and_resumes_from_its_own_checkpoint(session_home, tmp_path):
     spec = _write_spec(
         tmp_path / "spec.yaml", model="cbr-tiny", init="random", dataset="synthetic-retina", data_size=120, seed=0,

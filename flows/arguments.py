@@ -14,7 +14,15 @@ import yaml
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, object]:
-    """``train.steps=10`` style overrides as {dotted key: value} (values parsed as YAML; the last one of a key wins)."""
+    """``train.steps=10`` style overrides as {dotted key: value}.
+
+    Values are parsed as YAML and the last one of a key wins; a single value for a field
+    that takes a list (``models=cbr-tiny``) is read as a list of one, so both spellings
+    name the same variant.
+    """
+    from transfusion.config import grid_list_fields
+
+    list_fields = grid_list_fields()
     parsed: dict[str, object] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -25,20 +33,21 @@ def parse_overrides(overrides: list[str]) -> dict[str, object]:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise ValueError(f"--set {item}: {raw!r} is not a valid YAML value (quote text with ':' or '[')") from None
-        parsed.pop(".".join(parts), None)
-        parsed[".".join(parts)] = value
+        key = ".".join(parts)
+        if key in list_fields and value is not None and not isinstance(value, list):
+            value = [value]
+        parsed.pop(key, None)
+        parsed[key] = value
     return parsed
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """``train.steps=10`` style overrides onto a grid mapping (values parsed as YAML).
 
-    A key that is no grid field is refused with the nearest valid one; a single value
-    for a field that takes a list (``models=cbr-tiny``) is read as a list of one.
+    A key that is no grid field is refused with the nearest valid one.
     """
-    from transfusion.config import check_grid_field, grid_list_fields
+    from transfusion.config import check_grid_field
 
-    list_fields = grid_list_fields()
     data = dict(data)
     for item in overrides:
         ((key, value),) = parse_overrides([item]).items()  # the same one-line errors, in the order given
@@ -55,8 +64,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             check_grid_field(key)
         except ValueError as exc:
             raise ValueError(f"--set {item}: {exc}") from None
-        if key in list_fields and value is not None and not isinstance(value, list):
-            value = [value]
         target[parts[-1]] = value
     return data
 

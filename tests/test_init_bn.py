@@ -150,7 +150,8 @@ def test_init_bn_is_validated_and_part_of_the_job_key():
     # The step-0 probe differs, so a run of one is not reused as a run of the other; ``running`` (what
     # runs stored before the setting existed) keeps the key those runs carry.
     assert recalibrated.job_key != running.job_key
-    payload = running.model_dump(mode="json", exclude={"grid": True, "train": {"init_bn", "threads", "cpus_per_job",
+    payload = running.model_dump(mode="json", exclude={"grid": True, "block_shuffle": True, "data_version": True,
+                                 "weights_sha256": True, "code_version": True, "train": {"init_bn", "threads", "cpus_per_job",
                                  "gpus_per_job", "num_workers", "max_failures", "eval_batch_size"}})  # fmt: skip
     from transfusion.config import _short_hash
 

@@ -70,7 +70,7 @@ def test_installed_cli_lists_and_runs_a_one_job_grid_from_another_directory(inst
     _, target = installed_wheel
     listed = _from_elsewhere(target, "list", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
-    assert "grid presets:" in listed.stdout and "demo" in listed.stdout and "cbr-tiny" in listed.stdout
+    assert "grid presets" in listed.stdout and "demo" in listed.stdout and "cbr-tiny" in listed.stdout
     run = _from_elsewhere(target, "run", "smoke", "--set", "seeds=[0]", cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     # --set seeds=[0] makes a variant of smoke, with its own name (and experiment).

@@ -22,27 +22,29 @@ def mlflow_auth_headers() -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()}
 
 
-def check_tracking_server(uri: str, *, timeout: float = 5.0) -> None:
+def check_tracking_server(uri: str, *, timeout: float = 30.0) -> None:
     """An HTTP tracking URI must answer ``/health`` and accept this client's credentials.
 
     ``/health`` is open even on a server running MLflow's basic-auth app, so the
     credentials are checked with a one-row experiment search: a missing or wrong
     password fails here, before any run, instead of in every job. Other URIs are left
-    to MLflow.
+    to MLflow. The timeout is generous because a server on a busy machine answers its
+    first search slowly; a port nobody listens on is refused at once.
     """
     if not uri.startswith(("http://", "https://")):
         return
     base = uri.rstrip("/")
     headers = mlflow_auth_headers()
+    path = "/health"
     try:
-        with urllib.request.urlopen(urllib.request.Request(f"{base}/health", headers=headers), timeout=timeout) as r:
+        with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers), timeout=timeout) as r:
             # MLflow answers "OK"; any other web server on that port is not a tracking server.
             if r.status != 200 or r.read(64).strip() != b"OK":
                 raise RuntimeError(
                     f"MLFLOW_TRACKING_URI={uri} answers, but not as an MLflow tracking server (/health is not 'OK')"
                 )
-        search = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
-        with urllib.request.urlopen(search, timeout=timeout):
+        path = "/api/2.0/mlflow/experiments/search"
+        with urllib.request.urlopen(urllib.request.Request(f"{base}{path}?max_results=1", headers=headers), timeout=timeout):
             return
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
@@ -53,13 +55,13 @@ def check_tracking_server(uri: str, *, timeout: float = 5.0) -> None:
                 " (for a stack: eval $(transfusion stack env))"
             ) from None
         if exc.code >= 500:
-            raise RuntimeError(f"MLflow tracking server {uri} is not healthy (HTTP {exc.code})") from None
+            raise RuntimeError(f"MLflow tracking server {uri} is not healthy (HTTP {exc.code} on {path})") from None
         raise RuntimeError(
-            f"MLFLOW_TRACKING_URI={uri} answers, but not as an MLflow tracking server (HTTP {exc.code})"
+            f"MLFLOW_TRACKING_URI={uri} answers, but not as an MLflow tracking server (HTTP {exc.code} on {path})"
         ) from None
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise RuntimeError(f"MLflow tracking server {uri} is unreachable ({reason})") from None
+        raise RuntimeError(f"MLflow tracking server {uri} is unreachable ({reason} on {path})") from None
 
 
 def check_storage_path(path: str) -> None:

@@ -7,6 +7,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+import yaml
 from prefect import task
 
 from tasks.training import identified_jobs
@@ -152,6 +153,22 @@ def seed_similarity_task(grid: GridSpec, grid_run: tracking.GridRun, records: li
     return text
 
 
+def what_was_run(grid: GridSpec, records: list[JobRecord], jobs: list[JobSpec]) -> str:
+    """The summary's sentence on what was run: the grid's axes, its runs, its source and code."""
+    sizes = ", ".join(str(size) for size in grid.data_sizes)
+    text = (
+        f"grid {grid.name} on {grid.dataset}: {', '.join(grid.models)} × {', '.join(grid.inits)} × sizes {sizes} × "
+        f"{len(grid.seeds)} seed(s); {len(records)} finished runs of {len(jobs)} jobs"
+    )
+    if grid.pretrained:
+        weak = any(record.source_weak for record in records)
+        text += f"; pretrained source {grid.pretrained} ({'**weak**' if weak else 'not weak by the weak_source rule'})"
+    versions = sorted({record.code_version or "unrecorded" for record in records})
+    if versions:
+        text += f"; code version{'s' if len(versions) > 1 else ''} {', '.join(versions)}"
+    return text + "."
+
+
 @task(name="analyze-grid", cache_policy=None)
 def analyze_grid_task(
     grid: GridSpec,
@@ -166,6 +183,7 @@ def analyze_grid_task(
     """
     directory = Path(out) if out else transfusion_home() / "reports" / grid.name
     convergence = convergence_settings(grid)
+    jobs = jobs if jobs is not None else identified_jobs(grid)
     outputs = analyze_records(
         records,
         directory,
@@ -173,8 +191,8 @@ def analyze_grid_task(
         dataset=grid.dataset,
         convergence=convergence,
         parallel_executor=RayAnalysisExecutor,
+        ran=what_was_run(grid, records, jobs),
     )
-    jobs = jobs if jobs is not None else identified_jobs(grid)
     missing = missing_jobs_line(jobs, {record.job_key for record in records})
     notes = [
         *([missing] if missing else []),  # first: a reader must know before reading any table
@@ -191,7 +209,8 @@ def analyze_grid_task(
         notes.append(
             "Transfer here is synthetic-source transfer (weights pretrained on procedural shapes), not ImageNet."
         )
-    write_report(outputs, title=f"transfusion report: grid {grid.name}", notes=notes)
+    config_yaml = yaml.safe_dump(grid.model_dump(mode="json"), sort_keys=False)
+    write_report(outputs, title=f"transfusion report: grid {grid.name}", notes=notes, config_yaml=config_yaml)
     if outputs.transfer_rows:
         tracking.log_metrics(grid_run.run_id, transfer_effect_metrics(outputs.transfer_rows), step=0)
     for path in sorted(directory.iterdir()):

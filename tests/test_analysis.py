@@ -97,6 +97,7 @@ def test_analyses_produce_every_table_and_figure(finished_grid, tmp_path):
         "figure5_convergence.png": ["cbr-tiny (full)"],
         "filters_conv1.png": ["cbr-tiny random: at init", "cbr-tiny random: after training",
                               "cbr-tiny synthetic-transfer: at init", "cbr-tiny synthetic-transfer: after training"],
+        "transfer_forest.png": ["Does transfer help? ΔAUC per cell"],
     }  # fmt: skip
     for name, panels in expected.items():
         titles = panel_titles(tmp_path / name)
@@ -104,6 +105,11 @@ def test_analyses_produce_every_table_and_figure(finished_grid, tmp_path):
     text = md.read_text()
     for heading in ("Tables 1–3", "Figure 2", "Figure 4", "Figure 5", "First-layer filters"):
         assert heading in text
+    # The report opens with its summary, generated from the tables below it.
+    assert text.index("## Summary") < text.index("## Does transfer help?") < text.index("## Tables 1–3")
+    summary = text[text.index("## Summary") : text.index("## Does transfer help?")]
+    assert "cbr-tiny at full data: synthetic-transfer" in summary and "What was run: grid mini" in summary
+    assert "nan" not in summary.lower()
     page = html.read_text()
     assert page.count("data:image/png;base64,") == len(expected)
     assert "<table>" in page and "synthetic-transfer" in page

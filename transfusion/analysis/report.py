@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,7 @@ from transfusion.analysis.similarity_figures import (
     plot_figure2,
     plot_figure4,
 )
+from transfusion.analysis.summary import plot_transfer_forest, summary_markdown
 from transfusion.analysis.tables import (
     CHEXPERT_PATHOLOGIES,
     is_chexpert,
@@ -69,6 +71,8 @@ from transfusion.analysis.transfer_effect import (
 
 TRANSFER_EFFECT_TITLE = "Does transfer help?"
 WHICH_SOURCE_TITLE = "Which source?"
+SUMMARY_TITLE = "Summary"
+APPENDIX_TITLE = "Appendix: the grid's resolved config"
 
 
 @dataclass
@@ -90,16 +94,19 @@ def analyze_records(
     settings: AnalysisSettings | None = None,
     convergence: ConvergenceSettings | None = None,
     parallel_executor: Callable[[], AnalysisExecutor] | None = None,
+    ran: str | None = None,
 ) -> AnalysisOutputs:
-    """Every table and figure of the paper's analyses that the records allow.
+    """Every table and figure of the paper's analyses that the records allow, opened by a summary.
 
     ``parallel_executor`` fans large similarity work out (the tasks layer passes Ray's); without it, serial.
+    ``ran`` is the summary's sentence on what was run (default: grid, dataset and run count).
     """
     settings = settings or AnalysisSettings()
     convergence = convergence or ConvergenceSettings()
     out.mkdir(parents=True, exist_ok=True)
     result = AnalysisOutputs(out)
-    (out / "feature_reuse.png").unlink(missing_ok=True)  # left by an earlier analysis of this grid
+    for left in ("feature_reuse.png", "transfer_forest.png"):  # left by an earlier analysis of this grid
+        (out / left).unlink(missing_ok=True)
     reuse_rows = feature_reuse_table(records)
     # Every other analysis groups by (model, init, size): a block-shuffled run is a cell of its own there.
     records = records_by_block_cell(records)
@@ -124,7 +131,8 @@ def analyze_records(
     if result.transfer_rows:
         text = transfer_effect_markdown(result.transfer_rows, paper_delta=paper_delta_auc(dataset))
         (out / "transfer_effect.md").write_text(f"### {TRANSFER_EFFECT_TITLE}\n\n{text}")
-        result.sections.insert(0, (TRANSFER_EFFECT_TITLE, text, []))
+        forest = plot_transfer_forest(result.transfer_rows, out / "transfer_forest.png")
+        result.sections.insert(0, (TRANSFER_EFFECT_TITLE, text, [forest.name] if forest else []))
         which = which_source_markdown(result.transfer_rows)
         if which:
             (out / "which_source.md").write_text(f"### {WHICH_SOURCE_TITLE}\n\n{which}")
@@ -151,6 +159,12 @@ def analyze_records(
                                 figure4_markdown(fig4), ["figure4_layer_movement.png"]))  # fmt: skip
 
     conv_rows = convergence_table(records, convergence)
+    result.sections.insert(0, (SUMMARY_TITLE, summary_markdown(
+        ran or f"grid {grid_name} on {dataset}, {len(records)} finished runs.",
+        transfer_rows=result.transfer_rows, convergence_rows=conv_rows,
+        convergence_threshold=convergence.describe(), similarity_rows=fig2,
+    ), []))  # fmt: skip
+    (out / "summary.md").write_text(f"### {SUMMARY_TITLE}\n\n{result.sections[0][1]}")
     if conv_rows:
         plot_convergence(records, out / "figure5_convergence.png", rows=conv_rows)
         text = f"Threshold: {convergence.describe()}.\n\n" + convergence_markdown(conv_rows)
@@ -201,16 +215,28 @@ def code_version_notes(records: list[JobRecord]) -> list[str]:
     return notes
 
 
-def write_report(outputs: AnalysisOutputs, *, title: str, notes: list[str] | None = None) -> tuple[Path, Path]:
-    """``report.md`` and a self-contained ``report.html`` in the analysis directory."""
+def write_report(
+    outputs: AnalysisOutputs, *, title: str, notes: list[str] | None = None, config_yaml: str | None = None
+) -> tuple[Path, Path]:
+    """``report.md`` and a self-contained ``report.html`` in the analysis directory.
+
+    The summary comes first, then the notes (what a reader must know before any table),
+    then the sections; ``config_yaml`` (the grid as resolved) closes it as an appendix.
+    """
     out = outputs.directory
+    sections = list(outputs.sections)
+    opening = sections.pop(0) if sections and sections[0][0] == SUMMARY_TITLE else None
     md = [f"# {title}", ""]
+    if opening:
+        md += [f"## {opening[0]}", "", opening[1], ""]
     for note in notes or []:
         md += [f"> {note}", ""]
-    for heading, text, figures in outputs.sections:
+    for heading, text, figures in sections:
         md += [f"## {heading}", ""]
         md += [f"![{figure}]({figure})" for figure in figures]
         md += ["", text, ""]
+    if config_yaml:
+        md += [f"## {APPENDIX_TITLE}", "", "```yaml", config_yaml.rstrip(), "```", ""]
     md_path = out / "report.md"
     md_path.write_text("\n".join(md))
 
@@ -222,18 +248,25 @@ def write_report(outputs: AnalysisOutputs, *, title: str, notes: list[str] | Non
         "th{background:#f3f3f3}img{max-width:100%}blockquote{color:#555}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
+    if opening:
+        parts += [f"<h2>{html.escape(opening[0])}</h2>", markdown_tables_to_html(opening[1])]
     for note in notes or []:
         parts.append(f"<blockquote>{html.escape(note)}</blockquote>")
-    for heading, text, figures in outputs.sections:
+    for heading, text, figures in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         for figure in figures:
             data = base64.b64encode((out / figure).read_bytes()).decode()
             parts.append(f"<img alt='{html.escape(figure)}' src='data:image/png;base64,{data}'>")
         parts.append(markdown_tables_to_html(text))
+    if config_yaml:
+        parts += [f"<h2>{html.escape(APPENDIX_TITLE)}</h2>", f"<pre>{html.escape(config_yaml)}</pre>"]
     parts.append("</body></html>")
     html_path = out / "report.html"
     html_path.write_text("\n".join(parts))
     return md_path, html_path
+
+
+_BOLD = re.compile(r"[*][*](.+?)[*][*]")
 
 
 def markdown_tables_to_html(text: str) -> str:
@@ -257,6 +290,7 @@ def markdown_tables_to_html(text: str) -> str:
             continue
         flush()
         if line.strip():
-            out.append(f"<p>{html.escape(line.lstrip('#> ').strip())}</p>")
+            text = _BOLD.sub(r"<strong>\1</strong>", html.escape(line.lstrip("#> ").strip()))
+            out.append(f"<p>{text}</p>")
     flush()
     return "\n".join(out)

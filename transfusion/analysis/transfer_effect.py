@@ -436,6 +436,7 @@ class TransferEffectRow:
     test_images: int = 0
     source: str = ""
     source_weak: bool = False
+    seed_deltas: tuple[float, ...] = ()  # each paired seed's logged test AUC difference, init - random
 
 
 def _load_predictions(record: JobRecord) -> RunPredictions | None:
@@ -501,9 +502,12 @@ def transfer_effect_table(
                 deltas = [by_seed[s].metrics.get(key, math.nan) - baseline[s].metrics.get(key, math.nan) for s in seeds]
                 estimates[metric] = seed_spread_interval([d for d in deltas if not math.isnan(d)], level=level)
         runs_of_init = list(by_seed.values())
+        seed_deltas = [by_seed[s].metrics.get("test/auc", math.nan) - baseline[s].metrics.get("test/auc", math.nan)
+                       for s in seeds]  # fmt: skip
         rows.append(TransferEffectRow(
             model, size, init, estimates["auc"], estimates["auprc"], len(pairs[0][1].index) if stored else 0,
             source=runs_of_init[0].source, source_weak=any(r.source_weak for r in runs_of_init),
+            seed_deltas=tuple(d for d in seed_deltas if not math.isnan(d)),
         ))  # fmt: skip
     return rows
 
@@ -529,7 +533,7 @@ _MARKS = ("†", "‡", "§", "¶", "‖", "#")
 NOT_AFTER_HOLM = "°"
 
 
-def _family_verdicts(rows: list[TransferEffectRow], *, alpha: float) -> tuple[list[str], int]:
+def family_verdicts(rows: list[TransferEffectRow], *, alpha: float) -> tuple[list[str], int]:
     """The AUC verdict of each row, marked where it does not survive Holm across the table; the family size."""
     adjusted = holm_adjusted([r.auc.p_value if r.auc.verdict in (HELPS, HURTS, NO_DIFFERENCE) else math.nan
                               for r in rows])  # fmt: skip
@@ -558,7 +562,7 @@ def transfer_effect_markdown(
     """
     level = rows[0].auc.level if rows else 0.95
     alpha = 1 - level
-    verdicts, family = _family_verdicts(rows, alpha=alpha)
+    verdicts, family = family_verdicts(rows, alpha=alpha)
     marks: dict[str, str] = {}
     for r in rows:
         if r.source and r.source not in marks:

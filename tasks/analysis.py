@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 from prefect import task
 
+from tasks.artifacts import linked_results_table
 from tasks.training import identified_jobs
 from transfusion import tracking
 from transfusion.analysis.convergence import ConvergenceSettings
@@ -209,6 +210,11 @@ def analyze_grid_task(
         notes.append(
             "Transfer here is synthetic-source transfer (weights pretrained on procedural shapes), not ImageNet."
         )
+    uri = tracking.tracking_uri()
+    if uri.startswith(("http://", "https://")) and records:  # links a browser can follow
+        table = linked_results_table(results_table(records), records, tracking_uri=uri,
+                                     experiment_id=grid_run.experiment_id)  # fmt: skip
+        outputs.sections.append(("MLflow runs of each cell", table, []))
     config_yaml = yaml.safe_dump(grid.model_dump(mode="json"), sort_keys=False)
     write_report(outputs, title=f"transfusion report: grid {grid.name}", notes=notes, config_yaml=config_yaml)
     if outputs.transfer_rows:

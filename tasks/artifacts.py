@@ -31,13 +31,31 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
-def report_markdown(
-    grid: str, rows: list[ResultRow], records: list[JobRecord], *, tracking_uri: str, grid_run: tracking.GridRun
+def linked_results_table(
+    rows: list[ResultRow], records: list[JobRecord], *, tracking_uri: str, experiment_id: str
 ) -> str:
-    """The results table with each (model, init, data size) cell linked to its seeds' MLflow runs."""
+    """The results table, each (model, init, data size) cell linked to its seeds' MLflow runs (Markdown)."""
     runs: dict[tuple[str, str, str], list[JobRecord]] = {}
     for record in records:
         runs.setdefault((record.model, record.init, record.data_size), []).append(record)
+    lines = [
+        "| model | init | data size | seeds | test AUC | test AUPRC | MLflow runs |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        cell = sorted(runs.get((row.model, row.init, row.data_size), []), key=lambda r: r.seed)
+        links = " ".join(f"[seed {r.seed}]({run_url(tracking_uri, experiment_id, r.run_id)})" for r in cell)
+        lines.append(
+            f"| {row.model} | {row.init} | {row.data_size} | {row.seeds} | {row.auc_text()} | {row.auprc_text()} "
+            f"| {links or 'none'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(
+    grid: str, rows: list[ResultRow], records: list[JobRecord], *, tracking_uri: str, grid_run: tracking.GridRun
+) -> str:
+    """The Prefect report: the parent run's link, then :func:`linked_results_table`."""
     parent = run_url(tracking_uri, grid_run.experiment_id, grid_run.run_id)
     lines = [
         f"# Grid {grid}: test AUC over seeds",
@@ -45,17 +63,10 @@ def report_markdown(
         f"Mean ± std over seeds, in percent. Parent MLflow run: [grid-{grid}]({parent}) "
         "(tables/ and report/ artifacts hold the figures and the full report).",
         "",
-        "| model | init | data size | seeds | test AUC | test AUPRC | MLflow runs |",
-        "|---|---|---|---:|---:|---:|---|",
     ]
-    for row in rows:
-        cell = sorted(runs.get((row.model, row.init, row.data_size), []), key=lambda r: r.seed)
-        links = " ".join(f"[seed {r.seed}]({run_url(tracking_uri, grid_run.experiment_id, r.run_id)})" for r in cell)
-        lines.append(
-            f"| {row.model} | {row.init} | {row.data_size} | {row.seeds} | {row.auc_text()} | {row.auprc_text()} "
-            f"| {links or 'none'} |"
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + linked_results_table(
+        rows, records, tracking_uri=tracking_uri, experiment_id=grid_run.experiment_id
+    )
 
 
 @task(name="publish-prefect-artifacts", cache_policy=None)

@@ -70,3 +70,20 @@ def test_report_opens_with_the_summary_and_closes_with_the_config(tmp_path):
     assert "```yaml\nname: demo\nseeds: [0, 1, 2]\n```" in text
     body = page.read_text()
     assert "<strong>helps</strong>" in body and "<pre>name: demo" in body
+
+
+def test_report_html_links_each_cell_to_its_runs(tmp_path):
+    from tasks.artifacts import linked_results_table
+    from transfusion.analysis.records import JobRecord
+    from transfusion.analysis.tables import results_table
+
+    records = [JobRecord(job_key=f"k{seed}", run_id=f"run{seed}", model="cbr-tiny", init="random", data_size="full",
+                         seed=seed, status="FINISHED", metrics={"test/auc": 0.8, "test/auprc": 0.7})
+               for seed in (0, 1)]  # fmt: skip
+    table = linked_results_table(results_table(records), records, tracking_uri="http://mlflow:5000", experiment_id="3")
+    outputs = AnalysisOutputs(tmp_path, sections=[("MLflow runs of each cell", table, [])])
+    _, page = write_report(outputs, title="t")
+    body = page.read_text()
+    for seed in (0, 1):
+        url = f"http://mlflow:5000/#/experiments/3/runs/run{seed}?workflowType=machine_learning"
+        assert f"<a href='{url}'>seed {seed}</a>" in body

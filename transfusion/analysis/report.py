@@ -267,6 +267,13 @@ def write_report(
 
 
 _BOLD = re.compile(r"[*][*](.+?)[*][*]")
+_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+
+
+def _inline_html(text: str) -> str:
+    """Escaped text with our Markdown's inline marks: **bold** and [links](url)."""
+    text = _BOLD.sub(r"<strong>\1</strong>", html.escape(text, quote=False))
+    return _LINK.sub(r"<a href='\2'>\1</a>", text)
 
 
 def markdown_tables_to_html(text: str) -> str:
@@ -278,9 +285,9 @@ def markdown_tables_to_html(text: str) -> str:
             return
         header, *body = [row for row in table if not set(row.replace("|", "").strip()) <= {"-"}]
         cells = lambda row: [c.strip() for c in row.strip().strip("|").split("|")]  # noqa: E731
-        out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells(header)) + "</tr>")
+        out.append("<table><tr>" + "".join(f"<th>{_inline_html(c)}</th>" for c in cells(header)) + "</tr>")
         for row in body:
-            out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells(row)) + "</tr>")
+            out.append("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in cells(row)) + "</tr>")
         out.append("</table>")
         table.clear()
 
@@ -290,7 +297,6 @@ def markdown_tables_to_html(text: str) -> str:
             continue
         flush()
         if line.strip():
-            text = _BOLD.sub(r"<strong>\1</strong>", html.escape(line.lstrip("#> ").strip()))
-            out.append(f"<p>{text}</p>")
+            out.append(f"<p>{_inline_html(line.lstrip('#> ').strip())}</p>")
     flush()
     return "\n".join(out)

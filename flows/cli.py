@@ -188,7 +188,8 @@ def command_run(args: argparse.Namespace) -> int:
         summary = transfusion(grid, retrain=retrain)
     elapsed = time.perf_counter() - started
     print()
-    print(f"Grid {summary.grid}: {summary.finished} trained, {summary.skipped} already done, "
+    elsewhere = f"{len(summary.elsewhere)} trained by another grid run, " if summary.elsewhere else ""
+    print(f"Grid {summary.grid}: {summary.finished} trained, {summary.skipped} already done, {elsewhere}"
           f"{len(summary.failed)} failed, in {elapsed:.0f} s")  # fmt: skip
     print()
     console = table_console()
@@ -198,6 +199,8 @@ def command_run(args: argparse.Namespace) -> int:
     if summary.similarity_markdown.strip():
         print("Top-layer SVCCA similarity between seeds:")
         print_markdown_tables(summary.similarity_markdown, console)
+    for line in summary.elsewhere:
+        print(f"Trained by another grid run meanwhile: {line}")
     for line in summary.failed:
         print(f"FAILED: {line}")
     print(f"Runs: MLflow experiment {summary.grid!r} (parent run {summary.parent_run_id}); "

@@ -74,6 +74,7 @@ class GridSummary:
     parent_run_id: str
     finished: int = 0
     skipped: int = 0
+    elsewhere: list[str] = field(default_factory=list)  # jobs another live grid trained meanwhile
     failed: list[str] = field(default_factory=list)
     table_markdown: str = ""
     similarity_markdown: str = ""
@@ -94,7 +95,7 @@ def _describe(outcome: JobOutcome) -> str:
     if outcome.status == "FAILED":
         return f"{name}: FAILED ({outcome.reason})"
     auc = outcome.metrics.get("test/auc", float("nan"))
-    when = "already done" if outcome.status == "SKIPPED" else f"{outcome.seconds:.0f} s"
+    when = {"SKIPPED": "already done", "ELSEWHERE": outcome.reason}.get(outcome.status, f"{outcome.seconds:.0f} s")
     return f"{name}: test/auc {auc:.3f} ({when})"
 
 
@@ -255,6 +256,7 @@ def transfusion(
             raise
         summary.finished = sum(o.status == "FINISHED" for o in outcomes)
         summary.skipped = sum(o.status == "SKIPPED" for o in outcomes)
+        summary.elsewhere = [_describe(o) for o in outcomes if o.status == "ELSEWHERE"]
         summary.failed = [_describe(o) for o in outcomes if o.status == "FAILED"]
         finish_grid_run_task(grid_run, outcomes)
         return summary

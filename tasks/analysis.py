@@ -157,8 +157,9 @@ def seed_similarity_task(grid: GridSpec, grid_run: tracking.GridRun, records: li
 def what_was_run(grid: GridSpec, records: list[JobRecord], jobs: list[JobSpec]) -> str:
     """The summary's sentence on what was run: the grid's axes, its runs, its source and code."""
     sizes = ", ".join(str(size) for size in grid.data_sizes)
+    inits = ", ".join(dict.fromkeys(job.init_label for job in jobs))
     text = (
-        f"grid {grid.name} on {grid.dataset}: {', '.join(grid.models)} × {', '.join(grid.inits)} × sizes {sizes} × "
+        f"grid {grid.name} on {grid.dataset}: {', '.join(grid.models)} × {inits} × sizes {sizes} × "
         f"{len(grid.seeds)} seed(s); {len(records)} finished runs of {len(jobs)} jobs"
     )
     if grid.pretrained:

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prefect import task
 from prefect.states import Failed, State
@@ -18,6 +19,7 @@ from transfusion.data import DatasetVersion, PreparedDataset, dataset_version, p
 from transfusion.errors import Interrupted, first_line
 from transfusion.faults import injected_faults
 from transfusion.home import storage_path
+from transfusion.job_lease import Claim, LeaseKeeper, contend, held_elsewhere, lease_ttl_s, new_claim
 from transfusion.pretrained import weights_sha256
 from transfusion.provenance import code_identity
 
@@ -30,7 +32,7 @@ class JobOutcome:
 
     job_key: str
     spec: JobSpec
-    status: str  # FINISHED, SKIPPED (finished earlier), FAILED, KILLED (interrupted)
+    status: str  # FINISHED, SKIPPED (finished earlier), ELSEWHERE (another live grid trains it), FAILED, KILLED
     run_id: str | None
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str | None = None
@@ -38,7 +40,7 @@ class JobOutcome:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("FINISHED", "SKIPPED")
+        return self.status in ("FINISHED", "SKIPPED", "ELSEWHERE")
 
 
 class JobSlots:
@@ -352,6 +354,62 @@ def job_task_options(spec: JobSpec) -> dict:
     }  # fmt: skip
 
 
+# How often a job another grid holds is looked at again.
+LEASE_POLL_S = 3.0
+
+
+def _wait_while_held_elsewhere(spec: JobSpec, claims: tracking.JobClaims) -> Claim | None:
+    """Waits while another live grid holds the job's lease; the claim it waited for (None: none held it)."""
+    waited_for = None
+    while interrupting() is None and (other := held_elsewhere(claims.claims(), time.time())) is not None:
+        if waited_for is None or other.claim_id != waited_for.claim_id:
+            log.info("job %s: being trained by %s; waiting for it", spec.run_name, other.holder)
+        waited_for = other
+        time.sleep(LEASE_POLL_S)
+    return waited_for
+
+
+@dataclass(frozen=True)
+class ClaimedRun:
+    """The MLflow run a job trains in, with the lease this grid won on it."""
+
+    run_id: str
+    previous: Any  # the unfinished run continued (an MLflow Run), or None for a new run
+    attempt: int
+    claims: tracking.JobClaims
+    claim: Claim
+    ttl: float
+
+
+def _claim_job_run(
+    spec: JobSpec, grid_run: tracking.GridRun, claims: tracking.JobClaims, max_retries: int
+) -> ClaimedRun | JobOutcome | None:
+    """The run to train the job in, with its lease won; a FAILED outcome when its retries are spent;
+    None when another grid claimed it first (a new run made for the claim is deleted)."""
+    previous = _resume_candidate(grid_run.experiment_id, spec)
+    if previous is None:
+        run_id = tracking.create_job_run(spec, experiment_id=grid_run.experiment_id, parent_run_id=grid_run.run_id)
+        attempt = 1
+    else:
+        run_id = previous.info.run_id
+        # A RUNNING run whose lease lapsed was left by a dead process: also a new attempt.
+        attempt = int(previous.data.tags.get("attempts", "1")) + 1
+        # Attempts an interrupt ended are not failures of the job: they do not count against max_retries.
+        interruptions = int(previous.data.tags.get(INTERRUPTIONS_TAG, "0"))
+        if previous.info.status == "FAILED" and attempt - interruptions > 1 + max_retries:
+            reason = previous.data.tags.get(tracking.REASON_TAG, "failed")
+            return JobOutcome(
+                spec.job_key, spec, "FAILED", run_id, reason=f"gave up after {attempt - 1} attempts: {reason}"
+            )
+    ttl = lease_ttl_s()
+    claim = new_claim(run_id, grid_run_id=grid_run.run_id, now=time.time(), ttl=ttl)
+    if contend(claims, claim) is not None:
+        if previous is None:
+            tracking.delete_run(run_id)
+        return None
+    return ClaimedRun(run_id, previous, attempt, claims, claim, ttl)
+
+
 @task(name="train-job", cache_policy=None, tags=[TRAIN_TAG], task_run_name="train-{spec.run_name}")
 def train_job_task(
     spec: JobSpec,
@@ -384,46 +442,66 @@ def run_job(
     A finished run that counts for the job (:func:`transfusion.identity.match_finished_runs`)
     makes it SKIPPED, unless ``retrain``: then a new run trains and, once it finishes, the
     runs it replaces are kept and tagged ``superseded_by`` with its id.
+
+    A job another live grid holds the lease of (:mod:`transfusion.job_lease`) is waited
+    for, not trained twice: ELSEWHERE once that grid finished it, trained here if it
+    did not (its holder died or the job failed there).
     """
+    claims = tracking.JobClaims(grid_run.experiment_id, spec.job_key)
+    waited_for: Claim | None = None
+    while True:
+        waited_for = _wait_while_held_elsewhere(spec, claims) or waited_for
+        (match,) = tracking.match_job_runs(grid_run.experiment_id, [spec])
+        replaced = [run.run_id for run in match.counted] if retrain else []
+        if match.run is not None and (not retrain or waited_for is not None):
+            done = tracking.client().get_run(match.run.run_id)
+            if waited_for is None:
+                return JobOutcome(spec.job_key, spec, "SKIPPED", done.info.run_id, dict(done.data.metrics))
+            return JobOutcome(spec.job_key, spec, "ELSEWHERE", done.info.run_id, dict(done.data.metrics),
+                              reason=f"trained by {waited_for.holder}")  # fmt: skip
+        with JOB_SLOTS:
+            if interrupting() is not None:  # queued behind the slots when the interrupt came: never started
+                return JobOutcome(spec.job_key, spec, "KILLED", None, reason=failure_reason(interrupting()))
+            started = time.perf_counter()
+            claimed = _claim_job_run(spec, grid_run, claims, max_retries)
+            if isinstance(claimed, JobOutcome):
+                return claimed
+            if claimed is not None:
+                return _train_claimed(spec, grid_run, claimed, dataset_root, source_uri, weak_source,
+                                      replaced=replaced, started=started)  # fmt: skip
+        # Another grid claimed it at the same moment, first: wait for it (out of the slot) and look again.
+
+
+def _train_claimed(
+    spec: JobSpec,
+    grid_run: tracking.GridRun,
+    claimed: ClaimedRun,
+    dataset_root: str,
+    source_uri: str | None,
+    weak_source: WeakSourceSettings | None,
+    *,
+    replaced: list[str],
+    started: float,
+) -> JobOutcome:
+    """Trains a job whose run this grid holds the lease of, renewing it until the run ends."""
     from transfusion.data.node_cache import for_workers
     from transfusion.launcher import LaunchRequest, fit_job, shared_pool
 
-    started = time.perf_counter()
-    (match,) = tracking.match_job_runs(grid_run.experiment_id, [spec])
-    replaced = [run.run_id for run in match.counted] if retrain else []
-    if match.run is not None and not retrain:
-        done = tracking.client().get_run(match.run.run_id)
-        return JobOutcome(spec.job_key, spec, "SKIPPED", done.info.run_id, dict(done.data.metrics))
-    with JOB_SLOTS:
-        if interrupting() is not None:  # queued behind the slots when the interrupt came: never started
-            return JobOutcome(spec.job_key, spec, "KILLED", None, reason=failure_reason(interrupting()))
-        started = time.perf_counter()
-        previous = _resume_candidate(grid_run.experiment_id, spec)
-        if previous is None:
-            run_id = tracking.create_job_run(spec, experiment_id=grid_run.experiment_id, parent_run_id=grid_run.run_id)
-            attempt = 1
-        else:
-            run_id = previous.info.run_id
-            # A RUNNING run found by a new grid run was left by a dead process: also a new attempt.
-            attempt = int(previous.data.tags.get("attempts", "1")) + 1
-            # Attempts an interrupt ended are not failures of the job: they do not count against max_retries.
-            interruptions = int(previous.data.tags.get(INTERRUPTIONS_TAG, "0"))
-            if previous.info.status == "FAILED" and attempt - interruptions > 1 + max_retries:
-                reason = previous.data.tags.get(tracking.REASON_TAG, "failed")
-                return JobOutcome(
-                    spec.job_key, spec, "FAILED", run_id, reason=f"gave up after {attempt - 1} attempts: {reason}"
-                )
-            tracking.reopen_run(run_id)
-        with _OPEN_RUNS_LOCK:
-            _OPEN_RUNS[run_id] = 0 if previous is None else int(previous.data.tags.get(INTERRUPTIONS_TAG, "0"))
+    run_id, previous = claimed.run_id, claimed.previous
+    if previous is not None:
+        tracking.reopen_run(run_id)
+    with _OPEN_RUNS_LOCK:
+        _OPEN_RUNS[run_id] = 0 if previous is None else int(previous.data.tags.get(INTERRUPTIONS_TAG, "0"))
+    with LeaseKeeper(claimed.claims, claimed.claim, ttl=claimed.ttl):  # renewed while it trains, dropped at the end
         try:
-            tracking.set_tags(run_id, {"attempts": str(attempt)})
+            tracking.set_tags(run_id, {"attempts": str(claimed.attempt)})
             data_meta = PreparedDataset.open(dataset_root).meta
             if spec.data_version is not None and data_meta.get("version") != spec.data_version:
                 # The data changed between identifying the job and preparing it: the run says which it read.
                 log.warning("job %s: data version %s, identified as %s", spec.job_key, data_meta.get("version"),
                             spec.data_version)  # fmt: skip
-            data_params = {"data_version": data_meta.get("version", ""), "data_skipped": data_meta.get("skipped", 0)}
+            data_params = {"data_version": data_meta.get("version", ""),
+                           "data_skipped": data_meta.get("skipped", 0)}  # fmt: skip
             if source_uri:
                 data_params["pretrained_uri"] = source_uri
                 # The source's accuracy and provenance, so a transfer run says how good its weights were.

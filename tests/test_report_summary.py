@@ -87,3 +87,17 @@ def test_report_html_links_each_cell_to_its_runs(tmp_path):
     for seed in (0, 1):
         url = f"http://mlflow:5000/#/experiments/3/runs/run{seed}?workflowType=machine_learning"
         assert f"<a href='{url}'>seed {seed}</a>" in body
+
+
+def test_what_was_run_names_the_grid_its_axes_source_and_code():
+    from tasks.analysis import what_was_run
+    from transfusion.analysis.records import JobRecord
+    from transfusion.config import load_grid
+
+    grid = load_grid("demo")
+    records = [JobRecord(job_key="k", run_id="r", model="cbr-tiny", init="random", data_size="full", seed=0,
+                         status="FINISHED", code_version="abc123")]  # fmt: skip
+    text = what_was_run(grid, records, grid.jobs())
+    assert text.startswith("grid demo on synthetic-retina: cbr-tiny, cbr-small × random, synthetic-transfer, mean-var")
+    assert f"1 finished runs of {len(grid.jobs())} jobs" in text and "code version abc123" in text
+    assert "pretrained source synthetic (not weak by the weak_source rule)" in text

@@ -41,6 +41,7 @@ from mlflow.tracking import MlflowClient
 from transfusion.config import IDENTITY_FIELDS, GridSpec, JobSpec
 from transfusion.grid_status import RunView
 from transfusion.identity import JobMatch, RecordedRun, match_finished_runs
+from transfusion.job_lease import Claim, claims_in
 from transfusion.provenance import CODE_VERSION_TAG, ENVIRONMENT_ARTIFACT, environment_report, provenance_tags
 
 log = logging.getLogger(__name__)
@@ -228,6 +229,30 @@ def find_job_runs(experiment_id: str, job_key: str, *, uri: str | None = None) -
         max_results=100,
         order_by=["attributes.start_time DESC"],
     )
+
+
+class JobClaims:
+    """The lease claims (:mod:`transfusion.job_lease`) on one job's runs: tags ``lease.<id>``."""
+
+    def __init__(self, experiment_id: str, job_key: str, *, uri: str | None = None) -> None:
+        self.experiment_id, self.job_key, self.uri = experiment_id, job_key, uri
+
+    def write(self, claim: Claim) -> None:
+        set_tags(claim.run_id, {claim.tag: claim.value()}, uri=self.uri)
+
+    def drop(self, claim: Claim) -> None:
+        c = client(self.uri)
+        with_retries(lambda: c.delete_tag(claim.run_id, claim.tag), what="drop lease")
+
+    def claims(self) -> list[Claim]:
+        runs = find_job_runs(self.experiment_id, self.job_key, uri=self.uri)
+        return [claim for run in runs for claim in claims_in(run.info.run_id, run.data.tags)]
+
+
+def delete_run(run_id: str, *, uri: str | None = None) -> None:
+    """Moves a run to MLflow's trash: searches no longer see it (a lost lease's empty run)."""
+    c = client(uri)
+    with_retries(lambda: c.delete_run(run_id), what="delete run")
 
 
 def find_finished_run(experiment_id: str, job_keys: str | Sequence[str], *, uri: str | None = None):

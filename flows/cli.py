@@ -199,6 +199,7 @@ def command_run(args: argparse.Namespace) -> int:
     if summary.similarity_markdown.strip():
         print("Top-layer SVCCA similarity between seeds:")
         print_markdown_tables(summary.similarity_markdown, console)
+    print_summary(summary.summary_markdown, console)
     for line in summary.elsewhere:
         print(f"Trained by another grid run meanwhile: {line}")
     for line in summary.failed:
@@ -264,6 +265,7 @@ def command_analyze(args: argparse.Namespace) -> int:
     print_markdown_tables(summary.table_markdown, console)
     if summary.transfer_markdown:
         print_markdown_tables(summary.transfer_markdown, console)
+    print_summary(summary.summary_markdown, console)
     print(
         f"Report: {Path(summary.report_dir) / 'report.html'} (also under report/ of parent run {summary.parent_run_id})"
     )
@@ -377,6 +379,18 @@ def print_markdown_tables(text: str, console=None) -> None:
         flush()
         print(line)
     flush()
+
+
+def print_summary(text: str, console) -> None:
+    """The report's summary as plain paragraphs wrapped to the console (at most 120 columns)."""
+    import textwrap
+
+    width = min(console.width, 120)
+    for paragraph in text.replace("**", "").split("\n\n"):
+        paragraph = " ".join(paragraph.split())
+        if paragraph:
+            print(textwrap.fill(paragraph.removeprefix("### "), width=width))
+            print()
 
 
 def preset_rows() -> list[dict]:

@@ -82,6 +82,7 @@ class GridSummary:
     pretrained: dict[str, str] = field(default_factory=dict)
     report_dir: str | None = None
     transfer_markdown: str = ""  # "Does transfer help?" as the report shows it
+    summary_markdown: str = ""  # the report's opening summary
     missing_line: str = ""  # which jobs the analysis lacks, when it lacks any
     result_line: str = ""  # a run that did nothing says so in one line
 
@@ -250,6 +251,8 @@ def transfusion(
                 transfer = Path(summary.report_dir) / "transfer_effect.md"
                 which = Path(summary.report_dir) / "which_source.md"  # grids over several sources
                 summary.transfer_markdown = "\n".join(f.read_text() for f in (transfer, which) if f.is_file())
+                opening = Path(summary.report_dir) / "summary.md"
+                summary.summary_markdown = opening.read_text() if opening.is_file() else ""
         except BaseException as exc:
             # The parent run must not stay RUNNING: it says why the flow stopped.
             end_failed_run(grid_run.run_id, exc)

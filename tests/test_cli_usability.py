@@ -135,7 +135,11 @@ PINNED_KEYS = [
 
 def _one_job_grid(model: str) -> GridSpec:
     return GridSpec(
-        name="alias", dataset="synthetic-retina", models=[model], inits=["random"], seeds=[0],
+        name="alias",
+        dataset="synthetic-retina",
+        models=[model],
+        inits=["random"],
+        seeds=[0],
         train={"resolution": 224, "init_bn": "running"},
     )
 
@@ -245,6 +249,18 @@ def test_result_tables_fit_120_columns_and_stay_pipe_tables(capsys):
     assert rows[0].split("|")[1].strip() == "model"
     assert [cell.strip() for cell in rows[1].split("|")[1:5]] == ["cbr-tiny", "random", "full", "93.1 ± 0.4"]
     assert "".join(line.split("|")[2].strip() for line in rows[2:]) == long_init
+
+
+def test_the_report_summary_prints_as_plain_paragraphs_within_120_columns(capsys):
+    from flows.cli import print_summary, table_console
+
+    cells = "; ".join(
+        f"cbr-tiny at {n} images: transfer +{n / 100:.1f} AUC points [+0.1, +9.9]" for n in range(100, 900, 100)
+    )
+    print_summary(f"### Summary\n\nTransfer **helps** {cells}.\n\nWhat was run: grid demo.\n", table_console())
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "Summary" and max(len(line) for line in lines) <= LOG_WIDTH
+    assert "**" not in "".join(lines) and "What was run: grid demo." in lines
 
 
 # --- examples and metadata files --------------------------------------------------------

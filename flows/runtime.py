@@ -148,7 +148,12 @@ def start_mlflow_server(
         "--port", str(port),
         "--workers", "1",
     ]  # fmt: skip
-    env = {"MLFLOW_TRACKING_URI": ""}  # the server must not act as a client of another one
+    env = {
+        "MLFLOW_TRACKING_URI": "",  # the server must not act as a client of another one
+        # MLflow's job runner (huey consumers, for GenAI features) is half a dozen more
+        # Python processes per server that this tool never uses: a slower, heavier start.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
     if auth is not None:
         command += ["--app-name", "basic-auth"]
         env.update(mlflow_auth_config(home, admin=auth))

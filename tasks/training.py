@@ -401,6 +401,8 @@ def _claim_job_run(
             return JobOutcome(
                 spec.job_key, spec, "FAILED", run_id, reason=f"gave up after {attempt - 1} attempts: {reason}"
             )
+    if previous is not None:
+        tracking.reopen_run(run_id)  # claims count on RUNNING runs only: reopened before claiming
     ttl = lease_ttl_s()
     claim = new_claim(run_id, grid_run_id=grid_run.run_id, now=time.time(), ttl=ttl)
     if contend(claims, claim) is not None:
@@ -488,8 +490,6 @@ def _train_claimed(
     from transfusion.launcher import LaunchRequest, fit_job, shared_pool
 
     run_id, previous = claimed.run_id, claimed.previous
-    if previous is not None:
-        tracking.reopen_run(run_id)
     with _OPEN_RUNS_LOCK:
         _OPEN_RUNS[run_id] = 0 if previous is None else int(previous.data.tags.get(INTERRUPTIONS_TAG, "0"))
     with LeaseKeeper(claimed.claims, claimed.claim, ttl=claimed.ttl):  # renewed while it trains, dropped at the end

@@ -150,9 +150,9 @@ def test_init_bn_is_validated_and_part_of_the_job_key():
     # The step-0 probe differs, so a run of one is not reused as a run of the other; ``running`` (what
     # runs stored before the setting existed) keeps the key those runs carry.
     assert recalibrated.job_key != running.job_key
+    unkeyed = {"init_bn", "threads", "cpus_per_job", "gpus_per_job", "num_workers", "max_failures", "eval_batch_size"}
     payload = running.model_dump(mode="json", exclude={"grid": True, "block_shuffle": True, "data_version": True,
-                                 "weights_sha256": True, "code_version": True, "train": {"init_bn", "threads", "cpus_per_job",
-                                 "gpus_per_job", "num_workers", "max_failures", "eval_batch_size"}})  # fmt: skip
+                                 "weights_sha256": True, "code_version": True, "train": unkeyed})  # fmt: skip
     from transfusion.config import _short_hash
 
     assert running.job_key == _short_hash(payload)

@@ -108,3 +108,17 @@ def test_lease_time_to_live_is_validated(monkeypatch):
         lease_ttl_s()
     monkeypatch.setenv("TRANSFUSION_LEASE_TTL_S", "30")
     assert lease_ttl_s() == 30.0
+
+
+def test_the_keeper_leaves_at_once_on_an_interrupt_without_touching_the_store():
+    class Unreachable(ClaimsInMemory):
+        def drop(self, claim: Claim) -> None:
+            raise AssertionError("an interrupted job must not wait on the tracking server")
+
+    store = Unreachable()
+    claim = new_claim("run-1", grid_run_id="g", now=time.time(), ttl=60.0)
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt), LeaseKeeper(store, claim, ttl=60.0):
+        raise KeyboardInterrupt
+    # Waiting for the renewal thread would take its 20 s tick.
+    assert time.perf_counter() - started < 10.0

@@ -147,7 +147,7 @@ class ClaimStore(Protocol):
     def drop(self, claim: Claim) -> None: ...
 
     def claims(self) -> list[Claim]:
-        """Every claim on the job's runs that are not finished."""
+        """Every claim on the job's RUNNING runs."""
         ...
 
 
@@ -174,7 +174,9 @@ class LeaseKeeper:
     """Renews a won claim every third of its time to live while the job trains; drops it at the end.
 
     A renewal that fails (the tracking server away for a while) is retried at the next
-    tick; the claim only lapses if renewals fail for a whole time to live.
+    tick; the claim only lapses if renewals fail for a whole time to live. Leaving on an
+    exception (an interrupt) neither waits for a renewal in flight nor drops the claim:
+    the run it is on ends (KILLED, FAILED), and an ended run's claim holds nothing.
     """
 
     def __init__(self, store: ClaimStore, claim: Claim, *, ttl: float, clock: Callable[[], float] = time.time):
@@ -194,10 +196,12 @@ class LeaseKeeper:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *exc_info) -> None:
         self._stop.set()
-        self._thread.join()
+        if exc_type is not None:
+            return
+        self._thread.join(timeout=self.ttl / 3)
         try:
             self.store.drop(self.claim)
-        except Exception:  # noqa: BLE001  (an undropped claim expires by itself)
+        except Exception:  # noqa: BLE001  (an ended run's claim holds nothing)
             log.debug("lease %s: could not drop the claim", self.claim.claim_id, exc_info=True)

@@ -44,7 +44,8 @@ def check_tracking_server(uri: str, *, timeout: float = 30.0) -> None:
                     f"MLFLOW_TRACKING_URI={uri} answers, but not as an MLflow tracking server (/health is not 'OK')"
                 )
         path = "/api/2.0/mlflow/experiments/search"
-        with urllib.request.urlopen(urllib.request.Request(f"{base}{path}?max_results=1", headers=headers), timeout=timeout):
+        search = urllib.request.Request(f"{base}{path}?max_results=1", headers=headers)
+        with urllib.request.urlopen(search, timeout=timeout):
             return
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):

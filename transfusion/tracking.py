@@ -232,7 +232,8 @@ def find_job_runs(experiment_id: str, job_key: str, *, uri: str | None = None) -
 
 
 class JobClaims:
-    """The lease claims (:mod:`transfusion.job_lease`) on one job's runs: tags ``lease.<id>``."""
+    """The lease claims (:mod:`transfusion.job_lease`) on one job's runs: tags ``lease.<id>``
+    (a :class:`transfusion.job_lease.ClaimStore`)."""
 
     def __init__(self, experiment_id: str, job_key: str, *, uri: str | None = None) -> None:
         self.experiment_id, self.job_key, self.uri = experiment_id, job_key, uri
@@ -241,12 +242,14 @@ class JobClaims:
         set_tags(claim.run_id, {claim.tag: claim.value()}, uri=self.uri)
 
     def drop(self, claim: Claim) -> None:
-        c = client(self.uri)
-        with_retries(lambda: c.delete_tag(claim.run_id, claim.tag), what="drop lease")
+        client(self.uri).delete_tag(claim.run_id, claim.tag)  # once: an ended run's claim holds nothing anyway
 
     def claims(self) -> list[Claim]:
+        """Claims on the job's RUNNING runs: a run that ended (finished, failed, killed by an
+        interrupt) holds nothing, whatever its tags say."""
         runs = find_job_runs(self.experiment_id, self.job_key, uri=self.uri)
-        return [claim for run in runs for claim in claims_in(run.info.run_id, run.data.tags)]
+        return [claim for run in runs if run.info.status == "RUNNING"
+                for claim in claims_in(run.info.run_id, run.data.tags)]  # fmt: skip
 
 
 def delete_run(run_id: str, *, uri: str | None = None) -> None:

@@ -78,18 +78,45 @@ def tiny_retina(session_home):
 
 
 def run_cli(*args: str, home: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Runs the real ``transfusion`` command in a subprocess with its own state dir."""
+    """Runs the real ``transfusion`` command in a subprocess with its own state dir.
+
+    Past ``timeout`` the command is interrupted the way a user would (SIGINT, so it stops
+    the servers it started), then killed with its process group, and the test fails with
+    the end of what it printed: where a slow or stuck command was is at the end.
+    """
     full_env = {**os.environ, "TRANSFUSION_HOME": str(home), **(env or {})}
     full_env.pop("MLFLOW_TRACKING_URI", None)
     full_env.pop("PREFECT_API_URL", None)
-    return subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", *args],
         cwd=REPO,
         env=full_env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = _interrupt_then_kill_group(process)
+        pytest.fail(
+            f"transfusion {' '.join(args)} still running after {timeout:g} s; the end of its output:\n"
+            f"--- stdout ---\n{stdout[-3000:]}\n--- stderr ---\n{stderr[-6000:]}",
+            pytrace=False,
+        )
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _interrupt_then_kill_group(process: subprocess.Popen, grace: float = 60) -> tuple[str, str]:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        return process.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return process.communicate()
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 
+from tests.conftest import REPO
 from transfusion.config import JobSpec, TrainSettings
 from transfusion.inits import initialize
 from transfusion.models import create_model
@@ -65,23 +68,17 @@ def test_recalibration_revives_layers_dead_under_running_statistics_and_touches_
     for m in bn:
         m.momentum = 0.3  # a non-default momentum, to see it restored
     model.eval()
-    torch.manual_seed(5), np.random.seed(5), random.seed(5)
-    expected_draws = (torch.rand(3), np.random.rand(3), random.random())
-    torch.manual_seed(5), np.random.seed(5), random.seed(5)
 
     layers = recalibrate_batch_norm(model, [x[:32], x[32:]])
 
     assert layers == len(bn)
     after = _active_fraction(model, x)
     assert set(after) == set(before) and all(v > 0.05 for v in after.values()), after
-    # Weights, batch-norm affine parameters, momentum, mode and RNG streams as before.
+    # Weights, batch-norm affine parameters, momentum and mode as before.
     for key, value in model.state_dict().items():
         if key in weights:
             assert torch.equal(value, weights[key]), key
     assert all(m.momentum == 0.3 for m in bn) and not model.training
-    draws = (torch.rand(3), np.random.rand(3), random.random())
-    assert torch.equal(draws[0], expected_draws[0]) and np.array_equal(draws[1], expected_draws[1])
-    assert draws[2] == expected_draws[2]
     # The statistics are those of the batches (cumulative average, fresh): the first layer's mean is the
     # mean of the two batch means of its conv output.
     first_bn, first_conv = bn[0], next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -89,6 +86,33 @@ def test_recalibration_revives_layers_dead_under_running_statistics_and_touches_
         means = [first_conv(b).mean(dim=(0, 2, 3)) for b in (x[:32], x[32:])]
     torch.testing.assert_close(first_bn.running_mean, (means[0] + means[1]) / 2, rtol=1e-4, atol=1e-5)
     assert int(first_bn.num_batches_tracked) == 2
+
+
+def _draws_after_recalibration() -> None:
+    """Every RNG stream draws after a recalibration what it would have drawn without one,
+    though the forwards drew from each (a dropout layer, and hooks drawing from numpy and Python)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5))
+
+    def draw(*_) -> None:
+        np.random.rand(), random.random()
+
+    model[0].register_forward_hook(draw)
+    x = torch.randn(8, 3, 8, 8)
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    recalibrate_batch_norm(model, [x[:4], x[4:]])
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(draws[0], expected[0]) and np.array_equal(draws[1], expected[1]), (draws, expected)
+    assert draws[2] == expected[2], (draws, expected)
+
+
+def test_recalibration_leaves_every_rng_stream_where_it_was():
+    # In a fresh interpreter: this test process has threads left by other tests (servers'
+    # clients, Ray) that may draw from Python's global stream at any moment.
+    code = "from tests.test_init_bn import _draws_after_recalibration as check; check()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_recalibration_refuses_no_batches_and_skips_models_without_batch_norm():

@@ -45,12 +45,16 @@ from transfusion.preflight import check_ray_address
 
 log = logging.getLogger(__name__)
 
-# Ray Train V2's controller polls its workers every 2 s by default; a short interval
-# lets it notice a finished or failed member sooner.
+# Ray Train V2's controller polls its workers every 2 s by default; a shorter interval
+# lets it notice a failed member sooner. Each poll is a call into every worker for a
+# member's whole life (members are long-lived), so not much shorter.
 RAY_ENV_DEFAULTS = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0",
     "RAY_TRAIN_V2_ENABLED": "1",
 }
+# A Ray of our own runs on this machine, which no cloud preempts: Ray Train's preemption
+# watcher (one more actor process per member) only costs CPU there.
+LOCAL_RAY_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 MEMBER_IDLE_TIMEOUT_S = 60.0
 # Restarts one member may take over its whole life (each job has its own max_failures):
 # a bound on a worker that crashes before it can take any job.
@@ -59,19 +63,19 @@ MEMBER_RESTART_LIMIT = 20
 
 def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> dict[str, float]:
     """Connects to ``$RAY_ADDRESS`` or starts a local Ray; returns cluster resources."""
-    for key, value in RAY_ENV_DEFAULTS.items():
+    local = not os.environ.get("RAY_ADDRESS")
+    defaults = {**RAY_ENV_DEFAULTS, **(LOCAL_RAY_ENV_DEFAULTS if local else {})}
+    for key, value in defaults.items():
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
-        env_vars = {
-            k: os.environ[k] for k in (*RAY_ENV_DEFAULTS, "MLFLOW_TRACKING_URI", "TRANSFUSION_HOME") if k in os.environ
-        }
+        env_vars = {k: os.environ[k] for k in (*defaults, "MLFLOW_TRACKING_URI", "TRANSFUSION_HOME") if k in os.environ}
         kwargs: dict[str, Any] = {
             "runtime_env": {"env_vars": env_vars},
             "logging_level": logging.WARNING,
             "log_to_driver": bool(os.environ.get("TRANSFUSION_RAY_LOGS")),
             "include_dashboard": False,
         }
-        if not os.environ.get("RAY_ADDRESS"):
+        if local:
             # "local": a Ray of our own, never another user's cluster found by process scan.
             kwargs.update(address="local", num_cpus=num_cpus, num_gpus=num_gpus)
         else:

@@ -31,6 +31,10 @@ from transfusion.object_store import s3_client
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.2
+# How long a server may take to start answering. On a loaded machine (a shared CI runner,
+# a laptop busy with other work) a start takes minutes; a server that exits is reported
+# at once, so a long limit only matters when a start really is that slow.
+SERVICE_START_TIMEOUT_S = 300.0
 
 
 def poll_until(
@@ -124,7 +128,7 @@ def start_mlflow_server(
     port: int | None = None,
     backend_uri: str | None = None,
     artifacts_destination: str | None = None,
-    timeout: float = 90.0,
+    timeout: float = SERVICE_START_TIMEOUT_S,
     tied: bool = False,
     auth: BasicCredentials | None = None,
 ) -> ServiceProcess:
@@ -334,7 +338,7 @@ def start_service(
     url: str,
     log_dir: Path,
     env: dict[str, str] | None = None,
-    timeout: float = 120.0,
+    timeout: float = SERVICE_START_TIMEOUT_S,
     ready_file: Path | None = None,
     tied: bool = False,
 ) -> ServiceProcess:
@@ -478,7 +482,7 @@ def start_s3_server(
     port: int | None = None,
     buckets: tuple[str, ...] = (),
     host: str = "127.0.0.1",
-    timeout: float = 60.0,
+    timeout: float = SERVICE_START_TIMEOUT_S,
 ) -> ServiceProcess:
     """SeaweedFS ``weed mini`` with S3 auth, every other port free-chosen, on ``host``."""
     weed = find_weed()
@@ -544,7 +548,7 @@ def start_prefect_server(
     *,
     port: int,
     host: str = "127.0.0.1",
-    timeout: float = 120.0,
+    timeout: float = SERVICE_START_TIMEOUT_S,
     auth: BasicCredentials | None = None,
 ) -> ServiceProcess:
     """``prefect server start``; ``auth``: every API call but ``/api/health`` and ``/api/ready``
@@ -573,6 +577,11 @@ def short_temp_dir(home: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"tf-ray-{digest}"
 
 
+# Ray gives a new node's raylet a fixed 30 s to register, however loaded the machine;
+# a head that missed it is started once more.
+RAY_START_TIMED_OUT = "timed out during startup"
+
+
 def start_ray_head(
     home: Path, *, port: int, num_cpus: int | None = None, host: str = "127.0.0.1", env: dict | None = None
 ) -> ServiceProcess:
@@ -585,10 +594,20 @@ def start_ray_head(
     ]  # fmt: skip
     if num_cpus:
         command.append(f"--num-cpus={num_cpus}")
+    try:
+        return _started_ray_head(command, host=host, port=port, home=home, env=env)
+    except RuntimeError as exc:
+        if RAY_START_TIMED_OUT not in str(exc):
+            raise
+        log.warning("Ray head on %s:%s: its raylet missed Ray's start limit; starting it again", host, port)
+        return _started_ray_head(command, host=host, port=port, home=home, env=env)
+
+
+def _started_ray_head(command: list[str], *, host: str, port: int, home: Path, env: dict | None) -> ServiceProcess:
     service = start_service("ray", command, health_url=None, url=f"{host}:{port}", log_dir=home / "logs", env=env)
     try:
-        poll_until(lambda: port_is_taken(host, port), timeout=90, what=f"Ray head on {host}:{port}",
-                   process=service.process, log_path=service.log_path)  # fmt: skip
+        poll_until(lambda: port_is_taken(host, port), what=f"Ray head on {host}:{port}",
+                   timeout=SERVICE_START_TIMEOUT_S, process=service.process, log_path=service.log_path)  # fmt: skip
     except BaseException:
         service.stop()
         raise

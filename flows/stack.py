@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from flows.runtime import (
+    SERVICE_START_TIMEOUT_S,
     BasicCredentials,
     S3Credentials,
     ServiceProcess,
@@ -133,7 +134,7 @@ def _start_deployment_runner(directory: Path, run_env: dict[str, str], *, serve:
         ready.unlink(missing_ok=True)
         return start_service(
             "serve", [sys.executable, "-m", "flows.serve", "--ready-file", str(ready)],
-            health_url=None, url="", log_dir=directory / "logs", env=run_env, ready_file=ready, timeout=180,
+            health_url=None, url="", log_dir=directory / "logs", env=run_env, ready_file=ready,
         )  # fmt: skip
     pythonpath = os.pathsep.join(p for p in (_code_root(), os.environ.get("PYTHONPATH")) if p)
     run_env = {**run_env, "PYTHONPATH": pythonpath}
@@ -161,7 +162,7 @@ def _start_deployment_runner(directory: Path, run_env: dict[str, str], *, serve:
             lambda: _worker_registered(
                 run_env["PREFECT_API_URL"], WORK_POOL, WORKER_NAME, auth_string=run_env.get("PREFECT_API_AUTH_STRING")
             ),
-            timeout=120, what="prefect worker", process=worker.process, log_path=worker.log_path,
+            timeout=SERVICE_START_TIMEOUT_S, what="prefect worker", process=worker.process, log_path=worker.log_path,
         )  # fmt: skip
     except BaseException:
         worker.stop()
@@ -202,13 +203,9 @@ def stack_up(
         mlflow = start_mlflow_server(
             directory / "mlflow", port=mlflow_port, backend_uri=f"sqlite:///{home / 'mlflow.db'}",
             artifacts_destination=f"s3://{ARTIFACT_BUCKET}/", auth=mlflow_admin,
-            # The auth app first migrates its own user store: a slower first answer. A server
-            # that dies is reported at once anyway; this only bounds a hung start.
-            timeout=240,
         )  # fmt: skip
         started["mlflow"] = ServiceProcess("mlflow", mlflow.url, mlflow.process, mlflow.log_path)
-        # Its first start migrates a new database (minutes on a loaded machine).
-        started["prefect"] = start_prefect_server(directory, port=prefect_port, auth=prefect_auth, timeout=240)
+        started["prefect"] = start_prefect_server(directory, port=prefect_port, auth=prefect_auth)
         # Ray's workers inherit the raylet's environment: that is how they log to MLflow. The
         # password is not sent in a job's runtime_env, which Ray stores and shows in its dashboard.
         started["ray"] = start_ray_head(

@@ -46,9 +46,7 @@ def mlflow_server(session_home):
     from flows.runtime import start_mlflow_server
 
     previous = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    # A generous start limit: under parallel workers on a busy 2-core machine a start can
-    # take minutes; a server that is up answers at once either way.
-    server = start_mlflow_server(session_home / "tracking", timeout=300)
+    server = start_mlflow_server(session_home / "tracking")
     os.environ["MLFLOW_TRACKING_URI"] = server.url
     yield server
     server.stop()
@@ -77,7 +75,7 @@ def tiny_retina(session_home):
     )
 
 
-def run_cli(*args: str, home: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, home: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """Runs the real ``transfusion`` command in a subprocess with its own state dir.
 
     Past ``timeout`` the command is interrupted the way a user would (SIGINT, so it stops

@@ -153,7 +153,7 @@ def head_with_isolated_worker(
             log=workdir / "ray-worker.log",
         )
         cluster.processes.append(worker)
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300
         while len(cluster.alive_nodes()) < 2:
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the isolated worker node did not join; see {workdir / 'ray-worker.log'}")

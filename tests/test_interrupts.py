@@ -48,7 +48,7 @@ def _start_grid(home: Path, grid: Path) -> tuple[subprocess.Popen, Path]:
     return process, stderr
 
 
-def _wait_for_step(db_path: Path, process: subprocess.Popen, *, step: int, timeout: float = 240) -> None:
+def _wait_for_step(db_path: Path, process: subprocess.Popen, *, step: int, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, f"the grid ended (code {process.returncode}) before being signalled"

@@ -111,7 +111,7 @@ def mlflow_with_auth(tmp_path_factory):
     # MLflow's auth app imports Flask-WTF (mlflow[auth], in pyproject.toml and constraints.txt).
     pytest.importorskip("flask_wtf", reason="Flask-WTF missing: pip install -c constraints.txt 'mlflow[auth]'")
     admin = BasicCredentials.generate()
-    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-auth"), auth=admin, tied=True, timeout=300)
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-auth"), auth=admin, tied=True)
     try:
         yield server.url, admin
     finally:
@@ -150,7 +150,7 @@ def test_mlflow_client_and_preflight_use_the_tracking_credentials(mlflow_with_au
 @pytest.fixture(scope="module")
 def prefect_with_auth(tmp_path_factory):
     auth = BasicCredentials.generate()
-    server = start_prefect_server(tmp_path_factory.mktemp("prefect-auth"), port=free_port(), auth=auth, timeout=300)
+    server = start_prefect_server(tmp_path_factory.mktemp("prefect-auth"), port=free_port(), auth=auth)
     try:
         yield server.url, auth
     finally:

@@ -232,7 +232,7 @@ def test_cancelled_deployment_run_ends_its_runs_killed(stack):
         runs = job_runs()
         return bool(runs) and runs[0].info.status == "RUNNING" and "train/loss" in runs[0].data.metrics
 
-    poll_until(training, timeout=240, interval=1, what="the job to be training")
+    poll_until(training, timeout=600, interval=1, what="the job to be training")
     cancel = _run(sys.executable, "-m", "prefect", "flow-run", "cancel", flow_run_id, env=env)
     assert cancel.returncode == 0, cancel.stdout + cancel.stderr
 

@@ -27,7 +27,7 @@ def test_two_grids_at_once_train_each_job_exactly_once(tmp_path):
 
     from flows.runtime import start_mlflow_server
 
-    server = start_mlflow_server(tmp_path / "tracking", timeout=300)
+    server = start_mlflow_server(tmp_path / "tracking")
     try:
         grids = [_start_grid(tmp_path / f"home-{i}", server.url) for i in range(2)]
         outputs = [grid.communicate(timeout=900)[0] for grid in grids]

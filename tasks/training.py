@@ -19,7 +19,7 @@ from transfusion.data import DatasetVersion, PreparedDataset, dataset_version, p
 from transfusion.errors import Interrupted, first_line
 from transfusion.faults import injected_faults
 from transfusion.home import storage_path
-from transfusion.job_lease import Claim, LeaseKeeper, contend, held_elsewhere, lease_ttl_s, new_claim
+from transfusion.job_lease import Claim, LeaseKeeper, claims_in, contend, held_elsewhere, lease_ttl_s, new_claim
 from transfusion.pretrained import weights_sha256
 from transfusion.provenance import code_identity
 
@@ -385,8 +385,11 @@ def _claim_job_run(
     spec: JobSpec, grid_run: tracking.GridRun, claims: tracking.JobClaims, max_retries: int
 ) -> ClaimedRun | JobOutcome | None:
     """The run to train the job in, with its lease won; a FAILED outcome when its retries are spent;
-    None when another grid claimed it first (a new run made for the claim is deleted)."""
+    None when another grid claimed it first (a new run made for the claim is deleted) or is about to."""
+    ttl = lease_ttl_s()
     previous = _resume_candidate(grid_run.experiment_id, spec)
+    if previous is not None and _being_claimed(previous, time.time(), ttl):
+        return None
     if previous is None:
         run_id = tracking.create_job_run(spec, experiment_id=grid_run.experiment_id, parent_run_id=grid_run.run_id)
         attempt = 1
@@ -403,13 +406,23 @@ def _claim_job_run(
             )
     if previous is not None:
         tracking.reopen_run(run_id)  # claims count on RUNNING runs only: reopened before claiming
-    ttl = lease_ttl_s()
     claim = new_claim(run_id, grid_run_id=grid_run.run_id, now=time.time(), ttl=ttl)
-    if contend(claims, claim) is not None:
-        if previous is None:
+    winner = contend(claims, claim)
+    if winner is not None:
+        if previous is None and winner.run_id != run_id:  # a winner that took over this new run trains in it
             tracking.delete_run(run_id)
         return None
     return ClaimedRun(run_id, previous, attempt, claims, claim, ttl)
+
+
+def _being_claimed(run, now: float, ttl: float) -> bool:
+    """A RUNNING run with no claim yet, younger than a lease: another grid made it and is about
+    to claim it (a run whose grid died unclaimed is taken over once a lease's time has passed)."""
+    return (
+        run.info.status == "RUNNING"
+        and not claims_in(run.info.run_id, run.data.tags)
+        and now - run.info.start_time / 1000 < ttl
+    )
 
 
 @task(name="train-job", cache_policy=None, tags=[TRAIN_TAG], task_run_name="train-{spec.run_name}")
@@ -471,7 +484,8 @@ def run_job(
             if claimed is not None:
                 return _train_claimed(spec, grid_run, claimed, dataset_root, source_uri, weak_source,
                                       replaced=replaced, started=started)  # fmt: skip
-        # Another grid claimed it at the same moment, first: wait for it (out of the slot) and look again.
+        # Another grid claimed it at the same moment, first, or is claiming it: wait (out of the slot), look again.
+        time.sleep(LEASE_POLL_S)
 
 
 def _train_claimed(

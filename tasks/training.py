@@ -19,7 +19,16 @@ from transfusion.data import DatasetVersion, PreparedDataset, dataset_version, p
 from transfusion.errors import Interrupted, first_line
 from transfusion.faults import injected_faults
 from transfusion.home import storage_path
-from transfusion.job_lease import Claim, LeaseKeeper, claims_in, contend, held_elsewhere, lease_ttl_s, new_claim
+from transfusion.job_lease import (
+    Claim,
+    LeaseKeeper,
+    being_claimed,
+    claims_in,
+    contend,
+    held_elsewhere,
+    lease_ttl_s,
+    new_claim,
+)
 from transfusion.pretrained import weights_sha256
 from transfusion.provenance import code_identity
 
@@ -388,7 +397,10 @@ def _claim_job_run(
     None when another grid claimed it first (a new run made for the claim is deleted) or is about to."""
     ttl = lease_ttl_s()
     previous = _resume_candidate(grid_run.experiment_id, spec)
-    if previous is not None and _being_claimed(previous, time.time(), ttl):
+    if previous is not None and being_claimed(
+        status=previous.info.status, started_at=previous.info.start_time / 1000,
+        claims=claims_in(previous.info.run_id, previous.data.tags), now=time.time(), ttl=ttl,
+    ):  # fmt: skip
         return None
     if previous is None:
         run_id = tracking.create_job_run(spec, experiment_id=grid_run.experiment_id, parent_run_id=grid_run.run_id)
@@ -413,16 +425,6 @@ def _claim_job_run(
             tracking.delete_run(run_id)
         return None
     return ClaimedRun(run_id, previous, attempt, claims, claim, ttl)
-
-
-def _being_claimed(run, now: float, ttl: float) -> bool:
-    """A RUNNING run with no claim yet, younger than a lease: another grid made it and is about
-    to claim it (a run whose grid died unclaimed is taken over once a lease's time has passed)."""
-    return (
-        run.info.status == "RUNNING"
-        and not claims_in(run.info.run_id, run.data.tags)
-        and now - run.info.start_time / 1000 < ttl
-    )
 
 
 @task(name="train-job", cache_policy=None, tags=[TRAIN_TAG], task_run_name="train-{spec.run_name}")

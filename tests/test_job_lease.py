@@ -12,6 +12,7 @@ import pytest
 from transfusion.job_lease import (
     Claim,
     LeaseKeeper,
+    being_claimed,
     claims_in,
     contend,
     first_live_claim,
@@ -124,21 +125,12 @@ def test_the_keeper_leaves_at_once_on_an_interrupt_without_touching_the_store():
     assert time.perf_counter() - started < 10.0
 
 
-def _run(status: str, *, started: float, tags: dict[str, str] | None = None):
-    from types import SimpleNamespace
-
-    info = SimpleNamespace(run_id="run-1", status=status, start_time=int(started * 1000))
-    return SimpleNamespace(info=info, data=SimpleNamespace(tags=tags or {}))
-
-
 def test_a_fresh_unclaimed_run_is_another_grids_about_to_be_claimed_and_is_not_taken_over():
-    from tasks.training import _being_claimed
-
     now, ttl = time.time(), 90.0
-    assert _being_claimed(_run("RUNNING", started=now - 1), now, ttl)
+    assert being_claimed(status="RUNNING", started_at=now - 1, claims=[], now=now, ttl=ttl)
     # Unclaimed for a whole lease: its grid died before claiming it; it may be taken over.
-    assert not _being_claimed(_run("RUNNING", started=now - 91), now, ttl)
+    assert not being_claimed(status="RUNNING", started_at=now - 91, claims=[], now=now, ttl=ttl)
     # Claimed (live or not, the lease rules decide) or ended: not this rule's business.
     dead = new_claim("run-1", grid_run_id="g", now=now - 200, ttl=ttl)
-    assert not _being_claimed(_run("RUNNING", started=now - 1, tags={dead.tag: dead.value()}), now, ttl)
-    assert not _being_claimed(_run("KILLED", started=now - 1), now, ttl)
+    assert not being_claimed(status="RUNNING", started_at=now - 1, claims=[dead], now=now, ttl=ttl)
+    assert not being_claimed(status="KILLED", started_at=now - 1, claims=[], now=now, ttl=ttl)

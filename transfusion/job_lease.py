@@ -139,6 +139,13 @@ def held_elsewhere(claims: Iterable[Claim], now: float, *, mine: str | None = No
     return first_live_claim((claim for claim in claims if claim.claim_id != mine), now)
 
 
+def being_claimed(*, status: str, started_at: float, claims: Iterable[Claim], now: float, ttl: float) -> bool:
+    """A RUNNING run with no claim yet, younger than a lease: another grid made it and is about
+    to claim it, so it is not taken over (a run whose grid died unclaimed is, once a lease's
+    time has passed)."""
+    return status == "RUNNING" and not list(claims) and now - started_at < ttl
+
+
 class ClaimStore(Protocol):
     """Where one job's claims live (the job's MLflow runs, :class:`transfusion.tracking.JobClaims`)."""
 

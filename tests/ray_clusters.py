@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from flows.runtime import SERVICE_START_TIMEOUT_S, poll_until, port_is_taken, stop_process_group
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
@@ -76,31 +77,9 @@ def _auth_env() -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, *, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"Ray exited with {process.returncode}; see {log}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise RuntimeError(f"Ray did not listen on {port} within {timeout} s; see {log}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Ends a process started with ``start_new_session`` and everything in its group."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=15)
+def _wait_for_port(port: int, process: subprocess.Popen, *, log: Path) -> None:
+    poll_until(lambda: port_is_taken("127.0.0.1", port), what=f"Ray on port {port}", timeout=SERVICE_START_TIMEOUT_S,
+               process=process, log_path=log)  # fmt: skip
 
 
 def _start(command: list[str], *, env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -131,7 +110,7 @@ def head_with_isolated_worker(
     )  # fmt: skip
     cluster = Cluster(address=f"127.0.0.1:{port}", env={**auth, "RAY_ADDRESS": f"127.0.0.1:{port}"}, processes=[head])
     try:
-        _wait_for_port(port, head, timeout=90, log=workdir / "ray-head.log")
+        _wait_for_port(port, head, log=workdir / "ray-head.log")
         mounts = " && ".join(f"mkdir -p {p} && mount -t tmpfs tmpfs {p}" for p in [*private, temp_dir])
         join = " ".join([
             *RAY, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", f"--num-cpus={worker_cpus}",
@@ -153,7 +132,7 @@ def head_with_isolated_worker(
             log=workdir / "ray-worker.log",
         )
         cluster.processes.append(worker)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + SERVICE_START_TIMEOUT_S
         while len(cluster.alive_nodes()) < 2:
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the isolated worker node did not join; see {workdir / 'ray-worker.log'}")
@@ -161,7 +140,7 @@ def head_with_isolated_worker(
         yield cluster
     finally:
         for process in reversed(cluster.processes):
-            _stop(process)
+            stop_process_group(process, timeout=15)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -241,8 +220,8 @@ def fake_autoscaling_cluster(
     )  # fmt: skip
     cluster = Cluster(address=f"127.0.0.1:{port}", env={**auth, "RAY_ADDRESS": f"127.0.0.1:{port}"}, processes=[head])
     try:
-        _wait_for_port(port, head, timeout=90, log=workdir / "ray-head.log")
+        _wait_for_port(port, head, log=workdir / "ray-head.log")
         yield cluster
     finally:
-        _stop(head)
+        stop_process_group(head, timeout=15)
         shutil.rmtree(f"/tmp/tf-as-{port}", ignore_errors=True)

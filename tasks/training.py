@@ -419,12 +419,12 @@ def _claim_job_run(
     if previous is not None:
         tracking.reopen_run(run_id)  # claims count on RUNNING runs only: reopened before claiming
     claim = new_claim(run_id, grid_run_id=grid_run.run_id, now=time.time(), ttl=ttl)
-    winner = contend(claims, claim)
-    if winner is not None:
-        if previous is None and winner.run_id != run_id:  # a winner that took over this new run trains in it
+    contest = contend(claims, claim)
+    if not contest.won:
+        if previous is None and contest.holder.run_id != run_id:  # a winner that took over this new run trains in it
             tracking.delete_run(run_id)
         return None
-    return ClaimedRun(run_id, previous, attempt, claims, claim, ttl)
+    return ClaimedRun(run_id, previous, attempt, claims, contest.mine, ttl)
 
 
 @task(name="train-job", cache_policy=None, tags=[TRAIN_TAG], task_run_name="train-{spec.run_name}")

@@ -51,8 +51,8 @@ def test_two_grids_that_claim_at_once_elect_one_and_the_other_steps_aside():
     first, second = _claim("run-1", 100.0), _claim("run-2", 100.5)
     # Both write before either reads (the worst interleaving): both see both, and agree.
     results = {}
-    results["second"] = contend(store, second, sleep=lambda _: store.write(first), clock=lambda: 101.0)
-    results["first"] = contend(store, first, sleep=lambda _: None, clock=lambda: 101.0)
+    results["second"] = contend(store, second, sleep=lambda _: store.write(first), clock=lambda: 101.0).holder
+    results["first"] = contend(store, first, sleep=lambda _: None, clock=lambda: 101.0).holder
     assert results == {"first": None, "second": first}
     assert [c.claim_id for c in store.claims()] == [first.claim_id]  # the loser dropped its claim
 
@@ -60,9 +60,53 @@ def test_two_grids_that_claim_at_once_elect_one_and_the_other_steps_aside():
 def test_a_later_claim_sees_the_earlier_one_and_loses():
     store = ClaimsInMemory()
     early = _claim("run-1", 100.0)
-    assert contend(store, early, sleep=lambda _: None, clock=lambda: 100.1) is None
+    assert contend(store, early, sleep=lambda _: None, clock=lambda: 100.1).won
     late = _claim("run-1", 103.0)
-    assert contend(store, late, sleep=lambda _: None, clock=lambda: 103.1) == early
+    assert contend(store, late, sleep=lambda _: None, clock=lambda: 103.1).holder == early
+
+
+class SlowFirstWrite(ClaimsInMemory):
+    """A store whose first write lands ``delay`` seconds late (a loaded tracking server)."""
+
+    def __init__(self, clock: list[float], delay: float) -> None:
+        super().__init__()
+        self.clock, self.delay, self.writes = clock, delay, 0
+
+    def write(self, claim: Claim) -> None:
+        self.writes += 1
+        if self.writes == 1:
+            self.clock[0] += self.delay
+        super().write(claim)
+
+
+def test_a_claim_written_slower_than_the_settle_is_made_again_and_two_grids_never_both_win():
+    # A stamps at 100.0 but its write lands at 103.0; B stamps at 100.5, writes at once and reads
+    # at 102.5: B saw no A and won. A's stale stamp (earlier than B's) must not win as well.
+    now = [100.0]
+    store = SlowFirstWrite(now, delay=3.0)
+    a = _claim("run-1", 100.0)
+    b = _claim("run-1", 100.5)
+
+    def time_passes(seconds: float) -> None:
+        now[0] += seconds
+
+    b_store = ClaimsInMemory()
+    b_store.tags = store.tags  # one store, two views: B's writes are fast
+    b_result = contend(b_store, b, sleep=lambda s: None, clock=lambda: 100.6)
+    assert b_result.won
+    a_result = contend(store, a, sleep=time_passes, clock=lambda: now[0])
+    assert not a_result.won and a_result.holder == b
+    assert a_result.mine.claim_id != a.claim_id and a_result.mine.claimed_at > b.claimed_at  # stamped again
+    assert [c.claim_id for c in store.claims()] == [b.claim_id]  # A's claims are gone, B's holds
+
+
+def test_a_slow_write_with_no_contender_wins_on_its_second_claim():
+    now = [100.0]
+    store = SlowFirstWrite(now, delay=5.0)
+    result = contend(store, _claim("run-1", 100.0), sleep=lambda s: now.__setitem__(0, now[0] + s),
+                     clock=lambda: now[0])  # fmt: skip
+    assert result.won and store.writes == 2
+    assert [c.claim_id for c in store.claims()] == [result.mine.claim_id]
 
 
 def test_expired_malformed_and_dead_local_claims_hold_nothing():

@@ -7,10 +7,12 @@ training, a contender waits :data:`SETTLE_S`, reads every claim on the job's run
 trains only if its own is the earliest live one; otherwise another live grid is training
 the job, and it steps aside.
 
-Why the wait makes this safe without a compare-and-set: a claim is stamped just before
-it is written. A contender that reads ``SETTLE_S`` after writing sees every claim
-written up to then; a claim written later carries a later stamp (clocks agree to well
-under ``SETTLE_S``), so its writer sees the first claim as earlier and steps aside.
+Why the wait makes this safe without a compare-and-set: a claim is stamped before it is
+written, and counts only if its write completed within ``SETTLE_S`` of its stamp (a
+slower write is withdrawn and made again with a new stamp). A contender reads at least
+``SETTLE_S`` after its own stamp, so every claim stamped earlier is visible to it by then
+and it steps aside; a claim stamped later sees the earlier one and steps aside. Clocks
+must agree to well under ``SETTLE_S``.
 
 This module is plain data and rules; :mod:`transfusion.tracking` stores the tags.
 """
@@ -158,6 +160,20 @@ class ClaimStore(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Contest:
+    """How :func:`contend` ended: ``mine`` is this contender's claim as last written (a slow
+    write makes it again with a new stamp); ``holder`` is another live grid's claim that
+    trains the job, or None when ``mine`` does."""
+
+    mine: Claim
+    holder: Claim | None
+
+    @property
+    def won(self) -> bool:
+        return self.holder is None
+
+
 def contend(
     store: ClaimStore,
     claim: Claim,
@@ -165,16 +181,29 @@ def contend(
     settle: float = SETTLE_S,
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], None] = time.sleep,
-) -> Claim | None:
-    """Writes ``claim``, waits ``settle``, and returns None when it is the one to train the job;
-    otherwise drops it and returns the claim that is (another live grid's)."""
+) -> Contest:
+    """Writes ``claim``, waits ``settle`` and reads every claim: this one trains the job when it
+    is the earliest live claim; otherwise it is dropped.
+
+    A write that completes more than ``settle`` after the claim's stamp may have landed after
+    a contender with a later stamp read the claims and decided; the claim is then withdrawn
+    and made again, freshly stamped, after a pause of ``settle``.
+    """
+    ttl = claim.expires - claim.claimed_at
     store.write(claim)
+    while (late := clock() - claim.claimed_at) > settle:
+        log.warning("lease %s: the claim took %.1f s to write (> %g s); claiming again", claim.claim_id, late, settle)
+        store.drop(claim)
+        sleep(settle)
+        now = clock()
+        claim = dataclasses.replace(claim, claim_id=uuid.uuid4().hex[:16], claimed_at=now, expires=now + ttl)
+        store.write(claim)
     sleep(settle)
     first = first_live_claim(store.claims(), clock())
     if first is None or first.claim_id == claim.claim_id:
-        return None
+        return Contest(claim, None)
     store.drop(claim)
-    return first
+    return Contest(claim, first)
 
 
 class LeaseKeeper:

@@ -550,9 +550,15 @@ def start_prefect_server(
     host: str = "127.0.0.1",
     timeout: float = SERVICE_START_TIMEOUT_S,
     auth: BasicCredentials | None = None,
+    services: bool = True,
 ) -> ServiceProcess:
     """``prefect server start``; ``auth``: every API call but ``/api/health`` and ``/api/ready``
-    then needs ``PREFECT_API_AUTH_STRING`` (``user:password``) on the client."""
+    then needs ``PREFECT_API_AUTH_STRING`` (``user:password``) on the client.
+
+    ``services=False``: the API alone, no UI and none of the background services that
+    schedules, deployments and automations need (they poll the database all the while);
+    enough for flows that a command runs itself.
+    """
     require_free_port(host, port, "Prefect server", "--prefect-port")
     env = {
         "PREFECT_HOME": str(home / "prefect"),
@@ -562,6 +568,8 @@ def start_prefect_server(
     if auth is not None:
         env["PREFECT_SERVER_API_AUTH_STRING"] = auth.auth_string
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    if not services:
+        command += ["--no-services", "--no-ui"]
     url = f"http://{host}:{port}/api"
     return start_service(
         "prefect", command, health_url=f"{url}/health", url=url, log_dir=home / "logs", env=env, timeout=timeout

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import flows.cli  # noqa: F401  (sets the same quiet environment defaults as the CLI)
+from tests.shared_prefect import shared_prefect_api_url, stop_shared_prefect
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,15 @@ def pytest_configure(config):
         home = factory.getbasetemp() / "prefect-home"
         home.mkdir(exist_ok=True)
         os.environ["PREFECT_HOME"] = str(home)
+
+
+def command_env(home: Path, env: dict | None = None) -> dict[str, str]:
+    """The environment of a ``transfusion`` command a test starts: its own state dir, its
+    own MLflow server (none given), this process's shared Prefect server, then ``env``."""
+    full_env = {**os.environ, "TRANSFUSION_HOME": str(home)}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    full_env["PREFECT_API_URL"] = shared_prefect_api_url()
+    return {**full_env, **(env or {})}
 
 
 @pytest.fixture(scope="session")
@@ -82,13 +92,10 @@ def run_cli(*args: str, home: Path, env: dict | None = None, timeout: float = 90
     the servers it started), then killed with its process group, and the test fails with
     the end of what it printed: where a slow or stuck command was is at the end.
     """
-    full_env = {**os.environ, "TRANSFUSION_HOME": str(home), **(env or {})}
-    full_env.pop("MLFLOW_TRACKING_URI", None)
-    full_env.pop("PREFECT_API_URL", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", *args],
         cwd=REPO,
-        env=full_env,
+        env=command_env(home, env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -199,6 +206,7 @@ def pytest_sessionfinish(session, exitstatus):
     basetemp = getattr(factory, "_basetemp", None) if factory else None
     leaked = list(session.config.stash.get(_WORKER_LEAKS, []))
     if basetemp is not None:
+        stop_shared_prefect()  # the commands' server: it names the basetemp too
         # Flows run in this process started Prefect's temporary server; Prefect stops it at exit,
         # after this check, so it is stopped here (it would otherwise count as a leak).
         prefect_server = sys.modules.get("prefect.server.api.server")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, processes_mentioning, run_cli
+from tests.conftest import REPO, command_env, processes_mentioning, run_cli
 
 # One job, long enough to be mid-training when signalled; checkpoints every 3 steps.
 GRID = {
@@ -36,9 +36,7 @@ def _grid_file(home: Path) -> Path:
 
 
 def _start_grid(home: Path, grid: Path) -> tuple[subprocess.Popen, Path]:
-    env = {**os.environ, "TRANSFUSION_HOME": str(home)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("PREFECT_API_URL", None)
+    env = command_env(home)
     stderr = home / "stderr.txt"
     with open(home / "stdout.txt", "w") as out, open(stderr, "w") as err:
         process = subprocess.Popen(

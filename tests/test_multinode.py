@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, command_env
 from tests.ray_clusters import can_isolate, fake_autoscaling_cluster, head_with_isolated_worker, isolated_raylets
 from transfusion import tracking
 
@@ -41,12 +41,10 @@ def _grid_file(path: Path, name: str, *, seeds: list[int], **train) -> Path:
 
 
 def _start_grid(grid_file: Path, *, home: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-    full_env = {**os.environ, **env, "TRANSFUSION_HOME": str(home)}
-    full_env.pop("PREFECT_API_URL", None)
     with log.open("wb") as sink:
         return subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "run", str(grid_file)], cwd=REPO, env=full_env, stdout=sink,
-            stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "flows.cli", "run", str(grid_file)], cwd=REPO, env=command_env(home, env),
+            stdout=sink, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
 
@@ -156,7 +154,7 @@ def test_pending_gpu_jobs_make_the_autoscaler_add_nodes_that_go_after_the_grid(m
         most_nodes = 1
         while process.poll() is None:
             most_nodes = max(most_nodes, len(cluster.alive_nodes()))
-            time.sleep(2)
+            time.sleep(5)  # each look is a fresh Ray driver (about a CPU second); nodes live far longer
         assert process.returncode == 0, log.read_text()[-3000:]
         runs = _job_runs("autoscale")
         assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import processes_mentioning, run_cli
+from tests.conftest import command_env, processes_mentioning, run_cli
 from transfusion import tracking
 from transfusion.config import JobSpec, TrainSettings
 from transfusion.launcher import LaunchRequest, fit_job
@@ -119,7 +119,9 @@ def test_nan_loss_fails_one_job_the_grid_carries_on_and_no_planted_secret_leaks(
         "AWS_SECRET_ACCESS_KEY": secret,
         "TRANSFUSION_TEST_TOKEN": secret,
         "MY_API_KEY": secret,
-        "PREFECT_HOME": str(tmp_path / "prefect"),  # so the Prefect database is searched too
+        # A temporary Prefect server of its own, whose database is searched too.
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": "",
     }
     result = run_cli("run", "smoke", home=tmp_path, env=env)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -196,10 +198,8 @@ def test_interrupted_grid_rerun_skips_finished_resumes_partial_and_never_duplica
     from tests.conftest import REPO
 
     overrides = ["--set", "train.steps=40", "--set", "train.checkpoint_every=5", "--set", "max_concurrent=1"]
-    env = {**os.environ, "TRANSFUSION_HOME": str(tmp_path)}
-    env.pop("MLFLOW_TRACKING_URI", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "smoke", *overrides], cwd=REPO, env=env,
+        [sys.executable, "-m", "flows.cli", "run", "smoke", *overrides], cwd=REPO, env=command_env(tmp_path),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     try:

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, command_env
 
 pytestmark = pytest.mark.slow
 
 
 def _start_grid(home, tracking_uri: str) -> subprocess.Popen:
-    env = {**os.environ, "TRANSFUSION_HOME": str(home), "MLFLOW_TRACKING_URI": tracking_uri}
-    env.pop("PREFECT_API_URL", None)
+    env = command_env(home, {"MLFLOW_TRACKING_URI": tracking_uri})
     # Steps enough that each job outlasts the other command's start-up, so the grids overlap.
     argv = [sys.executable, "-m", "flows.cli", "run", "smoke", "--set", "train.steps=30"]
     return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -32,6 +32,9 @@ def smoke_grid() -> dict:
         "inits": ["random"],
         "data_sizes": [160],
         "seeds": [0, 1],
+        # One job at a time: a second concurrent job is a second Ray Train run, whose actor
+        # processes cost more CPU to start than a seconds-long job costs to train.
+        "max_concurrent": 1,
         "train": {
             "steps": 6,
             "batch_size": 16,

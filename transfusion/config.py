@@ -204,6 +204,8 @@ class IdentitySettings(_Frozen):
 # are averaged, so only batch-norm statistics, computed per worker's share, differ -- as
 # with any data-parallel run without SyncBN. Scaling a job out is placement, not a new
 # experiment.
+# A seed count beyond this is a typo (or a float read as one), not a grid anybody trains.
+MAX_SEED_COUNT = 1000
 PLACEMENT_FIELDS = ("threads", "cpus_per_job", "gpus_per_job", "num_workers", "max_failures", "eval_batch_size")
 
 # What a job read, by content (JobSpec fields set once resolved): the run's identity tags.
@@ -481,9 +483,13 @@ class GridSpec(_Frozen):
     @field_validator("seeds", mode="before")
     @classmethod
     def _seed_count(cls, value: Any) -> Any:
-        if isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
             if value < 1:
                 raise ValueError(f"seed count must be >= 1, got {value}")
+            if value > MAX_SEED_COUNT:
+                raise ValueError(f"seed count must be <= {MAX_SEED_COUNT}, got {value}")
             return list(range(value))
         return value
 

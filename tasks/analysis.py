@@ -11,8 +11,9 @@ import yaml
 from prefect import task
 
 from tasks.artifacts import linked_results_table
-from tasks.training import identified_jobs
+from tasks.training import identified_jobs, prepare_dataset_task
 from transfusion import tracking
+from transfusion.analysis.basin import CURVES_FILE, DatasetLocation, InterpolationInputs
 from transfusion.analysis.convergence import ConvergenceSettings
 from transfusion.analysis.records import JobRecord
 from transfusion.analysis.report import analyze_records, code_version_notes, write_report
@@ -83,6 +84,46 @@ def fetch_test_predictions(run_id: str) -> Path | None:
     with tempfile.TemporaryDirectory(dir=local.parent) as tmp:
         tracking.download_artifact(run_id, "predictions/test.npz", Path(tmp)).rename(local)
     return local
+
+
+FINAL_WEIGHTS = "checkpoint/model.pt"
+
+
+def fetch_final_weights(run_id: str) -> Path:
+    """Downloads a run's final weights (``checkpoint/model.pt``) once into the local cache.
+
+    Raises:
+        FileNotFoundError: The run stored none.
+    """
+    local = run_cache_dir(run_id) / FINAL_WEIGHTS
+    if local.is_file():
+        return local
+    if FINAL_WEIGHTS not in tracking.list_artifacts(run_id, str(Path(FINAL_WEIGHTS).parent)):
+        raise FileNotFoundError(f"run {run_id} stored no {FINAL_WEIGHTS}")
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=local.parent) as tmp:
+        tracking.download_artifact(run_id, FINAL_WEIGHTS, Path(tmp)).rename(local)
+    return local
+
+
+def grid_dataset_location(grid: GridSpec) -> DatasetLocation:
+    """The grid's prepared data (prepared now if it is not yet) and, for a cluster whose nodes share
+    no disk with this one, its published copy."""
+    from transfusion.data.node_cache import for_workers
+
+    root = prepare_dataset_task.fn(grid)
+    return DatasetLocation(root, for_workers(root, None)[0])
+
+
+def fetch_stored_curves(grid_run: tracking.GridRun, directory: Path) -> None:
+    """Brings the interpolation curves the grid's last report stored (``report/`` of its parent run)
+    into ``directory`` when it has none, so the analysis reuses them instead of recomputing."""
+    local = directory / CURVES_FILE
+    if local.is_file() or f"report/{CURVES_FILE}" not in tracking.list_artifacts(grid_run.run_id, "report"):
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        tracking.download_artifact(grid_run.run_id, f"report/{CURVES_FILE}", Path(tmp)).rename(local)
 
 
 def convergence_settings(grid: GridSpec) -> ConvergenceSettings:
@@ -179,13 +220,17 @@ def analyze_grid_task(
     out: str | None = None,
     jobs: list[JobSpec] | None = None,
 ) -> str:
-    """Figures 2, 4, 5, Tables 1-3, filters and the report; logged under ``report/`` of the parent run.
+    """Figures 2, 4, 5, Tables 1-3, filters, Same basin? and the report; logged under ``report/`` of the parent run.
 
     ``jobs``: the grid's identified jobs (else identified here), whose keys the records carry.
     """
     directory = Path(out) if out else transfusion_home() / "reports" / grid.name
     convergence = convergence_settings(grid)
     jobs = jobs if jobs is not None else identified_jobs(grid)
+    fetch_stored_curves(grid_run, directory)
+    # Final weights and the data are read only for pairs whose curves are not stored yet.
+    interpolation = InterpolationInputs({job.job_key: job for job in jobs}, fetch_final_weights,
+                                        lambda: grid_dataset_location(grid))  # fmt: skip
     outputs = analyze_records(
         records,
         directory,
@@ -194,6 +239,7 @@ def analyze_grid_task(
         convergence=convergence,
         parallel_executor=RayAnalysisExecutor,
         ran=what_was_run(grid, records, jobs),
+        interpolation=interpolation,
     )
     missing = missing_jobs_line(jobs, {record.job_key for record in records})
     notes = [
@@ -223,5 +269,6 @@ def analyze_grid_task(
     for path in sorted(directory.iterdir()):
         if path.is_file():
             tracking.log_artifact(grid_run.run_id, path, "report")
-    log.info("analysis: %d decompositions for %d runs", outputs.decompositions, len(records))
+    log.info("analysis: %d decompositions and %d interpolated pairs for %d runs", outputs.decompositions,
+             outputs.interpolations, len(records))  # fmt: skip
     return str(directory)

@@ -50,12 +50,16 @@ def test_retrain_replaces_matching_runs_and_a_rerun_without_data_reads_no_image(
         assert tags["data_version"] == run.data.params["data_version"] == "v2-r64-seed0-240-160-64"
         assert tags["code_version"] and "environment.txt" in artifacts
 
-    # The prepared data and every cache gone: the re-run identifies jobs without them.
+    # The prepared data, every cache and the local report gone: the re-run identifies jobs without them,
+    # and the report's interpolation between the two seeds comes from the curves its parent run stored.
     data = home / "data"
     shutil.rmtree(data)
     shutil.rmtree(home / "cache", ignore_errors=True)
+    shutil.rmtree(home / "reports", ignore_errors=True)
     again = run_cli("run", "smoke", home=home)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "Grid smoke: 0 trained, 2 already done, 0 failed" in again.stdout
     assert not data.exists(), sorted(p.name for p in data.rglob("*"))
     assert len(_job_runs(home)) == 3
+    report = (home / "reports" / "smoke" / "report.md").read_text()
+    assert "## Same basin?" in report and "| cbr-tiny | 160 | random–random | 1 |" in report

@@ -536,6 +536,10 @@ class RayAnalysisExecutor:
     per (run, layer, step); a pair task receives both by reference. At most
     ``groups_in_flight`` groups (model, data size, layer) are submitted at a time, so
     the object store never holds every decomposition of a grid.
+
+    Interpolation between final weights (:meth:`interpolate`) runs the same way: one task per
+    pair, each run's weights put in the object store once per cell (model, data size, block
+    size), at most ``groups_in_flight`` cells at a time.
     """
 
     name = "ray"
@@ -566,3 +570,35 @@ class RayAnalysisExecutor:
                 out.append(ray.get(pending.popleft()))
         out.extend(ray.get(refs) for refs in pending)
         return out
+
+    def interpolate(self, work: list) -> list:
+        from transfusion.analysis.basin import load_final_weights, run_interpolation
+
+        resources = ensure_ray()
+        options = {"num_cpus": 1, "num_gpus": 1 if resources.get("GPU", 0) >= 1 else 0}
+        evaluate = ray.remote(run_interpolation).options(**options)
+        cells: dict[tuple, list[int]] = {}
+        for index, item in enumerate(work):
+            cells.setdefault(item.cell, []).append(index)
+
+        def submit(indices: list[int]) -> list:
+            weights: dict = {}
+            refs = []
+            for i in indices:
+                item = work[i]
+                for path in (item.first_weights, item.second_weights):
+                    if path not in weights:
+                        weights[path] = ray.put(load_final_weights(path))
+                refs.append(evaluate.remote(item.task, weights[item.first_weights], weights[item.second_weights]))
+            return refs
+
+        curves: dict[int, Any] = {}
+        pending: deque = deque()
+        for indices in cells.values():
+            pending.append((indices, submit(indices)))
+            if len(pending) >= self.groups_in_flight:
+                done, refs = pending.popleft()
+                curves.update(zip(done, ray.get(refs), strict=True))
+        for done, refs in pending:
+            curves.update(zip(done, ray.get(refs), strict=True))
+        return [curves[i] for i in range(len(work))]

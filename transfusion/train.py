@@ -55,6 +55,12 @@ AUX_LOSS_WEIGHT = 0.4
 # running statistics the step-0 probe and validation use (the first of the training
 # split, in batches of train.batch_size: the same images for every run of a grid).
 INIT_BN_IMAGES = 256
+# Inits that copy every tensor of the source (all but a head of another shape): for them the
+# network the job starts from *is* the source, probed once as it is (``probes/source.npz``).
+SOURCE_PROBE_INITS = frozenset({"imagenet"})
+SOURCE_PROBE_TAG = "source"
+# Per named stage, how far training moved the weights: ``distance/conv1``, ``distance/stage1`` ...
+DISTANCE_PREFIX = "distance/"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -191,17 +197,37 @@ def load_images(
     return x if block is None else block_shuffle(x, block=block)
 
 
+def input_statistics(spec: JobSpec) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) the spec's model normalises inputs with when its source prescribes them, else None
+    (the architecture's own, ImageNet statistics for every registered family)."""
+    from transfusion.pretrained import source_for
+
+    registered = source_for(spec.pretrained) if spec.pretrained else None
+    if registered is None:
+        return None
+    return tuple(registered.preprocessing.mean), tuple(registered.preprocessing.std)
+
+
+def create_job_model(spec: JobSpec, dataset: PreparedDataset) -> nn.Module:
+    """The spec's architecture for ``dataset`` as its constructor draws it, reading inputs as the job does.
+
+    Not initialised by the spec's init: :func:`build_model` does that; an analysis that loads
+    stored weights into it needs only the architecture and the input statistics.
+    """
+    model = create_model(spec.model, num_classes=dataset.num_labels, in_channels=dataset.in_channels)
+    statistics = input_statistics(spec)
+    if statistics is not None:
+        # Inputs as the source's weights saw them (ViT AugReg wants [-1, 1], not ImageNet statistics).
+        model.input_mean, model.input_std = statistics
+    return model
+
+
 def build_model(spec: JobSpec, dataset: PreparedDataset, *, source_state: dict[str, torch.Tensor] | None) -> nn.Module:
     """The spec's model, initialised by the spec's init (seeded)."""
     from transfusion.inits import initialize
-    from transfusion.pretrained import source_for
 
     torch.manual_seed(spec.seed)
-    model = create_model(spec.model, num_classes=dataset.num_labels, in_channels=dataset.in_channels)
-    registered = source_for(spec.pretrained) if spec.pretrained else None
-    if registered is not None:
-        # Inputs as the source's weights saw them (ViT AugReg wants [-1, 1], not ImageNet statistics).
-        model.input_mean, model.input_std = registered.preprocessing.mean, registered.preprocessing.std
+    model = create_job_model(spec, dataset)
     return initialize(model, spec.init, source=source_state, seed=spec.seed, **spec.init_options)
 
 
@@ -310,6 +336,25 @@ def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int) -> np.nd
     return torch.cat(chunks).cpu().numpy()
 
 
+def predict_index(
+    model: nn.Module,
+    dataset: PreparedDataset,
+    index: np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device,
+    block: int | None = None,
+) -> np.ndarray:
+    """The model's logits on the ``dataset`` images of ``index`` (block-shuffled by ``block`` when set),
+    loaded a few batches at a time."""
+    scores = []
+    for start in range(0, len(index), batch_size * 4):
+        chunk = index[start : start + batch_size * 4]
+        images = load_images(dataset, chunk, device, model, block=block)
+        scores.append(predict(model, images, batch_size=batch_size))
+    return np.concatenate(scores)
+
+
 def evaluate(
     model: nn.Module,
     dataset: PreparedDataset,
@@ -323,12 +368,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``index`` (block-shuffled by ``block`` when set); ``predictions_path``
     also keeps the scores (paired comparisons)."""
-    scores = []
-    for start in range(0, len(index), batch_size * 4):
-        chunk = index[start : start + batch_size * 4]
-        images = load_images(dataset, chunk, device, model, block=block)
-        scores.append(predict(model, images, batch_size=batch_size))
-    scores_all, targets = np.concatenate(scores), dataset.targets[index]
+    scores_all = predict_index(model, dataset, index, batch_size=batch_size, device=device, block=block)
+    targets = dataset.targets[index]
     multiclass = dataset.meta.get("task") == "multiclass"
     if predictions_path is not None:
         groups = None if dataset.groups is None else dataset.groups[index]  # patients: resampled together
@@ -440,6 +481,9 @@ class LoopState:
     val_history: list[tuple[int, float]] = field(default_factory=list)
     # select: best-val -- the step, validation AUC and a CPU copy of the weights at the best validation AUC
     best_val: dict[str, Any] = field(default_factory=lambda: {"step": None, "auc": -math.inf, "model": None})
+    # A CPU copy of every parameter as initialised (carried in checkpoints): what the final
+    # distances from init are measured against. None for a job resumed from an older checkpoint.
+    initial_weights: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         t, data = self.spec.train, self.dataset
@@ -470,6 +514,7 @@ class LoopState:
             "step": self.step,
             "spec": self.spec.model_dump(mode="json"),
             "best_val": dict(self.best_val) if self.spec.train.select == "best-val" else None,
+            "initial_weights": self.initial_weights,
         }
 
 
@@ -505,6 +550,10 @@ def setup(
                       rank=rank, world_size=world_size, step=step)  # fmt: skip
     if resume is not None and resume.get("best_val") is not None:
         state.best_val.update(resume["best_val"])
+    if resume is None:
+        state.initial_weights = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+    else:
+        state.initial_weights = resume.get("initial_weights")
     return state
 
 
@@ -558,14 +607,19 @@ def validate(state: LoopState) -> dict[str, float]:
     return metrics
 
 
+def _probe_activations(state: LoopState) -> dict[str, np.ndarray]:
+    model, t = state.model_without_ddp, state.spec.train
+    images = load_images(state.dataset, state.probe_index, state.device, model, block=state.spec.block_shuffle_or_none)
+    sampling = ProbeSampling(rows_per_channel=t.probe_rows_per_channel, seed=t.probe_seed)
+    return capture_activations(model, images, sampling=sampling)
+
+
 def probe(state: LoopState, tag: str) -> None:
     """Saves the probe set's activations and the first conv's filters as artifacts."""
     if not (state.is_chief and len(state.probe_index)):
         return
-    model, t = state.model_without_ddp, state.spec.train
-    images = load_images(state.dataset, state.probe_index, state.device, model, block=state.spec.block_shuffle_or_none)
-    sampling = ProbeSampling(rows_per_channel=t.probe_rows_per_channel, seed=t.probe_seed)
-    activations = capture_activations(model, images, sampling=sampling)
+    model = state.model_without_ddp
+    activations = _probe_activations(state)
     state.hooks.log_artifact(save_probe(state.workdir / f"{tag}.npz", activations), "probes")
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is not None:
@@ -573,6 +627,58 @@ def probe(state: LoopState, tag: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, first_conv.weight.detach().to("cpu", torch.float32).numpy())
         state.hooks.log_artifact(path, "filters")
+
+
+def probe_source(state: LoopState) -> None:
+    """For a transfer init (:data:`SOURCE_PROBE_INITS`), the source network on the probe images:
+    ``probes/source.npz``, taken before anything else touches the model.
+
+    The transferred weights with the source's own batch-norm statistics, in eval mode (no
+    recalibration: that would make it the step-0 probe of ``init_bn: recalibrate``), on the
+    same images and (image, h, w) rows as every other probe of the run, so the analysis can
+    compare the fine-tuned network with its source layer by layer. The head is the job's new
+    one, so ``logits`` says nothing of the source. Every RNG stream is restored, so training
+    is the same as without it.
+    """
+    if not (state.is_chief and len(state.probe_index)) or state.spec.init not in SOURCE_PROBE_INITS:
+        return
+    with _rng_untouched():
+        activations = _probe_activations(state)
+    state.hooks.log_artifact(save_probe(state.workdir / f"{SOURCE_PROBE_TAG}.npz", activations), "probes")
+
+
+def distances_from_init(model: nn.Module, initial: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per named stage, ``||W_final - W_init|| / ||W_init||`` over the stage's parameters.
+
+    ``W`` is every parameter whose state-dict name starts with one of the stage's prefixes
+    (:meth:`~transfusion.models.base.CaptureModel.stage_prefixes`: conv1, stage1..K, the layers
+    the probes analyse), flattened into one vector: conv and linear weights and biases and
+    batch-norm's affine weight and bias; running statistics are buffers, not weights, and are
+    left out. Sums in float64. A stage whose initial weights are all zero has no relative
+    distance: NaN, logged.
+
+    Args:
+        model: The model with its final weights (not a DDP wrapper).
+        initial: Its parameters at init by name (:attr:`LoopState.initial_weights`).
+
+    Returns:
+        ``{stage: distance}`` in the stages' forward order; empty for a model that names no stages.
+    """
+    stages = getattr(model, "stage_prefixes", None)
+    if stages is None:
+        return {}
+    final = dict(model.named_parameters())
+    distances = {}
+    for stage, prefixes in stages():
+        names = [name for name in initial if name.startswith(prefixes) and name in final]
+        moved = sum(float(((final[n].detach().cpu().double() - initial[n].double()) ** 2).sum()) for n in names)
+        size = sum(float((initial[n].double() ** 2).sum()) for n in names)
+        if size == 0.0:
+            log.warning("stage %s: initial weights all zero (%d tensors); no relative distance", stage, len(names))
+            distances[stage] = math.nan
+            continue
+        distances[stage] = math.sqrt(moved) / math.sqrt(size)
+    return distances
 
 
 @contextlib.contextmanager
@@ -668,6 +774,13 @@ def finish(state: LoopState, *, train_seconds: float) -> dict[str, float]:
     weights = state.workdir / "model.pt"
     torch.save(state.model_without_ddp.state_dict(), weights)
     state.hooks.log_artifact(weights, "checkpoint")
+    # How far the tested weights moved from init, per stage (a job resumed from a checkpoint
+    # written before initial weights were kept has nothing to measure against).
+    if state.initial_weights is not None:
+        distances = distances_from_init(state.model_without_ddp, state.initial_weights)
+        state.hooks.log_metrics({DISTANCE_PREFIX + stage: d for stage, d in distances.items()}, step=state.step)
+    else:
+        log.info("job %s: no initial weights in its checkpoint; distances from init not logged", state.spec.job_key)
     # The final model as a first-class model (MLflow: a logged model linked to these test metrics).
     model = state.model_without_ddp
     example = load_images(state.dataset, state.dataset.indices("test")[:2], torch.device("cpu"), model,
@@ -700,6 +813,7 @@ def run_training(
                       prepare_model=prepare_model, device=device, rank=rank, world_size=world_size)  # fmt: skip
         if resume is None and state.is_chief:
             log_costs(state)
+            probe_source(state)
             with batch_norm_at_init(state):
                 probe(state, "step-0")
                 hooks.log_metrics(validate(state), step=0)

@@ -17,6 +17,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from transfusion.analysis.basin import (
+    BASIN_TITLE,
+    CURVES_FILE,
+    InterpolationInputs,
+    basin_markdown,
+    basin_rows,
+    interpolate_pairs,
+    plot_basin,
+    read_curves,
+    write_curves,
+)
 from transfusion.analysis.convergence import (
     ConvergenceSettings,
     convergence_markdown,
@@ -49,6 +60,13 @@ from transfusion.analysis.similarity_figures import (
     figure4_requests,
     plot_figure2,
     plot_figure4,
+)
+from transfusion.analysis.source_distance import (
+    SOURCE_DISTANCE_TITLE,
+    plot_source_distance,
+    source_distance_markdown,
+    source_distance_rows,
+    source_similarity_requests,
 )
 from transfusion.analysis.summary import plot_transfer_forest, summary_markdown
 from transfusion.analysis.tables import (
@@ -83,6 +101,7 @@ class AnalysisOutputs:
     sections: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (title, markdown, figure files)
     decompositions: int = 0
     transfer_rows: list[TransferEffectRow] = field(default_factory=list)
+    interpolations: int = 0  # pairs interpolated by this analysis (stored curves are reused)
 
 
 def analyze_records(
@@ -95,17 +114,23 @@ def analyze_records(
     convergence: ConvergenceSettings | None = None,
     parallel_executor: Callable[[], AnalysisExecutor] | None = None,
     ran: str | None = None,
+    interpolation: InterpolationInputs | None = None,
 ) -> AnalysisOutputs:
     """Every table and figure of the paper's analyses that the records allow, opened by a summary.
 
-    ``parallel_executor`` fans large similarity work out (the tasks layer passes Ray's); without it, serial.
-    ``ran`` is the summary's sentence on what was run (default: grid, dataset and run count).
+    ``parallel_executor`` fans large similarity and interpolation work out (the tasks layer passes
+    Ray's); without it, serial. ``ran`` is the summary's sentence on what was run (default: grid,
+    dataset and run count). ``interpolation``: what the *Same basin?* section reads besides the
+    records (job specs, final weights, the data); without it there is no such section. Curves an
+    earlier analysis left in ``out`` (:data:`~transfusion.analysis.basin.CURVES_FILE`) are reused.
     """
     settings = settings or AnalysisSettings()
     convergence = convergence or ConvergenceSettings()
     out.mkdir(parents=True, exist_ok=True)
     result = AnalysisOutputs(out)
-    for left in ("feature_reuse.png", "transfer_forest.png"):  # left by an earlier analysis of this grid
+    known_curves = read_curves(out / CURVES_FILE)
+    optional_figures = ("feature_reuse.png", "transfer_forest.png", "basin_interpolation.png", "source_distance.png")
+    for left in (*optional_figures, CURVES_FILE):  # left by an earlier analysis of this grid
         (out / left).unlink(missing_ok=True)
     reuse_rows = feature_reuse_table(records)
     # Every other analysis groups by (model, init, size): a block-shuffled run is a cell of its own there.
@@ -145,8 +170,8 @@ def analyze_records(
 
     cache = RepresentationCache(settings, parallel=parallel_executor)
     # One fan-out for every similarity of the report: each (run, layer, step) is decomposed once.
-    cache.score_pairs(figure2_requests(records, cache) + figure4_requests(records, cache)
-                      + seed_similarity_requests(records, cache))  # fmt: skip
+    planners = (figure2_requests, figure4_requests, source_similarity_requests, seed_similarity_requests)
+    cache.score_pairs([request for plan in planners for request in plan(records, cache)])
     fig2 = figure2_data(records, cache)
     if fig2:
         plot_figure2(fig2, out / "figure2_similarity.png")
@@ -157,6 +182,11 @@ def analyze_records(
         plot_figure4(fig4, out / "figure4_layer_movement.png")
         result.sections.append(("Figure 4: per-layer similarity at init vs after training",
                                 figure4_markdown(fig4), ["figure4_layer_movement.png"]))  # fmt: skip
+    distance_rows = source_distance_rows(records, cache)
+    if distance_rows:
+        plot_source_distance(distance_rows, out / "source_distance.png")
+        result.sections.append((SOURCE_DISTANCE_TITLE, source_distance_markdown(distance_rows),
+                                ["source_distance.png"]))  # fmt: skip
 
     conv_rows = convergence_table(records, convergence)
     result.sections.insert(0, (SUMMARY_TITLE, summary_markdown(
@@ -174,16 +204,27 @@ def analyze_records(
     seeds = seed_similarity(records, cache=cache)
     if seeds:
         result.sections.append(("Top-layer SVCCA between seeds", seed_similarity_markdown(seeds), []))
-    # The probes' row-sampling rule and who computed the similarities, beside the settings.
+    basin = interpolate_pairs(records, interpolation, settings, known=known_curves, parallel=parallel_executor) \
+        if interpolation is not None else None  # fmt: skip
+    # The probes' row-sampling rule and who computed the similarities and interpolations, beside the settings.
     (out / "analysis_settings.json").write_text(json.dumps({
         "similarity": asdict(settings), "convergence": asdict(convergence),
         "probe_sampling": cache.sampling_rules(), "similarity_executors": sorted(cache.executors_used),
         "decompositions": cache.decompositions,
+        "interpolations": {"computed": basin.computed, "stored": len(basin.pairs) - basin.computed,
+                           "executor": basin.executor} if basin else None,
     }, indent=2))  # fmt: skip
 
     if reuse_rows:
         plot_feature_reuse(reuse_rows, out / "feature_reuse.png")
         result.sections.append((FEATURE_REUSE_TITLE, feature_reuse_markdown(reuse_rows), ["feature_reuse.png"]))
+    if basin is not None and basin.pairs:
+        write_curves(out / CURVES_FILE, [c for c in basin.curves if not c.error])
+        rows = basin_rows(basin)
+        figure = plot_basin(rows, out / "basin_interpolation.png")
+        result.sections.append((BASIN_TITLE, basin_markdown(rows, points=settings.interpolation_points),
+                                [figure.name] if figure else []))  # fmt: skip
+        result.interpolations = basin.computed
 
     if plot_filters(records, out / "filters_conv1.png") is not None:
         text = "Random vs pretrained conv1 filters, at init and after training.\n"

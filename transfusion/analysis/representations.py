@@ -56,7 +56,12 @@ class AnalysisSettings:
         min_rows_per_dim: Below this a value is marked "too few rows".
         executor: ``serial``, ``ray``, or ``auto`` (Ray once the decompositions'
             estimated work exceeds ``ray_min_flops``; Ray's start-up costs seconds).
+            The interpolation analysis (:mod:`transfusion.analysis.basin`) chooses the same way.
         ray_min_flops: Threshold of ``auto``.
+        interpolation_points: Values of alpha in [0, 1], evenly spaced, at which the weights
+            interpolated between two runs are evaluated (0: no interpolation analysis).
+        interpolation_pairs: At most this many pairs per kind (transfer-transfer,
+            random-random, transfer-random) per (model, data size, block size).
     """
 
     conv_method: str = "examples"
@@ -68,12 +73,19 @@ class AnalysisSettings:
     min_rows_per_dim: int = MIN_ROWS_PER_DIM
     executor: str = "auto"
     ray_min_flops: float = 2e12
+    interpolation_points: int = 11
+    interpolation_pairs: int = 3
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}; got {self.executor!r}")
         if self.chance_repeats < 1:
             raise ValueError(f"chance_repeats must be >= 1; got {self.chance_repeats}")
+        if self.interpolation_points != 0 and self.interpolation_points < 3:
+            # Two points are the endpoints alone: no path between them, so no barrier to see.
+            raise ValueError(f"interpolation_points must be 0 (off) or >= 3; got {self.interpolation_points}")
+        if self.interpolation_pairs < 1:
+            raise ValueError(f"interpolation_pairs must be >= 1; got {self.interpolation_pairs}")
 
 
 def ordered_layers(names: list[str]) -> list[str]:

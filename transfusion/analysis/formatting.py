@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 UNDEFINED = "–"
 
 
@@ -15,6 +17,12 @@ def sample_std(values: list[float]) -> float:
         return float("nan")
     mean = sum(finite) / len(finite)
     return math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+
+
+def defined_mean(values: Iterable[float]) -> float:
+    """Mean of the values that are defined (not NaN); NaN when none is."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfusion.analysis.formatting import markdown_table, sample_std
+from transfusion.analysis.formatting import defined_mean, markdown_table, sample_std
 from transfusion.analysis.plotting import pyplot, save_figure
 from transfusion.analysis.records import JobRecord, source_of
 from transfusion.analysis.representations import (
@@ -157,13 +157,14 @@ def figure2_data(records: list[JobRecord], cache: RepresentationCache) -> list[P
         results = [[cache.pair(a, b, layer, measures=MEASURES) for layer in layers] for a, b in paths]
         rows_per_dim = min(p.rows_per_dim for per_pair in results for p in per_pair)
         for measure in MEASURES:
-            scores = [_nanmean([p.scores[measure].score for p in per_pair]) for per_pair in results]
-            chances = [_nanmean([p.scores[measure].chance for p in per_pair]) for per_pair in results]
-            spreads = [_nanmean([p.scores[measure].chance_std for p in per_pair]) for per_pair in results]
+            scores = [defined_mean([p.scores[measure].score for p in per_pair]) for per_pair in results]
+            chances = [defined_mean([p.scores[measure].chance for p in per_pair]) for per_pair in results]
+            spreads = [defined_mean([p.scores[measure].chance_std for p in per_pair]) for per_pair in results]
             valid = [v for v in scores if not math.isnan(v)]
             note = "" if valid else undefined_note([p for per_pair in results for p in per_pair])
-            rows.append(PairSimilarity(model, size, comparison, measure, _nanmean(valid), _nanstd(valid), len(valid),
-                                       _nanmean(chances), _nanmean(spreads), rows_per_dim, note))  # fmt: skip
+            rows.append(PairSimilarity(model, size, comparison, measure, defined_mean(valid), sample_std(valid),
+                                       len(valid), defined_mean(chances), defined_mean(spreads), rows_per_dim,
+                                       note))  # fmt: skip
     return rows
 
 
@@ -217,23 +218,13 @@ def figure4_data(
         results = [cache.pair(a, b, layer, measures=(measure,)) for a, b in paths]
         valid = [p.scores[measure].score for p in results if not math.isnan(p.scores[measure].score)]
         rows.append(LayerMovement(
-            model, size, init, layer, measure, _nanmean(valid), _nanstd(valid), len(valid),
-            _nanmean([p.scores[measure].chance for p in results]),
-            _nanmean([p.scores[measure].chance_std for p in results]),
+            model, size, init, layer, measure, defined_mean(valid), sample_std(valid), len(valid),
+            defined_mean([p.scores[measure].chance for p in results]),
+            defined_mean([p.scores[measure].chance_std for p in results]),
             min(p.rows_per_dim for p in results),
             "" if valid else undefined_note(results, sides=("at init", "trained")),
         ))  # fmt: skip
     return rows
-
-
-def _nanmean(values: list[float]) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return float(np.mean(values)) if values else math.nan
-
-
-def _nanstd(values: list[float]) -> float:
-    """Sample std of the defined values; NaN (an undefined spread, printed "–") for fewer than two."""
-    return sample_std([v for v in values if not math.isnan(v)])
 
 
 def _plt():

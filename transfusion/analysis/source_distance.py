@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfusion.analysis.formatting import markdown_table, mean_spread_text, sample_std
+from transfusion.analysis.formatting import defined_mean, markdown_table, mean_spread_text, sample_std
 from transfusion.analysis.plotting import pyplot, save_figure
 from transfusion.analysis.records import JobRecord
 from transfusion.analysis.representations import (
@@ -121,16 +121,11 @@ def source_distance_rows(records: list[JobRecord], cache: RepresentationCache) -
             rows.append(LayerDistanceRow(
                 model, size, init, layer, distances,
                 float(np.mean(valid)) if valid else math.nan, sample_std(valid), len(valid),
-                _nanmean([s.chance for s in scores]), _nanmean([s.chance_std for s in scores]),
+                defined_mean([s.chance for s in scores]), defined_mean([s.chance_std for s in scores]),
                 min(p.rows_per_dim for p in results),
                 "" if valid else undefined_note(results, sides=("source", "trained")),
             ))  # fmt: skip
     return rows
-
-
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else math.nan
 
 
 def _distance_text(distances: tuple[float, ...]) -> str:

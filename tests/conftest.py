@@ -35,11 +35,14 @@ def pytest_configure(config):
 
 def command_env(home: Path, env: dict | None = None) -> dict[str, str]:
     """The environment of a ``transfusion`` command a test starts: its own state dir, its
-    own MLflow server (none given), this process's shared Prefect server, then ``env``."""
+    own MLflow server (none given), this process's shared Prefect server, then ``env``
+    (a value of None removes that variable: ``PREFECT_API_URL: None`` gives the command a
+    temporary Prefect server of its own)."""
     full_env = {**os.environ, "TRANSFUSION_HOME": str(home)}
     full_env.pop("MLFLOW_TRACKING_URI", None)
     full_env["PREFECT_API_URL"] = shared_prefect_api_url()
-    return {**full_env, **(env or {})}
+    full_env.update(env or {})
+    return {key: value for key, value in full_env.items() if value is not None}
 
 
 @pytest.fixture(scope="session")

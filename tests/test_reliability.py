@@ -121,7 +121,7 @@ def test_nan_loss_fails_one_job_the_grid_carries_on_and_no_planted_secret_leaks(
         "MY_API_KEY": secret,
         # A temporary Prefect server of its own, whose database is searched too.
         "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_API_URL": "",
+        "PREFECT_API_URL": None,
     }
     result = run_cli("run", "smoke", home=tmp_path, env=env)
     assert result.returncode == 1, result.stdout + result.stderr

@@ -126,6 +126,12 @@ def fetch_stored_curves(grid_run: tracking.GridRun, directory: Path) -> None:
         tracking.download_artifact(grid_run.run_id, f"report/{CURVES_FILE}", Path(tmp)).rename(local)
 
 
+def analysis_settings(grid: GridSpec) -> AnalysisSettings:
+    """The similarity and interpolation settings as the grid sets them (``interpolation_*``)."""
+    points, pairs = grid.interpolation_points, grid.interpolation_pairs
+    return AnalysisSettings(interpolation_points=points, interpolation_pairs=pairs)
+
+
 def convergence_settings(grid: GridSpec) -> ConvergenceSettings:
     """Figure 5's threshold as the grid sets it (``convergence_threshold``, ``convergence_mode``)."""
     return ConvergenceSettings(threshold=grid.convergence_threshold, relative=grid.convergence_mode == "relative")
@@ -236,6 +242,7 @@ def analyze_grid_task(
         directory,
         grid_name=grid.name,
         dataset=grid.dataset,
+        settings=analysis_settings(grid),
         convergence=convergence,
         parallel_executor=RayAnalysisExecutor,
         ran=what_was_run(grid, records, jobs),

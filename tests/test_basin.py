@@ -239,3 +239,44 @@ def test_how_far_from_the_source_reads_logged_distances_and_source_probes(tiny_r
     outputs = analyze_records(records, tmp_path / "report", grid_name="toy", dataset="synthetic-retina")
     titles = [title for title, _, _ in outputs.sections]
     assert SOURCE_DISTANCE_TITLE in titles and BASIN_TITLE not in titles  # no interpolation inputs given
+
+
+@pytest.mark.slow
+def test_ray_interpolation_equals_the_serial_path(tiny_retina, tmp_path, ray_cluster):
+    from transfusion.analysis.basin import InterpolationTask, InterpolationWork, SerialInterpolation
+    from transfusion.launcher import RayAnalysisExecutor
+
+    paths = []
+    for seed in (0, 1, 2):
+        paths.append(tmp_path / f"{seed}.pt")
+        torch.save(_weights(seed), paths[-1])
+    location = DatasetLocation(str(tiny_retina.root))
+    work = [
+        InterpolationWork(InterpolationTask(_spec(block=block), f"a{i}", f"b{i}", (0.0, 0.5, 1.0), location),
+                          paths[i], paths[i + 1], cell=("cbr-tiny", "full", block))
+        for i, block in ((0, "none"), (1, "none"), (0, "8"))
+    ]  # fmt: skip
+    serial = SerialInterpolation().interpolate(work)
+    fanned = RayAnalysisExecutor(groups_in_flight=1).interpolate(work)
+    assert [c.first_run for c in fanned] == ["a0", "a1", "a0"] and not any(c.error for c in fanned)
+    for a, b in zip(serial, fanned, strict=True):
+        assert a.aucs == pytest.approx(b.aucs, abs=1e-6) and a.losses == pytest.approx(b.losses, rel=1e-5)
+    assert serial[0].aucs != serial[2].aucs  # the block-shuffled cell scores other images
+
+
+def test_interpolation_knobs_are_analysis_only_grid_fields():
+    from pydantic import ValidationError
+
+    from tasks.analysis import analysis_settings
+    from transfusion.config import GridSpec, load_grid
+
+    grid = load_grid("what-transfers-cpu")
+    assert (grid.interpolation_points, grid.interpolation_pairs) == (11, 1)
+    changed = GridSpec.model_validate({**grid.model_dump(mode="json"), "interpolation_points": 21,
+                                       "interpolation_pairs": 2})  # fmt: skip
+    # How a grid is analysed: neither its parent run nor any job's identity changes.
+    assert changed.grid_key == grid.grid_key
+    assert [j.job_key for j in changed.jobs()] == [j.job_key for j in grid.jobs()]
+    assert analysis_settings(changed) == AnalysisSettings(interpolation_points=21, interpolation_pairs=2)
+    with pytest.raises(ValidationError, match="interpolation_points must be 0"):
+        GridSpec.model_validate({**grid.model_dump(mode="json"), "interpolation_points": 2})

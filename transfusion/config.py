@@ -465,6 +465,17 @@ class GridSpec(_Frozen):
         float, Field(gt=0, le=1, description="Figure 5: validation AUC to reach (absolute) or fraction of the best")
     ] = 0.91
     convergence_mode: Literal["absolute", "relative"] = "absolute"
+    interpolation_points: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="Same basin?: alphas in [0, 1] at which weights between two runs are evaluated"
+            " (0: no interpolation; else >= 3)",
+        ),
+    ] = 11
+    interpolation_pairs: Annotated[
+        int, Field(ge=1, description="Same basin?: at most this many pairs per kind in each (model, size, block)")
+    ] = 3
     weak_source: WeakSourceSettings = WeakSourceSettings()
     identity: IdentitySettings = IdentitySettings()
 
@@ -479,6 +490,13 @@ class GridSpec(_Frozen):
                 raise ValueError(f"{shown!r} is listed twice (entries must be distinct)")
             seen.append(value)
         return values
+
+    @field_validator("interpolation_points")
+    @classmethod
+    def _a_path_between_ends(cls, points: int) -> int:
+        if points in (1, 2):  # the ends alone: no path between them, so no barrier to see
+            raise ValueError(f"interpolation_points must be 0 (off) or >= 3, got {points}")
+        return points
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -611,7 +629,13 @@ class GridSpec(_Frozen):
 
 
 # Grid fields that change how a finished grid is analysed and labelled, not what is trained.
-ANALYSIS_ONLY_FIELDS = {"convergence_threshold", "convergence_mode", "weak_source"}
+ANALYSIS_ONLY_FIELDS = {
+    "convergence_threshold",
+    "convergence_mode",
+    "interpolation_points",
+    "interpolation_pairs",
+    "weak_source",
+}
 
 
 # ``--set`` keys that keep a grid's identity: how it is analysed, where and how robustly its

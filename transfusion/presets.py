@@ -271,4 +271,6 @@ def what_transfers_cpu_grid() -> dict:
             "probe_size": 320,
             "val_limit": 160,
         },
+        # One pair per kind and block size (12 pairs, not 16): the grid stays within 10 minutes on 2 cores.
+        "interpolation_pairs": 1,
     }

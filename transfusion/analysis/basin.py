@@ -187,7 +187,7 @@ def interpolation_pairs(records: list[JobRecord], *, max_pairs: int) -> list[Int
         if record.status == "FINISHED" and (is_random(record) or is_pretrained(record)):
             cells[(record.model, record.data_size, record.block_shuffle)].append(record)
     out: list[InterpolationPair] = []
-    for key in sorted(cells):
+    for key in cells:  # in the records' order: block sizes as the grid lists them
         by_init: dict[str, dict[int, JobRecord]] = defaultdict(dict)
         for record in cells[key]:
             by_init[record.init][record.seed] = record
@@ -597,10 +597,10 @@ def basin_rows(result: BasinResult) -> list[BasinRow]:
             failed.setdefault(key, curve.error)
         else:
             grouped[key].append(curve)
-    kinds = list(PairKind)
+    kinds, cells = list(PairKind), list(dict.fromkeys(key[:3] for key in grouped))
     rows = []
-    # Per cell: random-random first, then per transfer init its transfer-transfer and transfer-random.
-    for key in sorted(grouped, key=lambda k: (*k[:4], kinds.index(k[4]))):
+    # Cells in the pairs' order; in each, random-random first, then per transfer init its two kinds.
+    for key in sorted(grouped, key=lambda k: (cells.index(k[:3]), k[3], kinds.index(k[4]))):
         model, size, _, init, kind = key
         rows.append(BasinRow(model, size, kind, init, tuple(grouped[key]), "" if grouped[key] else failed.get(key, "")))
     return rows

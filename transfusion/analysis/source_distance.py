@@ -74,11 +74,14 @@ class LayerDistanceRow:
 
 
 def _cells(records: list[JobRecord]) -> dict[tuple[str, str, str], list[JobRecord]]:
+    """Finished runs by (model, data size, init), in the order the records first name each of the three."""
     cells: dict[tuple[str, str, str], list[JobRecord]] = defaultdict(list)
     for r in records:
         if r.status == "FINISHED":
             cells[(r.model, r.data_size, r.init)].append(r)
-    return {key: sorted(runs, key=lambda r: r.seed) for key, runs in cells.items()}
+    first = [list(dict.fromkeys(key[i] for key in cells)) for i in range(3)]
+    order = sorted(cells, key=lambda key: tuple(first[i].index(key[i]) for i in range(3)))
+    return {key: sorted(cells[key], key=lambda r: r.seed) for key in order}
 
 
 def _source_plans(records: list[JobRecord], cache: RepresentationCache) -> list[tuple]:
@@ -106,7 +109,7 @@ def source_distance_rows(records: list[JobRecord], cache: RepresentationCache) -
     cache.score_pairs(source_similarity_requests(records, cache))
     similarity = {plan[:4]: plan[4] for plan in _source_plans(records, cache)}  # (model, size, init, layer): paths
     rows = []
-    for (model, size, init), runs in sorted(_cells(records).items()):
+    for (model, size, init), runs in _cells(records).items():
         logged = [k.removeprefix(DISTANCE_PREFIX) for r in runs for k in r.metrics if k.startswith(DISTANCE_PREFIX)]
         compared = [layer for (m, s, i, layer) in similarity if (m, s, i) == (model, size, init)]
         for layer in ordered_layers(list(dict.fromkeys([*logged, *compared]))):

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_similarity.py", "bench_analysis.py", "bench_loader.py", "bench_overhead.py", "bench_demo.py"]
+SCRIPTS = ["bench_similarity.py", "bench_analysis.py", "bench_basin.py", "bench_loader.py", "bench_overhead.py",
+           "bench_demo.py"]  # fmt: skip
 GPU_SCRIPTS = ["bench_gpu.py"]
 
 

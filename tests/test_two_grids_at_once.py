@@ -52,5 +52,6 @@ def test_two_grids_at_once_train_each_job_exactly_once(tmp_path):
         # Whatever the other grid trained while this one ran is named, with who trained it.
         assert output.count("Trained by another grid run meanwhile:") == elsewhere, output
         totals.append((trained, elsewhere))
-    assert sum(trained for trained, _ in totals) == 2
+    # Both summaries, so a failure shows which grid trained what (a trained run may be in the trash).
+    assert sum(trained for trained, _ in totals) == 2, "\n---\n".join(output[-4000:] for output in outputs)
     assert any(elsewhere for _, elsewhere in totals), outputs  # the two grids overlapped

@@ -73,17 +73,22 @@ def fetch_probes(run_id: str) -> Path | None:
     return probes if probes.is_dir() else None
 
 
-def fetch_test_predictions(run_id: str) -> Path | None:
-    """Downloads a run's test predictions once into the local cache (None for runs that stored none)."""
-    local = run_cache_dir(run_id) / "predictions" / "test.npz"
+def fetch_artifact_file(run_id: str, artifact: str, local: Path) -> Path | None:
+    """Downloads the file ``artifact`` of a run to ``local`` unless it is there already; None
+    when the run stored no such file."""
     if local.is_file():
         return local
-    if "predictions/test.npz" not in tracking.list_artifacts(run_id, "predictions"):
+    if artifact not in tracking.list_artifacts(run_id, str(Path(artifact).parent)):
         return None
     local.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=local.parent) as tmp:
-        tracking.download_artifact(run_id, "predictions/test.npz", Path(tmp)).rename(local)
+        tracking.download_artifact(run_id, artifact, Path(tmp)).rename(local)
     return local
+
+
+def fetch_test_predictions(run_id: str) -> Path | None:
+    """Downloads a run's test predictions once into the local cache (None for runs that stored none)."""
+    return fetch_artifact_file(run_id, "predictions/test.npz", run_cache_dir(run_id) / "predictions" / "test.npz")
 
 
 FINAL_WEIGHTS = "checkpoint/model.pt"
@@ -95,14 +100,9 @@ def fetch_final_weights(run_id: str) -> Path:
     Raises:
         FileNotFoundError: The run stored none.
     """
-    local = run_cache_dir(run_id) / FINAL_WEIGHTS
-    if local.is_file():
-        return local
-    if FINAL_WEIGHTS not in tracking.list_artifacts(run_id, str(Path(FINAL_WEIGHTS).parent)):
+    local = fetch_artifact_file(run_id, FINAL_WEIGHTS, run_cache_dir(run_id) / FINAL_WEIGHTS)
+    if local is None:
         raise FileNotFoundError(f"run {run_id} stored no {FINAL_WEIGHTS}")
-    local.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=local.parent) as tmp:
-        tracking.download_artifact(run_id, FINAL_WEIGHTS, Path(tmp)).rename(local)
     return local
 
 
@@ -118,12 +118,7 @@ def grid_dataset_location(grid: GridSpec) -> DatasetLocation:
 def fetch_stored_curves(grid_run: tracking.GridRun, directory: Path) -> None:
     """Brings the interpolation curves the grid's last report stored (``report/`` of its parent run)
     into ``directory`` when it has none, so the analysis reuses them instead of recomputing."""
-    local = directory / CURVES_FILE
-    if local.is_file() or f"report/{CURVES_FILE}" not in tracking.list_artifacts(grid_run.run_id, "report"):
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        tracking.download_artifact(grid_run.run_id, f"report/{CURVES_FILE}", Path(tmp)).rename(local)
+    fetch_artifact_file(grid_run.run_id, f"report/{CURVES_FILE}", directory / CURVES_FILE)
 
 
 def analysis_settings(grid: GridSpec) -> AnalysisSettings:

@@ -547,22 +547,12 @@ class RayAnalysisExecutor:
     def __init__(self, *, groups_in_flight: int = 3) -> None:
         self.groups_in_flight = groups_in_flight
 
-    def analyse(self, groups: list, settings) -> list[list]:
-        from transfusion.analysis.representations import (
-            compare_decompositions,
-            decompose_representation,
-            load_representation,
-        )
-
+    def _task_options(self) -> dict[str, float]:
         resources = ensure_ray()
-        options = {"num_cpus": 1, "num_gpus": 1 if resources.get("GPU", 0) >= 1 else 0}
-        decompose = ray.remote(decompose_representation).options(**options)
-        compare = ray.remote(compare_decompositions).options(**options)
+        return {"num_cpus": 1, "num_gpus": 1 if resources.get("GPU", 0) >= 1 else 0}
 
-        def submit(group) -> list:
-            done = [decompose.remote(*load_representation(item), settings) for item in group.items]
-            return [compare.remote(done[i], done[j], measures=m, settings=settings) for i, j, m in group.pairs]
-
+    def _in_flight(self, groups: list, submit) -> list[list]:
+        """Each group's task results in order, with at most ``groups_in_flight`` groups submitted at once."""
         out, pending = [], deque()
         for group in groups:
             pending.append(submit(group))
@@ -571,12 +561,27 @@ class RayAnalysisExecutor:
         out.extend(ray.get(refs) for refs in pending)
         return out
 
+    def analyse(self, groups: list, settings) -> list[list]:
+        from transfusion.analysis.representations import (
+            compare_decompositions,
+            decompose_representation,
+            load_representation,
+        )
+
+        options = self._task_options()
+        decompose = ray.remote(decompose_representation).options(**options)
+        compare = ray.remote(compare_decompositions).options(**options)
+
+        def submit(group) -> list:
+            done = [decompose.remote(*load_representation(item), settings) for item in group.items]
+            return [compare.remote(done[i], done[j], measures=m, settings=settings) for i, j, m in group.pairs]
+
+        return self._in_flight(groups, submit)
+
     def interpolate(self, work: list) -> list:
         from transfusion.analysis.basin import load_final_weights, run_interpolation
 
-        resources = ensure_ray()
-        options = {"num_cpus": 1, "num_gpus": 1 if resources.get("GPU", 0) >= 1 else 0}
-        evaluate = ray.remote(run_interpolation).options(**options)
+        evaluate = ray.remote(run_interpolation).options(**self._task_options())
         cells: dict[tuple, list[int]] = {}
         for index, item in enumerate(work):
             cells.setdefault(item.cell, []).append(index)
@@ -592,13 +597,7 @@ class RayAnalysisExecutor:
                 refs.append(evaluate.remote(item.task, weights[item.first_weights], weights[item.second_weights]))
             return refs
 
-        curves: dict[int, Any] = {}
-        pending: deque = deque()
-        for indices in cells.values():
-            pending.append((indices, submit(indices)))
-            if len(pending) >= self.groups_in_flight:
-                done, refs = pending.popleft()
-                curves.update(zip(done, ray.get(refs), strict=True))
-        for done, refs in pending:
-            curves.update(zip(done, ray.get(refs), strict=True))
+        groups = list(cells.values())
+        curves = {i: curve for indices, done in zip(groups, self._in_flight(groups, submit), strict=True)
+                  for i, curve in zip(indices, done, strict=True)}  # fmt: skip
         return [curves[i] for i in range(len(work))]
